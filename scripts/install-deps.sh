@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Installs the Debian packages nbdmig and its tests need, if any is missing (needs root for apt-get).
+set -euo pipefail
+pkgs=(qemu-system-x86 qemu-utils nbdkit libnbd-bin busybox-static iproute2 util-linux cpio kmod xz-utils zstd gzip)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "install-deps: missing packages: ${missing[*]}; run as root (sudo) to install them" >&2
+    exit 1
+  fi
+  echo "install-deps: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi

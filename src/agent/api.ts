@@ -1,0 +1,121 @@
+/**
+ * The agent's remote API (documented in the README). Every route answers JSON; errors are
+ * `{ "error": { "code", "message", ... } }` with a 4xx/5xx status.
+ */
+import os from "node:os";
+import { UsageError } from "../errors.js";
+import { domainToXml, parseDomainXml } from "../domain/xml.js";
+import { probeKvm } from "../qemu/launcher.js";
+import type { DomainRegistry } from "./domains.js";
+import { Router, str } from "./http.js";
+
+export const VERSION = "0.1.0";
+
+export interface HostFacts {
+  listen: string;
+  accel: string;
+  nbd: boolean;
+}
+
+export function domainRoutes(router: Router, reg: DomainRegistry, host: HostFacts): Router {
+  const info = async (name: string) => {
+    const e = reg.get(name);
+    await reg.refresh(e);
+    const def = e.running?.def ?? e.def;
+    return {
+      id: e.running?.id ?? null,
+      name: e.name,
+      uuid: def.uuid,
+      osType: "hvm",
+      state: reg.stateOf(e),
+      vcpus: def.vcpus,
+      maxMemoryKiB: def.memoryKiB,
+      usedMemoryKiB: e.running ? def.memoryKiB : 0,
+      persistent: e.persistent,
+      autostart: false,
+      accel: e.running?.accel ?? null,
+      pid: e.running?.pid ?? null,
+      job: e.job ? e.job.kind : null,
+    };
+  };
+  return router
+    .add("GET", "/v1/host", async () => ({
+      hostname: os.hostname(),
+      version: VERSION,
+      listen: host.listen,
+      accel: host.accel,
+      kvm: await probeKvm(),
+      nbd: host.nbd,
+    }))
+    .add("GET", "/v1/domains", async () => {
+      const out = [];
+      for (const e of reg.list()) {
+        await reg.refresh(e);
+        out.push({
+          id: e.running?.id ?? null,
+          name: e.name,
+          state: reg.stateOf(e),
+          persistent: e.persistent,
+        });
+      }
+      return { domains: out };
+    })
+    .add("POST", "/v1/domains", (r) => reg.define(str(r.body, "xml")))
+    .add("POST", "/v1/domains/create", async (r) => {
+      const { def, warnings } = parseDomainXml(str(r.body, "xml"));
+      const e = reg.addTransient(def);
+      try {
+        await e.lock.run(() => reg.start(def.name, { paused: r.body.paused === true }));
+      } catch (err) {
+        reg.forgetTransient(def.name);
+        throw err;
+      }
+      return { name: def.name, warnings };
+    })
+    .add("GET", "/v1/domains/:name", (r) => info(r.params.name!))
+    .add("DELETE", "/v1/domains/:name", (r) =>
+      reg.get(r.params.name!).lock.run(async () => reg.undefine(r.params.name!)),
+    )
+    .add("GET", "/v1/domains/:name/xml", (r) => {
+      const e = reg.get(r.params.name!);
+      const inactive = r.query.get("inactive") === "1";
+      return { xml: domainToXml(inactive ? e.def : (e.running?.def ?? e.def)) };
+    })
+    .add("POST", "/v1/domains/:name/start", async (r) => {
+      const e = reg.get(r.params.name!);
+      const run = await e.lock.run(() => reg.start(e.name, { paused: r.body.paused === true }));
+      return { id: run.id, pid: run.pid, accel: run.accel };
+    })
+    .add("POST", "/v1/domains/:name/destroy", (r) =>
+      reg.get(r.params.name!).lock.run(() => reg.destroy(r.params.name!)),
+    )
+    .add("POST", "/v1/domains/:name/shutdown", (r) => reg.shutdown(r.params.name!))
+    .add("POST", "/v1/domains/:name/suspend", (r) => reg.suspend(r.params.name!))
+    .add("POST", "/v1/domains/:name/resume", (r) => reg.resume(r.params.name!))
+    .add("GET", "/v1/domains/:name/disks", (r) => {
+      const e = reg.get(r.params.name!);
+      const def = e.running?.def ?? e.def;
+      return {
+        disks: def.disks.map((d) => ({
+          type: d.type,
+          device: d.device,
+          target: d.target,
+          bus: d.bus,
+          format: d.format,
+          source: d.source ?? null,
+          readonly: d.readonly,
+          shareable: d.shareable,
+        })),
+      };
+    })
+    .add("GET", "/v1/domains/:name/disks/:target", (r) => reg.diskInfo(r.params.name!, r.params.target!))
+    .add("GET", "/v1/domains/:name/console", (r) => {
+      const bytes = Number(r.query.get("bytes") ?? 65536);
+      if (!Number.isInteger(bytes) || bytes < 1)
+        throw new UsageError("bytes must be a positive whole number");
+      return { text: reg.consoleLog(r.params.name!, bytes) };
+    })
+    .add("POST", "/v1/domains/:name/monitor", async (r) => ({
+      result: await reg.monitor(r.params.name!, str(r.body, "command"), r.body.hmp === true),
+    }));
+}

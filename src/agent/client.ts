@@ -1,0 +1,168 @@
+/** Client of an agent's HTTP API, used by the CLI and by one agent calling its migration peer. */
+import fs from "node:fs";
+import http from "node:http";
+import path from "node:path";
+import { AgentError, MigrationError, NbdmigError, UsageError, type MigrationPhase } from "../errors.js";
+import { DEFAULT_STATE_DIR } from "./state-dir.js";
+
+export interface AgentAddress {
+  host: string;
+  port: number;
+}
+
+/** Accepts `nbdmig://HOST:PORT`, `HOST:PORT`, or `[IPv6]:PORT`. */
+export function parseAgentUri(uri: string, allowPortZero = false): AgentAddress {
+  const m = /^(?:nbdmig:\/\/)?(\[[^\]]+\]|[^:/[\]]+):(\d{1,5})\/?$/.exec(uri);
+  const port = m ? Number(m[2]) : -1;
+  if (!m || port < (allowPortZero ? 0 : 1) || port > 65535) {
+    throw new UsageError(
+      `'${uri}' is not an agent URI; use nbdmig://HOST:PORT (for example nbdmig://198.18.0.2:7800)`,
+      "E_BAD_URI",
+    );
+  }
+  return { host: m[1]!.replace(/^\[|\]$/g, ""), port };
+}
+
+export function formatAgentUri(a: AgentAddress): string {
+  return `nbdmig://${a.host.includes(":") ? `[${a.host}]` : a.host}:${a.port}`;
+}
+
+export interface LocalAgentInfo {
+  listen: AgentAddress;
+  stateDir: string;
+}
+
+export function stateDirFromEnv(): string {
+  return process.env.NBDMIG_STATE_DIR ?? DEFAULT_STATE_DIR;
+}
+
+/** The local agent's address, as the daemon recorded it in its state dir. */
+export function localAgent(stateDir = stateDirFromEnv()): AgentAddress {
+  try {
+    const j = JSON.parse(fs.readFileSync(path.join(stateDir, "agent.json"), "utf8")) as {
+      listen: AgentAddress;
+    };
+    return j.listen;
+  } catch {
+    throw new UsageError(
+      `no local agent found in ${stateDir} (agent.json missing); start one with 'nbdmig daemon', or pass -c nbdmig://HOST:PORT`,
+      "E_NO_AGENT",
+    );
+  }
+}
+
+export function readToken(file: string): string {
+  try {
+    return fs.readFileSync(file, "utf8").trim();
+  } catch (err) {
+    throw new UsageError(
+      `cannot read the API token from ${file}: ${(err as NodeJS.ErrnoException).code}; pass --token-file FILE`,
+      "E_NO_TOKEN",
+    );
+  }
+}
+
+export class AgentClient {
+  readonly base: string;
+  constructor(
+    readonly address: AgentAddress,
+    private readonly token: string,
+    private readonly timeoutMs = 120_000,
+  ) {
+    this.base = `http://${address.host.includes(":") ? `[${address.host}]` : address.host}:${address.port}`;
+  }
+
+  get uri(): string {
+    return formatAgentUri(this.address);
+  }
+
+  async call<T = Record<string, unknown>>(
+    method: string,
+    path: string,
+    body?: unknown,
+    timeoutMs = this.timeoutMs,
+  ): Promise<T> {
+    let res: { status: number; text: string };
+    try {
+      res = await httpJson(this.address, method, path, this.token, body, timeoutMs);
+    } catch (err) {
+      const e = err as NodeJS.ErrnoException;
+      throw new AgentError(
+        "E_AGENT_UNREACHABLE",
+        `cannot reach the agent at ${this.uri}: ${e.code ?? e.message}; is 'nbdmig daemon' running there?`,
+      );
+    }
+    const text = res.text;
+    let json: Record<string, unknown>;
+    try {
+      json = text ? (JSON.parse(text) as Record<string, unknown>) : {};
+    } catch {
+      throw new AgentError(
+        "E_AGENT_PROTOCOL",
+        `agent at ${this.uri} answered ${res.status} with non-JSON`,
+        res.status,
+      );
+    }
+    const ok = res.status >= 200 && res.status < 300;
+    if (!ok) {
+      const e = (json.error ?? {}) as {
+        code?: string;
+        message?: string;
+        phase?: MigrationPhase;
+        class?: string;
+      };
+      const message = e.message ?? `HTTP ${res.status}`;
+      if (e.phase)
+        throw new MigrationError(e.phase, message.replace(new RegExp(`^${e.phase}: `), ""), e.code);
+      if (res.status === 400) throw new UsageError(message, e.code ?? "E_USAGE");
+      const err = new AgentError(e.code ?? "E_AGENT", message, res.status);
+      throw err;
+    }
+    return json as T;
+  }
+}
+
+export function isNbdmigError(err: unknown): err is NbdmigError {
+  return err instanceof NbdmigError;
+}
+
+/** One HTTP request with a JSON body; node:http rather than fetch, which refuses some ports (6000, 2049...). */
+function httpJson(
+  address: AgentAddress,
+  method: string,
+  path: string,
+  token: string,
+  body: unknown,
+  timeoutMs: number,
+): Promise<{ status: number; text: string }> {
+  const data = body === undefined ? undefined : JSON.stringify(body);
+  return new Promise((resolve, reject) => {
+    const req = http.request(
+      {
+        host: address.host,
+        port: address.port,
+        method,
+        path,
+        headers: {
+          authorization: `Bearer ${token}`,
+          "content-type": "application/json",
+          ...(data !== undefined ? { "content-length": Buffer.byteLength(data) } : {}),
+        },
+        timeout: timeoutMs,
+      },
+      (res) => {
+        const chunks: Buffer[] = [];
+        res.on("data", (c: Buffer) => chunks.push(c));
+        res.on("end", () =>
+          resolve({ status: res.statusCode ?? 0, text: Buffer.concat(chunks).toString("utf8") }),
+        );
+        res.on("error", reject);
+      },
+    );
+    req.on("timeout", () =>
+      req.destroy(Object.assign(new Error(`no answer within ${timeoutMs} ms`), { code: "ETIMEDOUT" })),
+    );
+    req.on("error", reject);
+    req.end(data);
+  });
+}

@@ -1,0 +1,65 @@
+/** `nbdmig daemon`: the host agent process. */
+import fs from "node:fs";
+import type { AddressInfo } from "node:net";
+import { pino } from "pino";
+import { UsageError } from "../errors.js";
+import type { Accel } from "../domain/qemu-args.js";
+import { domainRoutes } from "./api.js";
+import { parseAgentUri, readToken } from "./client.js";
+import { DomainRegistry } from "./domains.js";
+import { Router } from "./http.js";
+import { StateDir, writeFileAtomic } from "./state-dir.js";
+
+export interface DaemonOptions {
+  listen: string;
+  stateDir: string;
+  tokenFile?: string;
+  accel: "auto" | Accel;
+  logLevel: string;
+  /** Refuse to serve NBD for incoming storage copies (hosts where only the migration port is open). */
+  noNbd: boolean;
+}
+
+export async function runDaemon(opts: DaemonOptions): Promise<void> {
+  const addr = parseAgentUri(opts.listen, true);
+  const log = pino({ level: opts.logLevel, base: { agent: opts.listen } });
+  const state = new StateDir(opts.stateDir);
+  try {
+    state.init();
+  } catch (err) {
+    throw new UsageError(`cannot create the state directory ${opts.stateDir}: ${(err as Error).message}`);
+  }
+  const token = opts.tokenFile ? readToken(opts.tokenFile) : state.ensureToken();
+  const reg = new DomainRegistry(state, log, opts.accel);
+  await reg.load();
+  const router = new Router();
+  domainRoutes(router, reg, { listen: opts.listen, accel: opts.accel, nbd: !opts.noNbd });
+  const server = router.server(token, log);
+  await new Promise<void>((resolve, reject) => {
+    server.once("error", (err: NodeJS.ErrnoException) =>
+      reject(new UsageError(`cannot listen on ${opts.listen}: ${err.code ?? err.message}`, "E_LISTEN")),
+    );
+    server.listen(addr.port, addr.host, () => resolve());
+  });
+  const bound = server.address() as AddressInfo;
+  writeFileAtomic(
+    state.agentFile,
+    JSON.stringify({ listen: { host: addr.host, port: bound.port }, pid: process.pid }),
+    0o644,
+  );
+  log.info(
+    { listen: `${addr.host}:${bound.port}`, stateDir: opts.stateDir, pid: process.pid },
+    "agent listening",
+  );
+
+  const stop = (sig: string) => {
+    log.info({ signal: sig }, "agent stopping; QEMU processes keep running");
+    server.close();
+    server.closeAllConnections();
+    reg.detachAll();
+    fs.rmSync(state.agentFile, { force: true });
+    process.exit(0);
+  };
+  process.on("SIGTERM", () => stop("SIGTERM"));
+  process.on("SIGINT", () => stop("SIGINT"));
+}

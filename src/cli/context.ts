@@ -1,0 +1,20 @@
+/** What every verb needs: the agent client picked by -c / --token-file, and output helpers. */
+import path from "node:path";
+import type { Command } from "commander";
+import { AgentClient, localAgent, parseAgentUri, readToken, stateDirFromEnv } from "../agent/client.js";
+
+export interface GlobalOptions {
+  connect?: string;
+  tokenFile?: string;
+}
+
+export function agentFrom(cmd: Command): AgentClient {
+  const opts = cmd.optsWithGlobals<GlobalOptions>();
+  const stateDir = stateDirFromEnv();
+  const address = opts.connect ? parseAgentUri(opts.connect) : localAgent(stateDir);
+  const token = readToken(opts.tokenFile ?? process.env.NBDMIG_TOKEN_FILE ?? path.join(stateDir, "token"));
+  return new AgentClient(address, token);
+}
+
+export const out = (s: string): void => void process.stdout.write(s);
+export const enc = encodeURIComponent;

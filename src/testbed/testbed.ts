@@ -1,0 +1,377 @@
+/**
+ * Two hosts on one machine: each a network namespace plus a private mount namespace, joined by a veth pair
+ * on 198.18.0.0/15 (the benchmark range), optionally shaped with tbf. In each host the same absolute path
+ * /var/lib/nbdmig names a different directory, as on real hosts. A management veth per host lets the
+ * root namespace (tests, the demo) reach each agent's API. Everything is torn down by PID and name, also
+ * after a crashed run (stale test beds whose owner died are reaped on the next start).
+ */
+import { execFileSync, spawn } from "node:child_process";
+import { randomBytes } from "node:crypto";
+import fs from "node:fs";
+import path from "node:path";
+import { setTimeout as sleep } from "node:timers/promises";
+import { fileURLToPath } from "node:url";
+import { AgentClient, readToken } from "../agent/client.js";
+
+export const HOST_ROOT = "/var/lib/nbdmig";
+export const AGENT_PORT = 7800;
+const TB_BASE = "/tmp/nbdmig-testbed";
+const cliPath = fileURLToPath(new URL("../cli/main.js", import.meta.url));
+
+export interface TestbedOptions {
+  /** tbf rate for the link between the hosts, e.g. "1gbit" or "200mbit"; unshaped when absent. */
+  rate?: string;
+  accel?: "tcg" | "kvm" | "auto";
+  /** Extra arguments for each agent, by host name. */
+  agentArgs?: { a?: string[]; b?: string[] };
+}
+
+export class TestHost {
+  agentPid = 0;
+  constructor(
+    readonly tb: Testbed,
+    readonly name: "a" | "b",
+    /** Address on the migration link. */
+    readonly addr: string,
+    /** Address on the management link, reachable from the root namespace. */
+    readonly mgmtAddr: string,
+  ) {}
+
+  get netns(): string {
+    return `${this.tb.id}-${this.name}`;
+  }
+  /** The directory that is /var/lib/nbdmig inside this host. */
+  get dir(): string {
+    return path.join(this.tb.dir, this.name);
+  }
+  /** A path inside the host, as the root namespace sees it. */
+  hostPath(p: string): string {
+    if (!p.startsWith(HOST_ROOT)) throw new Error(`${p} is not under ${HOST_ROOT}`);
+    return path.join(this.dir, p.slice(HOST_ROOT.length));
+  }
+  get imagesDir(): string {
+    return path.join(this.dir, "images");
+  }
+  /** The agent's URI on the migration link (what a peer uses as DEST_URI). */
+  get uri(): string {
+    return `nbdmig://${this.addr}:${AGENT_PORT}`;
+  }
+  get mgmtUri(): string {
+    return `nbdmig://${this.mgmtAddr}:${AGENT_PORT}`;
+  }
+  client(): AgentClient {
+    return new AgentClient({ host: this.mgmtAddr, port: AGENT_PORT }, readToken(this.tb.tokenFile));
+  }
+  /** argv prefix that runs a command inside this host (its network and mount namespaces). */
+  execPrefix(): string[] {
+    return ["nsenter", "-t", String(this.agentPid), "-n", "-m", "--"];
+  }
+  /** argv that runs the built nbdmig CLI inside this host, talking to its local agent. */
+  cliArgv(args: string[]): string[] {
+    return [...this.execPrefix(), process.execPath, cliPath, ...args];
+  }
+
+  async startAgent(extra: string[] = []): Promise<void> {
+    fs.mkdirSync(this.dir, { recursive: true });
+    fs.copyFileSync(this.tb.tokenFile, path.join(this.dir, "token"));
+    fs.chmodSync(path.join(this.dir, "token"), 0o600);
+    fs.rmSync(path.join(this.dir, "agent.json"), { force: true });
+    const log = fs.openSync(path.join(this.tb.dir, `agent-${this.name}.log`), "a");
+    const script = `mount --bind ${this.dir} ${HOST_ROOT} && exec "$@"`;
+    const child = spawn(
+      "ip",
+      [
+        "netns",
+        "exec",
+        this.netns,
+        "unshare",
+        "-m",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        script,
+        "agent",
+        process.execPath,
+        cliPath,
+        "daemon",
+        "--listen",
+        `0.0.0.0:${AGENT_PORT}`,
+        "--accel",
+        this.tb.opts.accel ?? "tcg",
+        ...extra,
+      ],
+      { stdio: ["ignore", log, log], detached: true },
+    );
+    fs.closeSync(log);
+    child.unref();
+    this.agentPid = child.pid!;
+    fs.writeFileSync(path.join(this.tb.dir, `agent-${this.name}.pid`), String(this.agentPid));
+    const deadline = Date.now() + 20_000;
+    while (!fs.existsSync(path.join(this.dir, "agent.json"))) {
+      if (child.exitCode !== null || Date.now() > deadline) {
+        throw new Error(
+          `agent ${this.name} did not start: ${fs.readFileSync(path.join(this.tb.dir, `agent-${this.name}.log`), "utf8").slice(-2000)}`,
+        );
+      }
+      await sleep(50);
+    }
+  }
+
+  /** Kills the agent process only (its QEMU processes keep running). */
+  async killAgent(signal: NodeJS.Signals = "SIGKILL"): Promise<void> {
+    try {
+      process.kill(this.agentPid, signal);
+    } catch {
+      return;
+    }
+    for (let i = 0; i < 100; i++) {
+      try {
+        process.kill(this.agentPid, 0);
+      } catch {
+        return;
+      }
+      await sleep(50);
+    }
+  }
+
+  /** PIDs of every process in this host's network namespace. */
+  pids(): number[] {
+    try {
+      return execFileSync("ip", ["netns", "pids", this.netns], { encoding: "utf8" })
+        .split(/\s+/)
+        .filter(Boolean)
+        .map(Number);
+    } catch {
+      return [];
+    }
+  }
+
+  /** QEMU processes running in this host. */
+  qemuPids(): number[] {
+    return this.pids().filter((p) => {
+      try {
+        return fs.readFileSync(`/proc/${p}/cmdline`, "utf8").startsWith("qemu-system");
+      } catch {
+        return false;
+      }
+    });
+  }
+}
+
+export class Testbed {
+  readonly id: string;
+  readonly dir: string;
+  readonly a: TestHost;
+  readonly b: TestHost;
+  private exitHook = () => this.downSync();
+
+  private constructor(readonly opts: TestbedOptions) {
+    this.id = `nbm${randomBytes(3).toString("hex")}`;
+    this.dir = path.join(TB_BASE, this.id);
+    const n = 1 + (randomBytes(1)[0]! % 250);
+    this.a = new TestHost(this, "a", "198.18.0.1", `198.19.${n}.2`);
+    this.b = new TestHost(this, "b", "198.18.0.2", `198.19.${n}.6`);
+  }
+
+  get hosts(): [TestHost, TestHost] {
+    return [this.a, this.b];
+  }
+  get tokenFile(): string {
+    return path.join(this.dir, "token");
+  }
+
+  static async up(opts: TestbedOptions = {}): Promise<Testbed> {
+    requireTools(["ip", "nsenter", "unshare", "tc", "mount"]);
+    if (process.getuid?.() !== 0) throw new Error("the test bed needs root (network and mount namespaces)");
+    reapStale();
+    const tb = new Testbed(opts);
+    fs.mkdirSync(tb.dir, { recursive: true });
+    fs.writeFileSync(path.join(tb.dir, "owner"), String(process.pid));
+    fs.writeFileSync(tb.tokenFile, randomBytes(32).toString("hex") + "\n", { mode: 0o600 });
+    fs.mkdirSync(HOST_ROOT, { recursive: true });
+    process.once("exit", tb.exitHook);
+    try {
+      tb.network();
+      for (const h of tb.hosts) {
+        fs.mkdirSync(h.imagesDir, { recursive: true });
+        await h.startAgent(opts.agentArgs?.[h.name]);
+      }
+    } catch (err) {
+      tb.downSync();
+      throw err;
+    }
+    return tb;
+  }
+
+  private network(): void {
+    const ip = (...args: string[]) => execFileSync("ip", args, { stdio: ["ignore", "ignore", "pipe"] });
+    const [a, b] = this.hosts;
+    for (const h of this.hosts) ip("netns", "add", h.netns);
+    // The migration link.
+    ip(
+      "link",
+      "add",
+      `${this.id}l`,
+      "netns",
+      a.netns,
+      "type",
+      "veth",
+      "peer",
+      "name",
+      `${this.id}r`,
+      "netns",
+      b.netns,
+    );
+    const inNs = (h: TestHost, ...args: string[]) => ip("-n", h.netns, ...args);
+    inNs(a, "addr", "add", `${a.addr}/24`, "dev", `${this.id}l`);
+    inNs(b, "addr", "add", `${b.addr}/24`, "dev", `${this.id}r`);
+    for (const [h, dev] of [
+      [a, `${this.id}l`],
+      [b, `${this.id}r`],
+    ] as const) {
+      inNs(h, "link", "set", dev, "up");
+      inNs(h, "link", "set", "lo", "up");
+      if (this.opts.rate) {
+        execFileSync("tc", [
+          "-n",
+          h.netns,
+          "qdisc",
+          "add",
+          "dev",
+          dev,
+          "root",
+          "tbf",
+          "rate",
+          this.opts.rate,
+          "burst",
+          "1mb",
+          "latency",
+          "50ms",
+        ]);
+      }
+    }
+    // Management links from the root namespace.
+    for (const h of this.hosts) {
+      const rootDev = `${this.id}m${h.name}`;
+      ip("link", "add", rootDev, "type", "veth", "peer", "name", "mgmt", "netns", h.netns);
+      const base = h.mgmtAddr.replace(/\d+$/, "");
+      const last = Number(h.mgmtAddr.split(".")[3]);
+      ip("addr", "add", `${base}${last - 1}/30`, "dev", rootDev);
+      ip("link", "set", rootDev, "up");
+      inNs(h, "addr", "add", `${h.mgmtAddr}/30`, "dev", "mgmt");
+      inNs(h, "link", "set", "mgmt", "up");
+    }
+  }
+
+  /** Takes the migration link down or up (failure tests). */
+  setLink(up: boolean): void {
+    execFileSync("ip", ["-n", this.a.netns, "link", "set", `${this.id}l`, up ? "up" : "down"]);
+  }
+
+  async down(): Promise<void> {
+    this.downSync();
+  }
+
+  downSync(): void {
+    process.removeListener("exit", this.exitHook);
+    teardown(this.id, this.dir);
+  }
+}
+
+function teardown(id: string, dir: string): void {
+  for (const h of ["a", "b"]) {
+    const ns = `${id}-${h}`;
+    let pids: number[] = [];
+    try {
+      pids = execFileSync("ip", ["netns", "pids", ns], {
+        encoding: "utf8",
+        stdio: ["ignore", "pipe", "ignore"],
+      })
+        .split(/\s+/)
+        .filter(Boolean)
+        .map(Number);
+    } catch {
+      /* namespace gone */
+    }
+    try {
+      pids.push(Number(fs.readFileSync(path.join(dir, `agent-${h}.pid`), "utf8")));
+    } catch {
+      /* never started */
+    }
+    for (const p of pids) {
+      try {
+        process.kill(p, "SIGKILL");
+      } catch {
+        /* gone */
+      }
+    }
+    for (let i = 0; i < 50 && pids.some(alive); i++) execFileSync("sleep", ["0.1"]);
+    try {
+      execFileSync("ip", ["netns", "del", ns], { stdio: "ignore" });
+    } catch {
+      /* gone */
+    }
+    try {
+      execFileSync("ip", ["link", "del", `${id}m${h}`], { stdio: "ignore" });
+    } catch {
+      /* gone with the namespace */
+    }
+  }
+  if (!process.env.NBDMIG_KEEP_TESTBED) fs.rmSync(dir, { recursive: true, force: true });
+}
+
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** Removes test beds whose owning process is gone (a killed test run). */
+export function reapStale(all = false): string[] {
+  const reaped: string[] = [];
+  let ids: string[];
+  try {
+    ids = fs.readdirSync(TB_BASE);
+  } catch {
+    ids = [];
+  }
+  for (const id of ids) {
+    let owner = 0;
+    try {
+      owner = Number(fs.readFileSync(path.join(TB_BASE, id, "owner"), "utf8"));
+    } catch {
+      /* no owner file: stale */
+    }
+    if (all || !owner || !alive(owner)) {
+      teardown(id, path.join(TB_BASE, id));
+      reaped.push(id);
+    }
+  }
+  // Namespaces left without a directory.
+  try {
+    for (const line of execFileSync("ip", ["netns", "list"], { encoding: "utf8" }).split("\n")) {
+      const m = /^(nbm[0-9a-f]{6})-[ab]\b/.exec(line);
+      if (m && !ids.includes(m[1]!) && !reaped.includes(m[1]!)) {
+        teardown(m[1]!, path.join(TB_BASE, m[1]!));
+        reaped.push(m[1]!);
+      }
+    }
+  } catch {
+    /* no ip */
+  }
+  return reaped;
+}
+
+export function requireTools(tools: string[]): void {
+  for (const t of tools) {
+    try {
+      execFileSync("sh", ["-c", `command -v ${t}`], { stdio: "ignore" });
+    } catch {
+      throw new Error(`'${t}' is missing; install it (bash .ci/run installs everything the tests need)`);
+    }
+  }
+}
