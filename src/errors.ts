@@ -56,7 +56,8 @@ export type MigrationPhase = "begin" | "prepare" | "perform" | "finish" | "confi
 export class MigrationError extends NbdmigError {
   readonly phase: MigrationPhase;
   constructor(phase: MigrationPhase, message: string, code = "E_MIGRATION", options?: { cause?: unknown }) {
-    super(code, `${phase}: ${message}`, options);
+    // "prepare on 198.18.0.2: not enough space ..." reads better than "prepare: on 198.18.0.2: ...".
+    super(code, `${phase}${message.startsWith("on ") ? " " : ": "}${message}`, options);
     this.phase = phase;
   }
 }

@@ -9,6 +9,7 @@ import { parseAgentUri, readToken } from "./client.js";
 import { DomainRegistry } from "./domains.js";
 import { Router } from "./http.js";
 import { StateDir, writeFileAtomic } from "./state-dir.js";
+import { migrationRoutes, MigrationManager } from "../migration/manager.js";
 
 export interface DaemonOptions {
   listen: string;
@@ -32,8 +33,11 @@ export async function runDaemon(opts: DaemonOptions): Promise<void> {
   const token = opts.tokenFile ? readToken(opts.tokenFile) : state.ensureToken();
   const reg = new DomainRegistry(state, log, opts.accel);
   await reg.load();
+  const migrations = new MigrationManager(reg, log, { token, noNbd: opts.noNbd });
+  await migrations.recover();
   const router = new Router();
   domainRoutes(router, reg, { listen: opts.listen, accel: opts.accel, nbd: !opts.noNbd });
+  migrationRoutes(router, migrations);
   const server = router.server(token, log);
   await new Promise<void>((resolve, reject) => {
     server.once("error", (err: NodeJS.ErrnoException) =>

@@ -55,6 +55,8 @@ export interface StartOptions {
   paused?: boolean;
   /** Start with `-S -incoming defer` for an incoming migration. */
   incoming?: boolean;
+  /** Use this accelerator (a migration destination must match its source). */
+  accel?: Accel;
 }
 
 export class DomainRegistry {
@@ -241,7 +243,7 @@ export class DomainRegistry {
         );
       }
     }
-    const accel = await chooseAccel(this.accelChoice, def.type);
+    const accel = opts.accel ?? (await chooseAccel(this.accelChoice, def.type));
     const args = buildQemuArgs(def, {
       accel,
       qmpSocket: this.state.qmpSocket(name),

@@ -16,6 +16,10 @@ export class StateDir {
   get logDir(): string {
     return path.join(this.root, "log");
   }
+  /** Records of incoming migrations in progress: what to remove if the agent dies before they end. */
+  get migrationsDir(): string {
+    return path.join(this.root, "migrations");
+  }
   get tokenFile(): string {
     return path.join(this.root, "token");
   }
@@ -40,7 +44,7 @@ export class StateDir {
   }
 
   init(): void {
-    for (const d of [this.root, this.domainsDir, this.runDir, this.logDir])
+    for (const d of [this.root, this.domainsDir, this.runDir, this.logDir, this.migrationsDir])
       fs.mkdirSync(d, { recursive: true, mode: 0o700 });
   }
 

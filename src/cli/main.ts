@@ -7,6 +7,7 @@ import * as daemon from "./verbs/daemon.js";
 import * as define from "./verbs/define.js";
 import * as info from "./verbs/info.js";
 import * as lifecycle from "./verbs/lifecycle.js";
+import * as migrate from "./verbs/migrate.js";
 import * as monitor from "./verbs/monitor.js";
 
 const program = new Command();
@@ -20,7 +21,7 @@ program
   .configureOutput({ writeErr: (s) => process.stderr.write(s) })
   .showSuggestionAfterError(true);
 
-for (const m of [daemon, define, lifecycle, info, monitor]) m.register(program);
+for (const m of [daemon, define, lifecycle, info, migrate, monitor]) m.register(program);
 for (const c of program.commands) c.exitOverride();
 
 try {

@@ -133,6 +133,21 @@ export interface QmpCommands {
   };
   "block-job-cancel": { args: { device: string; force?: boolean }; ret: Record<string, never> };
   "block-job-set-speed": { args: { device: string; speed: number }; ret: Record<string, never> };
+  "query-jobs": {
+    args: undefined;
+    ret: {
+      id: string;
+      type: string;
+      status: string;
+      "current-progress": number;
+      "total-progress": number;
+      error?: string;
+    }[];
+  };
+  yank: {
+    args: { instances: ({ type: "block-node"; "node-name": string } | { type: "migration" })[] };
+    ret: Record<string, never>;
+  };
   "job-dismiss": { args: { id: string }; ret: Record<string, never> };
   block_set_io_throttle: { args: Record<string, unknown>; ret: Record<string, never> };
 }

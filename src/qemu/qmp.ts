@@ -142,7 +142,11 @@ export class QmpClient extends EventEmitter<{ event: [QmpEvent]; close: [] }> {
       return;
     }
     if (typeof msg.event === "string") {
-      this.emit("event", msg as unknown as QmpEvent);
+      // Some events (STOP, RESUME...) carry no data; listeners always get an object.
+      this.emit("event", {
+        ...(msg as unknown as QmpEvent),
+        data: (msg.data as Record<string, unknown>) ?? {},
+      });
       return;
     }
     const id = typeof msg.id === "string" ? msg.id : undefined;

@@ -147,6 +147,15 @@ export class TestHost {
     }
   }
 
+  /** TCP ports listening in this host. */
+  listeningPorts(): number[] {
+    const out = execFileSync("ip", ["netns", "exec", this.netns, "ss", "-ltnH"], { encoding: "utf8" });
+    return out
+      .split("\n")
+      .filter(Boolean)
+      .map((l) => Number(l.trim().split(/\s+/)[3]!.split(":").pop()));
+  }
+
   /** QEMU processes running in this host. */
   qemuPids(): number[] {
     return this.pids().filter((p) => {
@@ -262,6 +271,46 @@ export class Testbed {
       inNs(h, "addr", "add", `${h.mgmtAddr}/30`, "dev", "mgmt");
       inNs(h, "link", "set", "mgmt", "up");
     }
+  }
+
+  /** Shapes the migration link with tbf at `rate` (e.g. "200mbit"), or removes the shaping. */
+  setRate(rate: string | undefined): void {
+    for (const [h, dev] of [
+      [this.a, `${this.id}l`],
+      [this.b, `${this.id}r`],
+    ] as const) {
+      if (rate) {
+        execFileSync("tc", [
+          "-n",
+          h.netns,
+          "qdisc",
+          "replace",
+          "dev",
+          dev,
+          "root",
+          "tbf",
+          "rate",
+          rate,
+          "burst",
+          "1mb",
+          "latency",
+          "50ms",
+        ]);
+      } else {
+        execFileSync("tc", ["-n", h.netns, "qdisc", "del", "dev", dev, "root"], { stdio: "ignore" });
+      }
+    }
+  }
+
+  /** Bytes sent by host a over the migration link so far. */
+  linkTxBytes(): number {
+    return Number(
+      execFileSync(
+        "ip",
+        ["netns", "exec", this.a.netns, "cat", `/sys/class/net/${this.id}l/statistics/tx_bytes`],
+        { encoding: "utf8" },
+      ),
+    );
   }
 
   /** Takes the migration link down or up (failure tests). */

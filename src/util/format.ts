@@ -34,5 +34,5 @@ export function table(headers: string[], rows: string[][]): string {
 
 /** "Key:   value" lines as virsh dominfo prints them. */
 export function keyValues(pairs: [string, string | number][]): string {
-  return pairs.map(([k, v]) => `${(k + ":").padEnd(16)}${v}`).join("\n") + "\n";
+  return pairs.map(([k, v]) => `${(k + ":").padEnd(18)}${v}`).join("\n") + "\n";
 }

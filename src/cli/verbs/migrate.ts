@@ -1,0 +1,299 @@
+/** migrate, domjobinfo, domjobabort: the migration verbs, shaped after virsh's. */
+import { setTimeout as sleep } from "node:timers/promises";
+import cliProgress from "cli-progress";
+import type { Command } from "commander";
+import { readToken } from "../../agent/client.js";
+import { MigrationError, UsageError } from "../../errors.js";
+import { formatBytes, formatDuration, keyValues } from "../../util/format.js";
+import { agentFrom, enc, out } from "../context.js";
+
+export interface JobInfo {
+  type: string;
+  operation: string;
+  domain: string;
+  phase: string;
+  status: "active" | "completed" | "failed" | "cancelled";
+  elapsedMs: number;
+  timeToReadyMs?: number;
+  downtimeMs?: number;
+  ramBytes?: number;
+  storagePath?: string;
+  dest?: string;
+  disks?: { target: string; copied: number; total: number; ready: boolean; rateBps: number }[];
+  disk?: { processed: number; remaining: number; total: number; rateBps: number };
+  memory?: {
+    processed: number;
+    remaining: number;
+    total: number;
+    rateBps: number;
+    dirtyPagesRate: number;
+    iterations: number;
+  };
+  error?: string;
+  errorCode?: string;
+}
+
+const int = (flag: string) => (v: string) => {
+  if (!/^\d+$/.test(v) || Number(v) < 1)
+    throw new UsageError(`${flag} takes a positive whole number, not '${v}'`);
+  return Number(v);
+};
+
+const MiB = 1024 * 1024;
+const mib = (n: number) => (n / MiB).toFixed(0);
+
+/** Overall progress: disks and RAM together, with the RAM size standing in until QEMU reports totals. */
+function overall(j: JobInfo): { done: number; total: number; rate: number } {
+  const dDone = j.disk?.processed ?? 0;
+  const dTotal = j.disk?.total ?? 0;
+  const mTotal = j.memory?.total ?? j.ramBytes ?? 0;
+  const mDone = j.memory ? Math.min(mTotal, j.memory.total - j.memory.remaining) : 0;
+  return {
+    done: dDone + mDone,
+    total: dTotal + mTotal,
+    rate: (j.disk?.rateBps ?? 0) + (j.memory?.rateBps ?? 0),
+  };
+}
+
+function eta(j: JobInfo): string {
+  const o = overall(j);
+  if (!o.rate || o.total <= o.done) return "-";
+  return formatDuration(((o.total - o.done) / o.rate) * 1000);
+}
+
+class ProgressView {
+  private readonly multi = new cliProgress.MultiBar(
+    {
+      format: " {label} |{bar}| {percentage}% {detail}",
+      barsize: 30,
+      hideCursor: true,
+      clearOnComplete: false,
+      noTTYOutput: true,
+      notTTYSchedule: 1000,
+      forceRedraw: true,
+    },
+    cliProgress.Presets.shades_classic,
+  );
+  private bars = new Map<string, cliProgress.SingleBar>();
+
+  update(j: JobInfo): void {
+    const o = overall(j);
+    this.bar(
+      "overall",
+      "Migration",
+      o.total,
+      o.done,
+      `phase ${j.phase}, ${formatBytes(o.rate)}/s, ETA ${eta(j)}`,
+    );
+    for (const d of j.disks ?? []) {
+      this.bar(
+        `disk-${d.target}`,
+        `disk ${d.target.padEnd(5)}`,
+        d.total,
+        d.copied,
+        `${mib(d.copied)}/${mib(d.total)} MiB ${formatBytes(d.rateBps)}/s${d.ready ? " ready" : ""}`,
+      );
+    }
+    const m = j.memory;
+    if (m)
+      this.bar(
+        "ram",
+        "RAM      ",
+        m.total,
+        m.total - m.remaining,
+        `${mib(m.processed)} MiB sent, ${formatBytes(m.rateBps)}/s, pass ${m.iterations}`,
+      );
+  }
+
+  private bar(key: string, label: string, total: number, value: number, detail: string): void {
+    let b = this.bars.get(key);
+    const t = Math.max(1, total);
+    if (!b) {
+      b = this.multi.create(t, Math.min(value, t), { label: label.padEnd(9), detail });
+      this.bars.set(key, b);
+    } else {
+      b.setTotal(t);
+      b.update(Math.min(value, t), { label: label.padEnd(9), detail });
+    }
+  }
+
+  stop(): void {
+    this.multi.stop();
+  }
+}
+
+export function register(program: Command): void {
+  program
+    .command("migrate")
+    .description("migrate a running domain to another host's agent, copying its local disks over NBD")
+    .argument("<domain>")
+    .argument(
+      "<dest-uri>",
+      "destination agent: nbdmig://HOST:PORT (HOST is where the destination QEMU listens)",
+    )
+    .option("--live", "live migration (the guest keeps running; the default, as the flag is in virsh)")
+    .option("--offline-pause", "pause the guest for the whole migration (virsh without --live)")
+    .option(
+      "--copy-storage-all",
+      "copy every local disk (not shareable, read-only or source-less ones) over NBD",
+    )
+    .option("--migrate-disks <list>", "copy exactly these disk targets, e.g. vda,vdb")
+    .option(
+      "--bandwidth <MiB/s>",
+      "cap disk copy and RAM migration bandwidth (default: unlimited)",
+      int("--bandwidth"),
+    )
+    .option(
+      "--disks-port <port>",
+      "NBD port on the destination (default: from its pool)",
+      int("--disks-port"),
+    )
+    .option("--persistent", "keep the domain defined on the destination")
+    .option("--undefinesource", "remove the definition from the source after success")
+    .option("--suspend", "leave the domain paused on the destination")
+    .option(
+      "--timeout <sec>",
+      "suspend the guest if the migration runs longer (it then converges)",
+      int("--timeout"),
+    )
+    .option(
+      "--dest-token-file <file>",
+      "API token of the destination agent (default: the same token as the source's)",
+    )
+    .option("--verbose", "show live progress")
+    .action(async (name: string, dest: string, o: Record<string, unknown>, cmd: Command) => {
+      const agent = agentFrom(cmd);
+      if (o.live && o.offlinePause) throw new UsageError("--live and --offline-pause exclude each other");
+      if (o.migrateDisks && !o.copyStorageAll)
+        throw new UsageError("--migrate-disks needs --copy-storage-all");
+      const migrateDisks = o.migrateDisks
+        ? String(o.migrateDisks)
+            .split(",")
+            .map((s) => s.trim())
+            .filter(Boolean)
+        : undefined;
+      const started = await agent.call<JobInfo>("POST", `/v1/domains/${enc(name)}/migrate`, {
+        dest,
+        destToken: o.destTokenFile ? readToken(String(o.destTokenFile)) : undefined,
+        live: !o.offlinePause,
+        copyStorage: o.copyStorageAll ? "all" : "none",
+        migrateDisks,
+        bandwidthMiB: o.bandwidth,
+        disksPort: o.disksPort,
+        persistent: o.persistent === true,
+        undefineSource: o.undefinesource === true,
+        suspend: o.suspend === true,
+        timeoutSec: o.timeout,
+      });
+      const view = o.verbose ? new ProgressView() : undefined;
+      let job = started;
+      const onSigint = () =>
+        void agent.call("POST", `/v1/domains/${enc(name)}/job/abort`).catch(() => undefined);
+      process.on("SIGINT", onSigint);
+      try {
+        for (;;) {
+          const r = await agent.call<{ active: boolean; job: JobInfo | null }>(
+            "GET",
+            `/v1/domains/${enc(name)}/job`,
+          );
+          if (r.job) job = r.job;
+          view?.update(job);
+          if (!r.active && r.job && r.job.status !== "active") break;
+          await sleep(500);
+        }
+      } finally {
+        view?.stop();
+        process.off("SIGINT", onSigint);
+      }
+      if (job.status !== "completed") {
+        const phase = (job.error?.match(/^(begin|prepare|perform|finish|confirm)\b/)?.[1] ??
+          "perform") as "perform";
+        throw new MigrationError(
+          phase,
+          (job.error ?? job.status).replace(/^(begin|prepare|perform|finish|confirm)(: | (?=on ))/, ""),
+          job.errorCode,
+        );
+      }
+      out(
+        `Migration of '${name}' to ${dest} completed in ${formatDuration(job.elapsedMs)}` +
+          `${job.downtimeMs !== undefined ? `, downtime ${job.downtimeMs} ms` : ""}` +
+          `${job.disk?.total ? `, disks ${formatBytes(job.disk.total)}` : ""}\n`,
+      );
+    });
+
+  program
+    .command("domjobinfo")
+    .description("show the active (or, with --completed, the last) job of a domain, on either side")
+    .argument("<domain>")
+    .option("--completed", "the last finished job")
+    .option("--json", "machine-readable output")
+    .action(async (name: string, o: { completed?: boolean; json?: boolean }, cmd: Command) => {
+      const r = await agentFrom(cmd).call<{ active: boolean; job: JobInfo | null }>(
+        "GET",
+        `/v1/domains/${enc(name)}/job`,
+      );
+      const job = r.job && (r.active || o.completed) ? r.job : null;
+      if (o.json) {
+        out(JSON.stringify(job ? { ...job, active: r.active } : { type: "none" }, null, 2) + "\n");
+        return;
+      }
+      if (!job) {
+        out(keyValues([["Job type", "None"]]) + "\n");
+        return;
+      }
+      out(renderJob(job, r.active) + "\n");
+    });
+
+  program
+    .command("domjobabort")
+    .description("abort a domain's migration; the source keeps running and the destination is cleaned up")
+    .argument("<domain>")
+    .action(async (name: string, _o, cmd: Command) => {
+      await agentFrom(cmd).call("POST", `/v1/domains/${enc(name)}/job/abort`);
+    });
+}
+
+export function renderJob(j: JobInfo, active: boolean): string {
+  const size = (n: number | undefined) => (n === undefined ? "-" : formatBytes(n));
+  const rows: [string, string | number][] = [
+    ["Job type", active ? "Unbounded" : j.status === "completed" ? "Completed" : "Failed"],
+    ["Operation", j.operation],
+    ["Phase", j.phase],
+    ["Time elapsed", `${j.elapsedMs} ms`],
+  ];
+  if (j.dest) rows.push(["Destination", j.dest]);
+  if (j.storagePath) rows.push(["Storage path", j.storagePath]);
+  const o = overall(j);
+  if (j.disk || j.memory) {
+    rows.push(
+      ["Data processed", size(o.done)],
+      ["Data remaining", size(Math.max(0, o.total - o.done))],
+      ["Data total", size(o.total)],
+    );
+  }
+  if (j.memory) {
+    rows.push(
+      ["Memory processed", size(j.memory.processed)],
+      ["Memory remaining", size(j.memory.remaining)],
+      ["Memory total", size(j.memory.total)],
+      ["Memory bandwidth", `${size(j.memory.rateBps)}/s`],
+      ["Dirty rate", `${j.memory.dirtyPagesRate} pages/s`],
+      ["Iteration", j.memory.iterations],
+    );
+  }
+  if (j.disk) {
+    rows.push(
+      ["Disk processed", size(j.disk.processed)],
+      ["Disk remaining", size(j.disk.remaining)],
+      ["Disk total", size(j.disk.total)],
+      ["Disk bandwidth", `${size(j.disk.rateBps)}/s`],
+    );
+  }
+  for (const d of j.disks ?? [])
+    rows.push([`Disk ${d.target}`, `${size(d.copied)} / ${size(d.total)}${d.ready ? " (ready)" : ""}`]);
+  if (j.timeToReadyMs !== undefined) rows.push(["Time to ready", `${j.timeToReadyMs} ms`]);
+  if (j.downtimeMs !== undefined) rows.push(["Total downtime", `${j.downtimeMs} ms`]);
+  if (active) rows.push(["Expected finish", eta(j)]);
+  if (j.error) rows.push(["Error", j.error]);
+  return keyValues(rows);
+}

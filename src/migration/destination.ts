@@ -1,0 +1,329 @@
+/**
+ * Prepare and Finish on the destination host: precreate the images, start QEMU with `-S -incoming defer`,
+ * serve every copied disk over NBD, and accept the migration stream. Any failure, an abort, or losing the
+ * source removes exactly what Prepare created: the QEMU process, the images, the transient domain.
+ */
+import { randomUUID } from "node:crypto";
+import fs from "node:fs";
+import path from "node:path";
+import type { Logger } from "pino";
+import { DomainStateError, errorMessage, MigrationError, UsageError } from "../errors.js";
+import type { DomainEntry, DomainRegistry } from "../agent/domains.js";
+import { parseDomainXml } from "../domain/xml.js";
+import { formatNode } from "../domain/qemu-args.js";
+import { createImage } from "../qemu/img.js";
+import { probeKvm } from "../qemu/launcher.js";
+import { writeFileAtomic } from "../agent/state-dir.js";
+import { formatBytes } from "../util/format.js";
+import type { MigrationCookie } from "./cookie.js";
+import { destMachine, requirePhase } from "./phases.js";
+import { bindFromPool, MIGRATION_PORTS, NBD_PORTS } from "./ports.js";
+
+export interface PrepareRequest {
+  cookie: MigrationCookie;
+  /** The address the source used to reach this agent: QEMU listens there for NBD and the migration. */
+  listenHost: string;
+  disksPort?: number;
+}
+
+export interface PrepareResult {
+  id: string;
+  nbd: { host: string; port: number };
+  /** Export name per disk target. */
+  exports: Record<string, string>;
+  migrateUri: string;
+}
+
+/** Without a heartbeat from the source for this long, a prepared migration cleans itself up. */
+export const SOURCE_WATCHDOG_MS = Number(process.env.NBDMIG_WATCHDOG_MS ?? 20_000);
+
+export class IncomingMigration {
+  readonly id = randomUUID();
+  readonly machine = destMachine();
+  readonly startedAt = Date.now();
+  /** Images this Prepare created; the only files cleanup ever deletes. */
+  readonly created: string[] = [];
+  lastSeen = Date.now();
+  error?: string;
+  private entry?: DomainEntry;
+  private watchdog?: NodeJS.Timeout;
+  private cleaning?: Promise<void>;
+
+  constructor(
+    private readonly reg: DomainRegistry,
+    private readonly log: Logger,
+    readonly req: PrepareRequest,
+    private readonly onDone: (m: IncomingMigration) => void,
+  ) {}
+
+  get name(): string {
+    return this.req.cookie.name;
+  }
+
+  async prepare(): Promise<PrepareResult> {
+    requirePhase(this.machine, ["prepare"], "prepare", "prepare");
+    try {
+      return await this.doPrepare();
+    } catch (err) {
+      this.error = errorMessage(err);
+      await this.cleanup(`prepare failed: ${this.error}`);
+      if (err instanceof UsageError || err instanceof DomainStateError) {
+        throw new MigrationError("prepare", `on ${this.req.listenHost}: ${err.message}`, err.code);
+      }
+      throw new MigrationError("prepare", `on ${this.req.listenHost}: ${errorMessage(err)}`, "E_PREPARE", {
+        cause: err,
+      });
+    }
+  }
+
+  private async doPrepare(): Promise<PrepareResult> {
+    const { cookie } = this.req;
+    if (this.reg.has(cookie.name)) {
+      throw new DomainStateError(
+        "E_DOMAIN_EXISTS",
+        `domain '${cookie.name}' already exists here; undefine it on the destination first`,
+      );
+    }
+    const { def } = parseDomainXml(cookie.xml);
+    const copied = new Set(cookie.disks.map((d) => d.target));
+    for (const d of def.disks) {
+      if (d.source !== undefined && !copied.has(d.target) && !fs.existsSync(d.source)) {
+        throw new UsageError(
+          `disk ${d.target} is not copied (shared, read-only or not selected) but ${d.source} does not exist here; make it available on the destination or select it with --migrate-disks`,
+        );
+      }
+    }
+    for (const d of cookie.disks) {
+      if (fs.existsSync(d.source)) {
+        throw new UsageError(
+          `${d.source} (disk ${d.target}) already exists here; nbdmig never overwrites an image: remove it on the destination first`,
+        );
+      }
+      if (!fs.existsSync(path.dirname(d.source))) {
+        throw new UsageError(
+          `directory ${path.dirname(d.source)} (disk ${d.target}) does not exist here; create it on the destination first`,
+        );
+      }
+    }
+    this.checkSpace();
+    if (cookie.accel === "kvm") {
+      const kvm = await probeKvm();
+      if (!kvm.usable)
+        throw new UsageError(`the source runs with KVM but KVM is not usable here (${kvm.reason})`);
+    }
+
+    for (const d of cookie.disks) {
+      this.created.push(d.source);
+      this.saveRecord();
+      await createImage(d.source, d.format, d.virtualSize);
+    }
+    this.entry = this.reg.addTransient(def);
+    this.entry.job = {
+      kind: "incoming migration",
+      describe: () => this.describe(),
+      abort: () => this.cleanup("aborted on the destination"),
+    };
+    const run = await this.entry.lock.run(() =>
+      this.reg.start(def.name, { incoming: true, accel: cookie.accel }),
+    );
+    run.qmp.once("close", () => {
+      if (this.machine.is("prepare", "prepared", "finish")) {
+        this.error = "the destination QEMU exited";
+        void this.cleanup(this.error);
+      }
+    });
+    const qmp = run.qmp;
+    await qmp.execute("migrate-set-capabilities", {
+      capabilities: [
+        { capability: "events", state: true },
+        { capability: "late-block-activate", state: true },
+      ],
+    });
+    const host = this.req.listenHost;
+    const nbdPort = await bindFromPool(NBD_PORTS, this.req.disksPort, (port) =>
+      qmp
+        .execute("nbd-server-start", { addr: { type: "inet", data: { host, port: String(port) } } })
+        .then(() => undefined),
+    );
+    const exports: Record<string, string> = {};
+    for (const d of cookie.disks) {
+      await qmp.execute("block-export-add", {
+        type: "nbd",
+        id: `nbdmig-export-${d.target}`,
+        "node-name": formatNode(d.target),
+        name: d.target,
+        writable: true,
+      });
+      exports[d.target] = d.target;
+    }
+    const migPort = await bindFromPool(MIGRATION_PORTS, undefined, (port) =>
+      qmp.execute("migrate-incoming", { uri: `tcp:${host}:${port}` }).then(() => undefined),
+    );
+    this.machine.advance("prepared");
+    this.lastSeen = Date.now();
+    this.watchdog = setInterval(() => {
+      if (Date.now() - this.lastSeen > SOURCE_WATCHDOG_MS && this.machine.is("prepared")) {
+        this.error = `no word from the source for ${SOURCE_WATCHDOG_MS / 1000} s`;
+        void this.cleanup(this.error);
+      }
+    }, 1000);
+    this.log.info(
+      { domain: def.name, id: this.id, nbdPort, migPort, created: this.created },
+      "incoming migration prepared",
+    );
+    return { id: this.id, nbd: { host, port: nbdPort }, exports, migrateUri: `tcp:${host}:${migPort}` };
+  }
+
+  private checkSpace(): void {
+    const need = new Map<number, { dir: string; bytes: number; avail: number }>();
+    for (const d of this.req.cookie.disks) {
+      const dir = path.dirname(d.source);
+      const st = fs.statSync(dir);
+      const fsInfo = fs.statfsSync(dir);
+      const e = need.get(st.dev) ?? { dir, bytes: 0, avail: fsInfo.bavail * fsInfo.bsize };
+      // The allocated data plus a margin for image metadata.
+      e.bytes += Math.ceil(d.allocated * 1.02) + 16 * 1024 * 1024;
+      need.set(st.dev, e);
+    }
+    for (const e of need.values()) {
+      if (e.bytes > e.avail) {
+        throw new UsageError(
+          `not enough space in ${e.dir}: need ${formatBytes(e.bytes)}, have ${formatBytes(e.avail)}`,
+          "E_NO_SPACE",
+        );
+      }
+    }
+  }
+
+  /** Finish: the migration stream is complete; stop serving NBD and hand the domain over. */
+  async finish(opts: { suspend: boolean; persistent: boolean }): Promise<void> {
+    requirePhase(this.machine, ["prepared"], "finish", "finish");
+    this.machine.advance("finish");
+    clearInterval(this.watchdog);
+    try {
+      const run = this.entry!.running;
+      if (!run) throw new Error(this.error ?? "the destination QEMU is not running");
+      const qmp = run.qmp;
+      const deadline = Date.now() + 30_000;
+      for (;;) {
+        const st = (await qmp.execute("query-migrate")).status;
+        if (st === "completed") break;
+        if (st === "failed" || st === "cancelled") throw new Error(`incoming migration ${st}`);
+        if (Date.now() > deadline) throw new Error(`incoming migration still '${st}' after 30 s`);
+        await new Promise((r) => setTimeout(r, 50));
+      }
+      // The order matters: resuming while an export still holds the image fails on permissions.
+      await qmp.execute("nbd-server-stop");
+      if (!opts.suspend) await qmp.execute("cont");
+      this.entry!.job = undefined;
+      if (opts.persistent) this.reg.persist(this.name);
+      this.machine.advance("running");
+      this.removeRecord();
+      this.log.info(
+        { domain: this.name, id: this.id, suspended: opts.suspend },
+        "incoming migration finished",
+      );
+      this.onDone(this);
+    } catch (err) {
+      this.error = errorMessage(err);
+      await this.cleanup(`finish failed: ${this.error}`);
+      throw new MigrationError("finish", `on ${this.req.listenHost}: ${this.error}`, "E_FINISH");
+    }
+  }
+
+  /** Removes what Prepare created. Safe to call more than once and from any phase before `running`. */
+  cleanup(reason: string): Promise<void> {
+    if (this.machine.is("running")) return Promise.resolve();
+    this.cleaning ??= (async () => {
+      this.machine.advance("cleanup");
+      clearInterval(this.watchdog);
+      this.log.warn({ domain: this.name, id: this.id, reason }, "cleaning up incoming migration");
+      const e = this.entry;
+      if (e) {
+        await this.reg
+          .kill(e)
+          .catch((err: unknown) =>
+            this.log.error({ err: errorMessage(err) }, "cannot stop destination QEMU"),
+          );
+        e.job = undefined;
+        this.reg.forgetTransient(e.name);
+      }
+      for (const f of this.created) {
+        try {
+          fs.rmSync(f, { force: true });
+        } catch (err) {
+          this.log.error(
+            { file: f, err: errorMessage(err) },
+            "cannot remove an image this migration created",
+          );
+        }
+      }
+      this.machine.advance("cleaned");
+      this.removeRecord();
+      this.onDone(this);
+    })();
+    return this.cleaning;
+  }
+
+  private get recordFile(): string {
+    return path.join(this.reg.state.migrationsDir, `${this.id}.json`);
+  }
+
+  /** Persists what this migration created, so a restarted agent can remove it (see recoverIncoming). */
+  private saveRecord(): void {
+    writeFileAtomic(this.recordFile, JSON.stringify({ id: this.id, name: this.name, created: this.created }));
+  }
+
+  private removeRecord(): void {
+    fs.rmSync(this.recordFile, { force: true });
+  }
+
+  describe(): Record<string, unknown> {
+    return {
+      id: this.id,
+      type: "incoming",
+      operation: "Incoming migration",
+      domain: this.name,
+      phase: this.machine.phase,
+      status: this.machine.is("running")
+        ? "completed"
+        : this.machine.is("cleaned", "cleanup")
+          ? "failed"
+          : "active",
+      startedAt: this.startedAt,
+      elapsedMs: Date.now() - this.startedAt,
+      error: this.error,
+      disks: this.req.cookie.disks.map((d) => ({ target: d.target, total: d.virtualSize })),
+    };
+  }
+}
+
+/**
+ * At agent start: an incoming migration whose agent died cannot complete (its source has rolled back or
+ * will). Stop its QEMU and remove exactly the images it created.
+ */
+export async function recoverIncoming(reg: DomainRegistry, log: Logger): Promise<void> {
+  for (const f of fs.readdirSync(reg.state.migrationsDir).filter((x) => x.endsWith(".json"))) {
+    const file = path.join(reg.state.migrationsDir, f);
+    let rec: { id: string; name: string; created: string[] };
+    try {
+      rec = JSON.parse(fs.readFileSync(file, "utf8")) as typeof rec;
+    } catch {
+      fs.rmSync(file, { force: true });
+      continue;
+    }
+    log.warn(
+      { domain: rec.name, id: rec.id, created: rec.created },
+      "removing an incoming migration interrupted by an agent restart",
+    );
+    if (reg.has(rec.name)) {
+      const e = reg.get(rec.name);
+      if (!e.persistent) {
+        await reg.kill(e);
+        reg.forgetTransient(rec.name);
+      }
+    }
+    for (const img of rec.created) fs.rmSync(img, { force: true });
+    fs.rmSync(file, { force: true });
+  }
+}

@@ -1,0 +1,158 @@
+/**
+ * Migration jobs of one agent, and their API. Source calls come from the CLI; destination calls come from
+ * the source agent (peer to peer). Each route says in which phase it is valid; the job enforces it.
+ */
+import type { Logger } from "pino";
+import { DomainStateError, NbdmigError, UsageError } from "../errors.js";
+import type { DomainRegistry } from "../agent/domains.js";
+import type { Router } from "../agent/http.js";
+import { errorMessage } from "../errors.js";
+import { IncomingMigration, recoverIncoming, type PrepareRequest } from "./destination.js";
+import { recoverMirrors } from "./mirror.js";
+import { OutgoingMigration, type MigrateRequest } from "./source.js";
+
+export interface ManagerOptions {
+  /** This agent's own token; used for the peer unless the request brings one. */
+  token: string;
+  noNbd: boolean;
+}
+
+export class MigrationManager {
+  readonly incoming = new Map<string, IncomingMigration>();
+  /** The last finished job per domain (domjobinfo --completed, and the CLI's final answer). */
+  readonly finished = new Map<string, Record<string, unknown>>();
+
+  constructor(
+    private readonly reg: DomainRegistry,
+    private readonly log: Logger,
+    private readonly opts: ManagerOptions,
+  ) {}
+
+  /** Cleans up after migrations that were in progress when this agent last stopped. */
+  async recover(): Promise<void> {
+    await recoverIncoming(this.reg, this.log);
+    for (const e of this.reg.list()) {
+      if (!e.running) continue;
+      try {
+        await recoverMirrors(e.running.qmp, this.log);
+        await e.running.qmp.execute("migrate-set-capabilities", {
+          capabilities: [{ capability: "pause-before-switchover", state: false }],
+        });
+      } catch (err) {
+        this.log.error(
+          { domain: e.name, err: errorMessage(err) },
+          "cannot clean up after an interrupted migration",
+        );
+      }
+    }
+  }
+
+  /** Valid when the domain runs and has no job. Begin runs before this returns; the rest in background. */
+  async migrate(name: string, req: MigrateRequest): Promise<Record<string, unknown>> {
+    const entry = this.reg.get(name);
+    return entry.lock.run(async () => {
+      const m = await OutgoingMigration.begin(this.reg, name, req, this.opts.token, this.log, (done) => {
+        this.finished.set(done.name, done.describe());
+      });
+      this.finished.delete(name);
+      m.start();
+      return m.describe();
+    });
+  }
+
+  /** Valid in no phase on this host: the name must be free. */
+  async prepare(req: PrepareRequest): Promise<Record<string, unknown>> {
+    if (this.opts.noNbd && req.cookie.disks.length > 0) {
+      throw new UsageError(`this agent runs with --no-nbd and cannot receive disks over NBD`, "E_NO_NBD");
+    }
+    const m = new IncomingMigration(this.reg, this.log, req, (done) => {
+      this.finished.set(done.name, done.describe());
+      // Keep the record a while so the source's heartbeat sees how it ended.
+      setTimeout(() => this.incoming.delete(done.id), 60_000).unref();
+    });
+    this.incoming.set(m.id, m);
+    const prepared = await m.prepare();
+    return { prepared };
+  }
+
+  incomingById(id: string): IncomingMigration {
+    const m = this.incoming.get(id);
+    if (!m) throw new NbdmigError("E_NO_MIGRATION", `no incoming migration ${id} on this host`);
+    return m;
+  }
+
+  jobInfo(name: string): Record<string, unknown> {
+    const e = this.reg.has(name) ? this.reg.get(name) : undefined;
+    if (e?.job) return { active: true, job: e.job.describe() };
+    const last = this.finished.get(name);
+    if (last) return { active: false, job: last };
+    if (!e)
+      throw new DomainStateError(
+        "E_NO_DOMAIN",
+        `domain '${name}' not found on this host (see 'nbdmig list --all')`,
+      );
+    return { active: false, job: null };
+  }
+
+  async abort(name: string): Promise<void> {
+    const e = this.reg.get(name);
+    if (!e.job) throw new DomainStateError("E_NO_JOB", `domain '${name}' has no active job to abort`);
+    await e.job.abort();
+  }
+}
+
+export function migrationRoutes(router: Router, mm: MigrationManager): Router {
+  return router
+    .add("POST", "/v1/domains/:name/migrate", (r) => mm.migrate(r.params.name!, parseMigrateRequest(r.body)))
+    .add("GET", "/v1/domains/:name/job", (r) => mm.jobInfo(r.params.name!))
+    .add("POST", "/v1/domains/:name/job/abort", async (r) => {
+      await mm.abort(r.params.name!);
+      return {};
+    })
+    .add("POST", "/v1/migrations/prepare", (r) => mm.prepare(r.body as unknown as PrepareRequest))
+    .add("GET", "/v1/migrations/:id", (r) => {
+      const m = mm.incomingById(r.params.id!);
+      m.lastSeen = Date.now();
+      return m.describe();
+    })
+    .add("POST", "/v1/migrations/:id/finish", async (r) => {
+      await mm
+        .incomingById(r.params.id!)
+        .finish({ suspend: r.body.suspend === true, persistent: r.body.persistent === true });
+      return {};
+    })
+    .add("POST", "/v1/migrations/:id/cancel", async (r) => {
+      await mm.incomingById(r.params.id!).cleanup("cancelled by the source");
+      return {};
+    });
+}
+
+function parseMigrateRequest(b: Record<string, unknown>): MigrateRequest {
+  const optNum = (k: string): number | undefined => {
+    const v = b[k];
+    if (v === undefined || v === null) return undefined;
+    if (typeof v !== "number") throw new UsageError(`'${k}' must be a number`);
+    return v;
+  };
+  if (typeof b.dest !== "string") throw new UsageError("migrate needs 'dest' (nbdmig://HOST:PORT)");
+  const copy = b.copyStorage ?? "none";
+  if (copy !== "all" && copy !== "none")
+    throw new UsageError(`copyStorage must be 'all' or 'none', not '${String(copy)}'`);
+  const disks = b.migrateDisks;
+  if (disks !== undefined && !(Array.isArray(disks) && disks.every((d) => typeof d === "string"))) {
+    throw new UsageError("migrateDisks must be a list of disk targets");
+  }
+  return {
+    dest: b.dest,
+    destToken: typeof b.destToken === "string" ? b.destToken : undefined,
+    live: b.live !== false,
+    copyStorage: copy,
+    migrateDisks: disks as string[] | undefined,
+    bandwidthMiB: optNum("bandwidthMiB"),
+    disksPort: optNum("disksPort"),
+    timeoutSec: optNum("timeoutSec"),
+    persistent: b.persistent === true,
+    undefineSource: b.undefineSource === true,
+    suspend: b.suspend === true,
+  };
+}

@@ -1,0 +1,501 @@
+/**
+ * The source side of a live migration with NBD storage copy, after libvirt's design:
+ * Begin (select disks, cookie) -> Prepare (on the destination agent) -> Perform (mirror every disk to the
+ * destination's NBD exports, wait until all are READY, migrate RAM, cancel the mirrors at pre-switchover)
+ * -> Finish (destination resumes) -> Confirm (source QEMU stops). Any failure rolls back: the migration and
+ * mirrors are cancelled, the source guest keeps (or resumes) running, the destination removes what it made.
+ */
+import { setTimeout as sleep } from "node:timers/promises";
+import type { Logger } from "pino";
+import { AgentClient, parseAgentUri } from "../agent/client.js";
+import type { DomainEntry, DomainRegistry, RunningDomain } from "../agent/domains.js";
+import { errorMessage, MigrationError, NbdmigError, UsageError } from "../errors.js";
+import { domainToXml } from "../domain/xml.js";
+import { formatNode } from "../domain/qemu-args.js";
+import type { QmpClient, QmpEvent } from "../qemu/qmp.js";
+import type { MigrationStats } from "../qemu/qmp-schema.js";
+import { selectDisks, type CookieDisk, type MigrationCookie } from "./cookie.js";
+import type { PrepareResult } from "./destination.js";
+import { Mirrors } from "./mirror.js";
+import { PhaseMachine, protocolPhase, sourceMachine, type SourcePhase } from "./phases.js";
+
+export interface MigrateRequest {
+  /** The destination agent, nbdmig://HOST:PORT; HOST is also where its QEMU listens. */
+  dest: string;
+  destToken?: string;
+  live: boolean;
+  copyStorage: "all" | "none";
+  migrateDisks?: string[];
+  bandwidthMiB?: number;
+  disksPort?: number;
+  persistent: boolean;
+  undefineSource: boolean;
+  suspend: boolean;
+  timeoutSec?: number;
+}
+
+/** Without an answer from the destination agent for this long, the migration is rolled back. */
+const PEER_TIMEOUT_MS = Number(process.env.NBDMIG_PEER_TIMEOUT_MS ?? 10_000);
+/** QEMU's migration bandwidth cap is 128 MiB/s by default; "unlimited" lifts it as libvirt does. */
+const UNLIMITED_BPS = 2 ** 40;
+
+export class OutgoingMigration {
+  readonly machine: PhaseMachine<SourcePhase> = sourceMachine();
+  readonly startedAt = Date.now();
+  readonly cookie: MigrationCookie;
+  private readonly peer: AgentClient;
+  private readonly run: RunningDomain;
+  private readonly wasRunning: boolean;
+  private prepared?: PrepareResult;
+  private mirrors?: Mirrors;
+  private migrationStarted = false;
+  private abortRequested = false;
+  private pausedByUs = false;
+  private peerError?: string;
+  private lastPeerOk = Date.now();
+  private heartbeat?: NodeJS.Timeout;
+  private timeoutTimer?: NodeJS.Timeout;
+  private memory?: MigrationStats;
+  private memoryRateBps = 0;
+  private downtimeMs?: number;
+  private readyAt?: number;
+  private finishedAt?: number;
+  error?: string;
+  errorCode?: string;
+  done: Promise<void> = Promise.resolve();
+
+  /** Begin: validates and builds the cookie; throws before anything is created anywhere. */
+  private constructor(
+    private readonly reg: DomainRegistry,
+    private readonly entry: DomainEntry & { running: RunningDomain },
+    readonly req: MigrateRequest,
+    private readonly log: Logger,
+    private readonly onDone: (m: OutgoingMigration) => void,
+    cookie: MigrationCookie,
+    peer: AgentClient,
+  ) {
+    this.cookie = cookie;
+    this.peer = peer;
+    this.run = entry.running;
+    this.wasRunning = entry.running.status === "running";
+  }
+
+  static async begin(
+    reg: DomainRegistry,
+    name: string,
+    req: MigrateRequest,
+    ownToken: string,
+    log: Logger,
+    onDone: (m: OutgoingMigration) => void,
+  ): Promise<OutgoingMigration> {
+    const destAddr = parseAgentUri(req.dest);
+    if (req.bandwidthMiB !== undefined && !(Number.isInteger(req.bandwidthMiB) && req.bandwidthMiB > 0)) {
+      throw new UsageError(`--bandwidth takes a positive whole number of MiB/s, not '${req.bandwidthMiB}'`);
+    }
+    if (req.timeoutSec !== undefined && !(Number.isInteger(req.timeoutSec) && req.timeoutSec > 0)) {
+      throw new UsageError(`--timeout takes a positive whole number of seconds, not '${req.timeoutSec}'`);
+    }
+    if (
+      req.disksPort !== undefined &&
+      !(Number.isInteger(req.disksPort) && req.disksPort > 0 && req.disksPort < 65536)
+    ) {
+      throw new UsageError(`--disks-port takes a port number (1-65535), not '${req.disksPort}'`);
+    }
+    if (req.migrateDisks && req.copyStorage === "none") {
+      throw new UsageError("--migrate-disks needs --copy-storage-all (it picks which disks are copied)");
+    }
+    const entry = reg.running(name);
+    reg.refuseIfBusy(entry);
+    await reg.refresh(entry);
+    const run = entry.running;
+    if (!["running", "paused"].includes(run.status)) {
+      throw new UsageError(
+        `domain '${name}' is ${run.status}; only a running or paused domain can be migrated`,
+      );
+    }
+    const disks = req.copyStorage === "none" ? [] : selectDisks(run.def, req.migrateDisks);
+    const blocks = await run.qmp.execute("query-block");
+    const cookieDisks: CookieDisk[] = disks.map((d) => {
+      const b = blocks.find((x) => x.inserted?.["node-name"] === formatNode(d.target));
+      if (!b?.inserted) throw new MigrationError("begin", `disk ${d.target} is not attached in QEMU`);
+      return {
+        target: d.target,
+        source: d.source!,
+        format: d.format,
+        virtualSize: b.inserted.image["virtual-size"],
+        allocated: b.inserted.image["actual-size"] ?? b.inserted.image["virtual-size"],
+      };
+    });
+    const cookie: MigrationCookie = {
+      xml: domainToXml(run.def),
+      name,
+      uuid: run.def.uuid,
+      accel: run.accel,
+      disks: cookieDisks,
+    };
+    const peer = new AgentClient(destAddr, req.destToken ?? ownToken, 60_000);
+    const m = new OutgoingMigration(reg, entry, req, log, onDone, cookie, peer);
+    entry.job = { kind: "outgoing migration", describe: () => m.describe(), abort: () => m.abort() };
+    return m;
+  }
+
+  get name(): string {
+    return this.entry.name;
+  }
+  private get qmp(): QmpClient {
+    return this.run.qmp;
+  }
+
+  /** Runs Prepare..Confirm in the background; `done` settles when the job has ended either way. */
+  start(): void {
+    this.done = this.execute();
+  }
+
+  private async execute(): Promise<void> {
+    try {
+      await this.prepare();
+      await this.mirror();
+      await this.migrateMemory();
+      await this.finishRemote();
+      await this.confirm();
+    } catch (err) {
+      await this.rollback(err);
+    } finally {
+      this.finishedAt = Date.now();
+      clearInterval(this.heartbeat);
+      clearTimeout(this.timeoutTimer);
+      this.onDone(this);
+    }
+  }
+
+  /** domjobabort: valid until the switchover starts; after that the migration can only complete. */
+  async abort(): Promise<void> {
+    if (this.machine.is("completed", "failed", "cancelled", "rollback")) {
+      throw new NbdmigError("E_NO_JOB", `domain '${this.name}' has no active job to abort`);
+    }
+    if (this.machine.is("perform:switchover", "finish", "confirm")) {
+      throw new NbdmigError(
+        "E_MIGRATION_PHASE",
+        `the migration of '${this.name}' is switching over (${this.machine.phase}); it can no longer be aborted`,
+      );
+    }
+    this.abortRequested = true;
+    if (this.migrationStarted) await this.qmp.execute("migrate_cancel").catch(() => undefined);
+  }
+
+  /** Throws if the job must stop: abort, a lost or failed destination, a failed mirror, QEMU gone. */
+  private check(): void {
+    if (this.abortRequested)
+      throw new MigrationError(protocolPhase(this.machine.phase), "cancelled by domjobabort", "E_ABORTED");
+    if (this.peerError) throw new MigrationError(protocolPhase(this.machine.phase), this.peerError, "E_PEER");
+    if (this.qmp.isClosed)
+      throw new MigrationError(protocolPhase(this.machine.phase), "the source QEMU exited", "E_SOURCE_QEMU");
+    const f = this.mirrors?.failure;
+    if (f) throw new MigrationError("perform", f, "E_MIRROR");
+  }
+
+  private async prepare(): Promise<void> {
+    this.machine.advance("prepare");
+    const { host } = parseAgentUri(this.req.dest);
+    const res = await this.peer
+      .call<{ prepared: PrepareResult }>("POST", "/v1/migrations/prepare", {
+        cookie: this.cookie,
+        listenHost: host,
+        disksPort: this.req.disksPort,
+      })
+      .catch((err: unknown) => {
+        if (err instanceof MigrationError) throw err;
+        throw new MigrationError(
+          "prepare",
+          `on ${host}: ${errorMessage(err)}`,
+          (err as NbdmigError).code ?? "E_PREPARE",
+        );
+      });
+    this.prepared = res.prepared;
+    this.log.info(
+      { domain: this.name, dest: this.req.dest, prepared: this.prepared },
+      "destination prepared",
+    );
+    this.heartbeat = setInterval(() => void this.beat(), 1000);
+    if (this.abortRequested) this.check();
+  }
+
+  private async beat(): Promise<void> {
+    if (!this.prepared || this.peerError) return;
+    try {
+      const r = await this.peer.call<{ phase: string; error?: string }>(
+        "GET",
+        `/v1/migrations/${this.prepared.id}`,
+        undefined,
+        2000,
+      );
+      this.lastPeerOk = Date.now();
+      if (r.phase === "cleanup" || r.phase === "cleaned")
+        this.peerError = `destination gave up: ${r.error ?? "cleaned up"}`;
+    } catch (err) {
+      if (err instanceof NbdmigError && err.code === "E_NO_MIGRATION")
+        this.peerError = "destination no longer knows this migration";
+      else if (Date.now() - this.lastPeerOk > PEER_TIMEOUT_MS) {
+        this.peerError = `lost contact with the destination agent for ${PEER_TIMEOUT_MS / 1000} s (${errorMessage(err)})`;
+      }
+    }
+  }
+
+  private async mirror(): Promise<void> {
+    this.machine.advance("perform:mirror");
+    const p = this.prepared!;
+    await this.qmp.execute("migrate-set-capabilities", {
+      capabilities: [
+        { capability: "events", state: true },
+        { capability: "pause-before-switchover", state: true },
+      ],
+    });
+    const bps = this.req.bandwidthMiB ? this.req.bandwidthMiB * 1024 * 1024 : UNLIMITED_BPS;
+    await this.qmp.execute("migrate-set-parameters", { "max-bandwidth": bps });
+    if (!this.req.live && this.run.status === "running") {
+      await this.qmp.execute("stop");
+      this.pausedByUs = true;
+    }
+    if (this.req.timeoutSec) {
+      this.timeoutTimer = setTimeout(() => void this.suspendForTimeout(), this.req.timeoutSec * 1000);
+    }
+    this.mirrors = new Mirrors(
+      this.qmp,
+      this.cookie.disks.map((d) => d.target),
+      this.log,
+    );
+    await this.mirrors.start(p.nbd, p.exports, this.req.bandwidthMiB ? bps : undefined);
+    while (!this.mirrors.allReady) {
+      this.check();
+      await this.mirrors.poll();
+      this.check();
+      if (this.mirrors.allReady) break;
+      await sleep(250);
+    }
+    await this.mirrors.poll();
+    this.readyAt = Date.now();
+    this.log.info({ domain: this.name, ms: this.readyAt - this.startedAt }, "all mirrors ready");
+  }
+
+  private async suspendForTimeout(): Promise<void> {
+    if (!this.machine.is("perform:mirror", "perform:memory") || this.run.status !== "running") return;
+    this.log.warn(
+      { domain: this.name, timeoutSec: this.req.timeoutSec },
+      "migration timeout: suspending the guest so it converges",
+    );
+    await this.qmp.execute("stop").catch(() => undefined);
+    this.pausedByUs = true;
+  }
+
+  private async migrateMemory(): Promise<void> {
+    this.machine.advance("perform:memory");
+    this.check();
+    this.migrationStarted = true;
+    let status = await this.migrationStatus(async () => {
+      await this.qmp.execute("migrate", { uri: this.prepared!.migrateUri });
+    }, ["pre-switchover", "completed", "failed", "cancelled"]);
+    if (status !== "pre-switchover") throw await this.migrationFailure(status);
+    this.machine.advance("perform:switchover");
+    // The guest is stopped now. End the mirrors without pivoting, so no write is left in flight when
+    // the migration completes (QEMU aborts on a write to an inactivated image otherwise).
+    await this.mirrors!.endForSwitchover();
+    status = await this.migrationStatus(async () => {
+      await this.qmp.execute("migrate-continue", { state: "pre-switchover" });
+    }, ["completed", "failed", "cancelled"]);
+    if (status !== "completed") throw await this.migrationFailure(status);
+    const info = await this.qmp.execute("query-migrate");
+    this.memory = info.ram ?? this.memory;
+    this.downtimeMs = info.downtime;
+    this.log.info(
+      { domain: this.name, downtimeMs: this.downtimeMs, totalMs: info["total-time"] },
+      "migration stream completed",
+    );
+  }
+
+  private async migrationFailure(status: string): Promise<MigrationError> {
+    const info = await this.qmp.execute("query-migrate").catch(() => ({ "error-desc": undefined }));
+    this.check();
+    return new MigrationError(
+      "perform",
+      `migration ${status}${info["error-desc"] ? `: ${info["error-desc"]}` : ""}`,
+      "E_MIGRATE",
+    );
+  }
+
+  /** Runs `kick`, then waits for one of `statuses` (the event wakes us at once; polling gives progress). */
+  private async migrationStatus(kick: () => Promise<void>, statuses: string[]): Promise<string> {
+    let seen: string | undefined;
+    let wake: (() => void) | undefined;
+    const onEvent = (ev: QmpEvent) => {
+      if (ev.event === "MIGRATION" && statuses.includes(String(ev.data.status))) {
+        seen ??= String(ev.data.status);
+        wake?.();
+      }
+    };
+    this.qmp.on("event", onEvent);
+    try {
+      await kick();
+      let lastAt = Date.now();
+      let lastTransferred = this.memory?.transferred ?? 0;
+      for (;;) {
+        if (seen) return seen;
+        const info = await this.qmp.execute("query-migrate");
+        if (info.ram) {
+          const now = Date.now();
+          const inst = Math.max(0, info.ram.transferred - lastTransferred) / ((now - lastAt) / 1000 || 1);
+          this.memoryRateBps = this.memoryRateBps ? this.memoryRateBps * 0.6 + inst * 0.4 : inst;
+          lastAt = now;
+          lastTransferred = info.ram.transferred;
+          this.memory = info.ram;
+        }
+        if (seen) return seen;
+        if (info.status && statuses.includes(info.status)) return info.status;
+        if (this.machine.is("perform:memory")) this.check();
+        await new Promise<void>((resolve) => {
+          wake = resolve;
+          setTimeout(resolve, 200);
+        });
+        wake = undefined;
+      }
+    } finally {
+      this.qmp.off("event", onEvent);
+    }
+  }
+
+  private async finishRemote(): Promise<void> {
+    this.machine.advance("finish");
+    await this.peer
+      .call("POST", `/v1/migrations/${this.prepared!.id}/finish`, {
+        suspend: this.req.suspend,
+        persistent: this.req.persistent,
+      })
+      .catch((err: unknown) => {
+        if (err instanceof MigrationError) throw err;
+        throw new MigrationError("finish", errorMessage(err), "E_FINISH");
+      });
+  }
+
+  private async confirm(): Promise<void> {
+    this.machine.advance("confirm");
+    clearInterval(this.heartbeat);
+    this.entry.job = undefined;
+    await this.reg.kill(this.entry);
+    if (this.req.undefineSource && this.entry.persistent) this.reg.undefine(this.name);
+    this.machine.advance("completed");
+    this.log.info(
+      {
+        domain: this.name,
+        dest: this.req.dest,
+        ms: Date.now() - this.startedAt,
+        downtimeMs: this.downtimeMs,
+      },
+      "migration completed",
+    );
+  }
+
+  private async rollback(err: unknown): Promise<void> {
+    const failedIn = this.machine.phase;
+    this.error = errorMessage(err);
+    this.errorCode = err instanceof NbdmigError ? err.code : "E_INTERNAL";
+    if (!(err instanceof MigrationError)) this.error = `${protocolPhase(failedIn)}: ${this.error}`;
+    this.machine.advance("rollback");
+    clearInterval(this.heartbeat);
+    clearTimeout(this.timeoutTimer);
+    this.log.warn({ domain: this.name, phase: failedIn, err: this.error }, "migration failed; rolling back");
+    const alive = !this.qmp.isClosed;
+    if (alive) {
+      try {
+        if (this.migrationStarted) {
+          await this.qmp.execute("migrate_cancel");
+          for (let i = 0; i < 100; i++) {
+            const st = (await this.qmp.execute("query-migrate")).status;
+            if (!st || ["cancelled", "failed", "completed", "none"].includes(st)) break;
+            if (i === 50)
+              await this.qmp.execute("yank", { instances: [{ type: "migration" }] }).catch(() => undefined);
+            await sleep(100);
+          }
+        }
+        await this.mirrors?.abort();
+        await this.qmp
+          .execute("migrate-set-capabilities", {
+            capabilities: [{ capability: "pause-before-switchover", state: false }],
+          })
+          .catch(() => undefined);
+        const st = (await this.qmp.execute("query-status")).status;
+        if (this.wasRunning && st !== "running") {
+          await this.qmp.execute("cont");
+          this.run.status = "running";
+        }
+      } catch (e) {
+        this.log.error({ domain: this.name, err: errorMessage(e) }, "rollback on the source was incomplete");
+        this.error += `; rollback on the source was incomplete: ${errorMessage(e)}`;
+      }
+    }
+    if (this.prepared) {
+      await this.peer
+        .call("POST", `/v1/migrations/${this.prepared.id}/cancel`, {}, 15_000)
+        .catch((e: unknown) => {
+          this.log.warn(
+            { domain: this.name, err: errorMessage(e) },
+            "cannot reach the destination to clean up; its watchdog will",
+          );
+        });
+    }
+    this.entry.job = undefined;
+    this.machine.advance(this.abortRequested ? "cancelled" : "failed");
+  }
+
+  describe(): Record<string, unknown> {
+    const disks = (this.mirrors?.jobs ?? []).map((j) => ({
+      target: j.target,
+      copied: j.offset,
+      total: j.len,
+      ready: j.ready,
+      rateBps: Math.round(j.rateBps),
+    }));
+    const diskTotal = disks.reduce((s, d) => s + d.total, 0);
+    const diskDone = disks.reduce((s, d) => s + d.copied, 0);
+    const m = this.memory;
+    const end = this.finishedAt ?? Date.now();
+    const status = this.machine.is("completed")
+      ? "completed"
+      : this.machine.is("failed")
+        ? "failed"
+        : this.machine.is("cancelled")
+          ? "cancelled"
+          : "active";
+    return {
+      type: "outgoing",
+      operation: "Outgoing migration",
+      domain: this.name,
+      dest: this.req.dest,
+      storagePath: this.cookie.disks.length ? "nbd" : "none",
+      ramBytes: this.run.def.memoryKiB * 1024,
+      phase: this.machine.phase,
+      status,
+      startedAt: this.startedAt,
+      elapsedMs: end - this.startedAt,
+      timeToReadyMs: this.readyAt ? this.readyAt - this.startedAt : undefined,
+      downtimeMs: this.downtimeMs,
+      disks,
+      disk: {
+        processed: diskDone,
+        remaining: Math.max(0, diskTotal - diskDone),
+        total: diskTotal,
+        rateBps: Math.round(disks.reduce((s, d) => s + d.rateBps, 0)),
+      },
+      memory: m
+        ? {
+            processed: m.transferred,
+            remaining: m.remaining,
+            total: m.total,
+            rateBps: Math.round(this.memoryRateBps),
+            dirtyPagesRate: m["dirty-pages-rate"],
+            iterations: m["dirty-sync-count"],
+          }
+        : undefined,
+      error: this.error,
+      errorCode: this.errorCode,
+    };
+  }
+}

@@ -1,0 +1,139 @@
+/** Shared steps of the migration tests: a writing guest on host a, and the checks after a migration. */
+import assert from "node:assert/strict";
+import { execFileSync } from "node:child_process";
+import fs from "node:fs";
+import type { Testbed } from "../../src/testbed/testbed.js";
+import { cli, type CliResult } from "./env.js";
+import { guestXml, type GuestDisk, type GuestSpec } from "./guest-xml.js";
+import { waitFor } from "./wait.js";
+
+export const IMG = "/var/lib/nbdmig/images";
+
+export interface ImageSpec {
+  name: string;
+  format?: "raw" | "qcow2";
+  size: string;
+  /** MiB of random data written at the start of the image. */
+  fillMiB?: number;
+}
+
+/** Creates an image in a host's image directory (root-namespace path returned). */
+export function makeImage(tb: Testbed, host: "a" | "b", img: ImageSpec): string {
+  const file = `${tb[host].imagesDir}/${img.name}`;
+  execFileSync("qemu-img", ["create", "-q", "-f", img.format ?? "qcow2", file, img.size]);
+  if (img.fillMiB) {
+    // Random data written through the block layer, so qcow2 allocates as a guest write would.
+    const chunk = `${tb.dir}/fill-${img.name}.bin`;
+    execFileSync("sh", ["-c", `head -c ${img.fillMiB}M /dev/urandom > ${chunk}`]);
+    execFileSync(
+      "qemu-io",
+      ["-f", img.format ?? "qcow2", "-c", `write -s ${chunk} 0 ${img.fillMiB}M`, file],
+      { stdio: "ignore" },
+    );
+    fs.rmSync(chunk);
+  }
+  return file;
+}
+
+export function nbdmig(tb: Testbed, host: "a" | "b", args: string[]): CliResult {
+  return cli(args, { prefix: tb[host].execPrefix() });
+}
+
+export function ok(tb: Testbed, host: "a" | "b", args: string[]): string {
+  const r = nbdmig(tb, host, args);
+  assert.equal(r.status, 0, `[${host}] nbdmig ${args.join(" ")} failed: ${r.stderr}${r.stdout}`);
+  return r.stdout;
+}
+
+/** Defines and starts a guest on host a; waits until its writer reports progress (when it writes). */
+export async function startGuest(
+  tb: Testbed,
+  spec: Omit<GuestSpec, "kernel" | "initrd">,
+  guest: { kernel: string; initrd: string },
+): Promise<number> {
+  const xmlFile = `${tb.a.dir}/${spec.name}.xml`;
+  fs.writeFileSync(xmlFile, guestXml({ ...spec, kernel: guest.kernel, initrd: guest.initrd }));
+  ok(tb, "a", ["define", `/var/lib/nbdmig/${spec.name}.xml`]);
+  ok(tb, "a", ["start", spec.name]);
+  const pid = (await tb.a.client().call<{ pid: number }>("GET", `/v1/domains/${spec.name}`)).pid;
+  const marker = spec.rate !== undefined ? /nbdmig-guest: t=\d+/ : /nbdmig-guest: ready/;
+  await waitFor(
+    `guest ${spec.name} to ${spec.rate !== undefined ? "write" : "boot"}`,
+    () => marker.test(ok(tb, "a", ["console", spec.name])),
+    90_000,
+  );
+  return pid;
+}
+
+/** The guest writer's total MiB, from the last progress line of a host's console log. */
+export function guestWritten(tb: Testbed, host: "a" | "b", name: string): number {
+  const lines = ok(tb, host, ["console", name])
+    .split("\n")
+    .filter((l) => l.startsWith("nbdmig-guest: t="));
+  const m = /mib=(\d+)/.exec(lines.at(-1) ?? "");
+  return m ? Number(m[1]) : -1;
+}
+
+/** After a failed migration: the source guest is running in the same QEMU, with no migration leftovers. */
+export async function assertSourceIntact(
+  tb: Testbed,
+  name: string,
+  pid: number,
+  writing = true,
+): Promise<void> {
+  const a = tb.a.client();
+  const info = await a.call<{ state: string; pid: number; job: string | null }>("GET", `/v1/domains/${name}`);
+  assert.equal(info.state, "running", "source guest running");
+  assert.equal(info.pid, pid, "same source QEMU");
+  assert.equal(info.job, null, "no job left on the source");
+  const jobs = (
+    await a.call<{ result: unknown[] }>("POST", `/v1/domains/${name}/monitor`, {
+      command: '{"execute":"query-jobs"}',
+    })
+  ).result;
+  assert.deepEqual(jobs, [], "no block jobs left");
+  const nodes = (
+    await a.call<{ result: { "node-name": string }[] }>("POST", `/v1/domains/${name}/monitor`, {
+      command: '{"execute":"query-named-block-nodes"}',
+    })
+  ).result;
+  assert.ok(!nodes.some((n) => n["node-name"].startsWith("nbdmig-")), "no NBD client nodes left");
+  if (writing) {
+    const before = guestWritten(tb, "a", name);
+    await waitFor("the source guest to keep writing", () => guestWritten(tb, "a", name) > before, 30_000);
+  }
+}
+
+/** The destination holds nothing of the migration: no QEMU, no domain, no created image, no open port. */
+export async function assertDestClean(
+  tb: Testbed,
+  name: string,
+  images: string[],
+  timeoutMs = 30_000,
+): Promise<void> {
+  await waitFor(
+    "the destination to be clean",
+    async () => {
+      const qemu = tb.b.qemuPids();
+      if (qemu.length) throw new Error(`QEMU still running there: ${qemu.join(" ")}`);
+      const { domains } = await tb.b.client().call<{ domains: { name: string }[] }>("GET", "/v1/domains");
+      if (domains.some((d) => d.name === name)) throw new Error(`domain ${name} still there`);
+      const left = images.filter((i) => fs.existsSync(`${tb.b.imagesDir}/${i}`));
+      if (left.length) throw new Error(`images left: ${left.join(" ")}`);
+      const ports = tb.b.listeningPorts().filter((p) => p !== 7800);
+      if (ports.length) throw new Error(`ports open: ${ports.join(" ")}`);
+      return true;
+    },
+    timeoutMs,
+  );
+}
+
+export function compare(a: string, b: string): string {
+  try {
+    return execFileSync("qemu-img", ["compare", "-U", a, b], { encoding: "utf8" }).trim();
+  } catch (err) {
+    return `DIFFERENT: ${String((err as { stdout?: string }).stdout ?? err)}`;
+  }
+}
+
+export type { GuestDisk };
