@@ -1,6 +1,7 @@
 /**
- * The demo: two hosts (network + mount namespaces joined by a veth), a VM whose guest writes to its disk,
- * started on host a and listed on both hosts through the nbdmig CLI. Run with `sudo npm run demo`.
+ * The demo: two hosts (network + mount namespaces joined by a veth), a VM whose guest writes to its disks,
+ * migrated live from host a to host b with --copy-storage-all, with progress, and the disks verified.
+ * Run with `sudo npm run demo`.
  */
 import { execFileSync, spawnSync } from "node:child_process";
 import fs from "node:fs";
@@ -31,8 +32,17 @@ try {
   for (const h of tb.hosts)
     console.log(`host ${h.name}: ${h.addr} (agent ${h.uri}); /var/lib/nbdmig there is ${h.dir}`);
 
-  step("creating a 1 GiB qcow2 disk on host a and defining the VM from libvirt domain XML");
-  execFileSync("qemu-img", ["create", "-q", "-f", "qcow2", path.join(tb.a.imagesDir, "demo.qcow2"), "1G"]);
+  step(
+    "creating the VM's disks on host a: 2 GiB qcow2 system disk with 512 MiB of data, 1 GiB raw data disk",
+  );
+  const sys = path.join(tb.a.imagesDir, "demo-sys.qcow2");
+  const data = path.join(tb.a.imagesDir, "demo-data.raw");
+  execFileSync("qemu-img", ["create", "-q", "-f", "qcow2", sys, "2G"]);
+  execFileSync("sh", ["-c", `head -c 512M /dev/urandom > ${tb.dir}/fill.bin`]);
+  execFileSync("qemu-io", ["-f", "qcow2", "-c", `write -s ${tb.dir}/fill.bin 0 512M`, sys], {
+    stdio: "ignore",
+  });
+  execFileSync("qemu-img", ["create", "-q", "-f", "raw", data, "1G"]);
   const xml = `<domain type='kvm'>
   <name>demo</name>
   <memory unit='MiB'>256</memory>
@@ -41,41 +51,82 @@ try {
     <type arch='x86_64' machine='q35'>hvm</type>
     <kernel>${guestDir}/vmlinuz</kernel>
     <initrd>${guestDir}/initrd.img</initrd>
-    <cmdline>console=ttyS0 quiet nbdmig.rate=10</cmdline>
+    <cmdline>console=ttyS0 quiet nbdmig.rate=20</cmdline>
   </os>
   <devices>
     <disk type='file' device='disk'>
       <driver name='qemu' type='qcow2'/>
-      <source file='/var/lib/nbdmig/images/demo.qcow2'/>
+      <source file='/var/lib/nbdmig/images/demo-sys.qcow2'/>
       <target dev='vda' bus='virtio'/>
+    </disk>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='raw'/>
+      <source file='/var/lib/nbdmig/images/demo-data.raw'/>
+      <target dev='vdb' bus='virtio'/>
     </disk>
     <serial type='pty'><target port='0'/></serial>
   </devices>
 </domain>
 `;
-  const xmlFile = path.join(tb.a.dir, "demo.xml");
-  fs.writeFileSync(xmlFile, xml);
+  fs.writeFileSync(path.join(tb.a.dir, "demo.xml"), xml);
   nbdmig(tb, "a", ["define", "/var/lib/nbdmig/demo.xml"]);
   nbdmig(tb, "a", ["start", "demo"]);
 
-  step("the guest boots and writes 10 MiB/s of random data to its disk");
-  for (let i = 0; i < 60; i++) {
-    if (/nbdmig-guest: t=\d+/.test(nbdmig(tb, "a", ["console", "demo"], false))) break;
+  step("the guest boots and writes 20 MiB/s of random 1 MiB blocks to its system disk");
+  let lines: string[] = [];
+  for (let i = 0; i < 120 && lines.length < 3; i++) {
     await sleep(500);
+    lines = nbdmig(tb, "a", ["console", "demo"], false)
+      .split("\n")
+      .filter((l) => l.startsWith("nbdmig-guest: t="));
   }
-  const lines = nbdmig(tb, "a", ["console", "demo"], false)
-    .split("\n")
-    .filter((l) => l.startsWith("nbdmig-guest"));
   console.log(lines.slice(-3).join("\n"));
-
-  step("listing domains on both hosts");
   nbdmig(tb, "a", ["list", "--all"]);
   nbdmig(tb, "b", ["list", "--all"]);
-  nbdmig(tb, "a", ["domblklist", "demo"]);
 
-  step("destroying the VM");
-  nbdmig(tb, "a", ["destroy", "demo"]);
-  console.log("\ndemo finished");
+  step("live migration to host b, copying both disks over NBD while the guest keeps writing");
+  nbdmig(tb, "a", ["migrate", "--live", "--copy-storage-all", "--suspend", "--verbose", "demo", tb.b.uri]);
+  nbdmig(tb, "a", ["domjobinfo", "demo", "--completed"]);
+
+  step("verifying: the destination is paused (--suspend), so its disks must equal the source's final state");
+  let identical = true;
+  for (const f of ["demo-sys.qcow2", "demo-data.raw"]) {
+    const r = spawnSync(
+      "qemu-img",
+      ["compare", "-U", path.join(tb.a.imagesDir, f), path.join(tb.b.imagesDir, f)],
+      { encoding: "utf8" },
+    );
+    console.log(`${f}: ${r.stdout.trim() || r.stderr.trim()}`);
+    identical &&= r.status === 0;
+  }
+
+  step("resuming on host b: the guest carries on writing there");
+  nbdmig(tb, "b", ["resume", "demo"]);
+  const before = nbdmig(tb, "b", ["console", "demo"], false)
+    .split("\n")
+    .filter((l) => l.startsWith("nbdmig-guest: t=")).length;
+  let after = before;
+  for (let i = 0; i < 40 && after < before + 3; i++) {
+    await sleep(500);
+    after = nbdmig(tb, "b", ["console", "demo"], false)
+      .split("\n")
+      .filter((l) => l.startsWith("nbdmig-guest: t=")).length;
+  }
+  console.log(
+    nbdmig(tb, "b", ["console", "demo"], false)
+      .split("\n")
+      .filter((l) => l.startsWith("nbdmig-guest"))
+      .slice(-3)
+      .join("\n"),
+  );
+  nbdmig(tb, "a", ["list", "--all"]);
+  nbdmig(tb, "b", ["list", "--all"]);
+  nbdmig(tb, "b", ["destroy", "demo"]);
+  const writing = after > before;
+  console.log(
+    `\nresult: disks ${identical ? "IDENTICAL" : "DIFFERENT"}, guest ${writing ? "writing on host b" : "NOT writing on host b"}`,
+  );
+  if (!identical || !writing) process.exitCode = 1;
 } finally {
   step("tearing the hosts down");
   await tb.down();

@@ -55,10 +55,13 @@ export type MigrationPhase = "begin" | "prepare" | "perform" | "finish" | "confi
 /** A failed migration; `phase` says where, `host` on which side when known. */
 export class MigrationError extends NbdmigError {
   readonly phase: MigrationPhase;
+  /** The message without its phase prefix, to re-raise the error elsewhere (peer, CLI) unchanged. */
+  readonly detail: string;
   constructor(phase: MigrationPhase, message: string, code = "E_MIGRATION", options?: { cause?: unknown }) {
     // "prepare on 198.18.0.2: not enough space ..." reads better than "prepare: on 198.18.0.2: ...".
     super(code, `${phase}${message.startsWith("on ") ? " " : ": "}${message}`, options);
     this.phase = phase;
+    this.detail = message;
   }
 }
 

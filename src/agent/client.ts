@@ -109,14 +109,12 @@ export class AgentClient {
         code?: string;
         message?: string;
         phase?: MigrationPhase;
-        class?: string;
+        detail?: string;
       };
       const message = e.message ?? `HTTP ${res.status}`;
-      if (e.phase)
-        throw new MigrationError(e.phase, message.replace(new RegExp(`^${e.phase}: `), ""), e.code);
+      if (e.phase) throw new MigrationError(e.phase, e.detail ?? message, e.code);
       if (res.status === 400) throw new UsageError(message, e.code ?? "E_USAGE");
-      const err = new AgentError(e.code ?? "E_AGENT", message, res.status);
-      throw err;
+      throw new AgentError(e.code ?? "E_AGENT", message, res.status);
     }
     return json as T;
   }

@@ -110,7 +110,10 @@ export class Router {
 export function errorToHttp(err: unknown): [number, Record<string, unknown>] {
   if (err instanceof NbdmigError) {
     const payload: Record<string, unknown> = { code: err.code, message: err.message, class: err.name };
-    if (err instanceof MigrationError) payload.phase = err.phase;
+    if (err instanceof MigrationError) {
+      payload.phase = err.phase;
+      payload.detail = err.detail;
+    }
     if (err instanceof QmpError) payload.qmpClass = err.errorClass;
     if (err instanceof UsageError) return [400, payload];
     if (err instanceof DomainStateError) return [err.code === "E_NO_DOMAIN" ? 404 : 409, payload];

@@ -9,7 +9,7 @@ import { setTimeout as sleep } from "node:timers/promises";
 import type { Logger } from "pino";
 import { AgentClient, parseAgentUri } from "../agent/client.js";
 import type { DomainEntry, DomainRegistry, RunningDomain } from "../agent/domains.js";
-import { errorMessage, MigrationError, NbdmigError, UsageError } from "../errors.js";
+import { errorMessage, MigrationError, NbdmigError, UsageError, type MigrationPhase } from "../errors.js";
 import { domainToXml } from "../domain/xml.js";
 import { formatNode } from "../domain/qemu-args.js";
 import type { QmpClient, QmpEvent } from "../qemu/qmp.js";
@@ -62,6 +62,8 @@ export class OutgoingMigration {
   private finishedAt?: number;
   error?: string;
   errorCode?: string;
+  private errorPhase?: MigrationPhase;
+  private errorDetail?: string;
   done: Promise<void> = Promise.resolve();
 
   /** Begin: validates and builds the cookie; throws before anything is created anywhere. */
@@ -395,9 +397,18 @@ export class OutgoingMigration {
 
   private async rollback(err: unknown): Promise<void> {
     const failedIn = this.machine.phase;
-    this.error = errorMessage(err);
-    this.errorCode = err instanceof NbdmigError ? err.code : "E_INTERNAL";
-    if (!(err instanceof MigrationError)) this.error = `${protocolPhase(failedIn)}: ${this.error}`;
+    const me =
+      err instanceof MigrationError
+        ? err
+        : new MigrationError(
+            protocolPhase(failedIn),
+            errorMessage(err),
+            err instanceof NbdmigError ? err.code : "E_INTERNAL",
+          );
+    this.errorPhase = me.phase;
+    this.errorDetail = me.detail;
+    this.errorCode = me.code;
+    this.error = me.message;
     this.machine.advance("rollback");
     clearInterval(this.heartbeat);
     clearTimeout(this.timeoutTimer);
@@ -428,12 +439,14 @@ export class OutgoingMigration {
         }
       } catch (e) {
         this.log.error({ domain: this.name, err: errorMessage(e) }, "rollback on the source was incomplete");
-        this.error += `; rollback on the source was incomplete: ${errorMessage(e)}`;
+        const more = `; rollback on the source was incomplete: ${errorMessage(e)}`;
+        this.error += more;
+        this.errorDetail += more;
       }
     }
     if (this.prepared) {
       await this.peer
-        .call("POST", `/v1/migrations/${this.prepared.id}/cancel`, {}, 15_000)
+        .call("POST", `/v1/migrations/${this.prepared.id}/cancel`, {}, 5_000)
         .catch((e: unknown) => {
           this.log.warn(
             { domain: this.name, err: errorMessage(e) },
@@ -496,6 +509,8 @@ export class OutgoingMigration {
         : undefined,
       error: this.error,
       errorCode: this.errorCode,
+      errorPhase: this.errorPhase,
+      errorDetail: this.errorDetail,
     };
   }
 }

@@ -3,7 +3,7 @@ import { setTimeout as sleep } from "node:timers/promises";
 import cliProgress from "cli-progress";
 import type { Command } from "commander";
 import { readToken } from "../../agent/client.js";
-import { MigrationError, UsageError } from "../../errors.js";
+import { MigrationError, UsageError, type MigrationPhase } from "../../errors.js";
 import { formatBytes, formatDuration, keyValues } from "../../util/format.js";
 import { agentFrom, enc, out } from "../context.js";
 
@@ -31,6 +31,8 @@ export interface JobInfo {
   };
   error?: string;
   errorCode?: string;
+  errorPhase?: MigrationPhase;
+  errorDetail?: string;
 }
 
 const int = (flag: string) => (v: string) => {
@@ -88,7 +90,7 @@ class ProgressView {
     for (const d of j.disks ?? []) {
       this.bar(
         `disk-${d.target}`,
-        `disk ${d.target.padEnd(5)}`,
+        `disk ${d.target}`,
         d.total,
         d.copied,
         `${mib(d.copied)}/${mib(d.total)} MiB ${formatBytes(d.rateBps)}/s${d.ready ? " ready" : ""}`,
@@ -98,7 +100,7 @@ class ProgressView {
     if (m)
       this.bar(
         "ram",
-        "RAM      ",
+        "RAM",
         m.total,
         m.total - m.remaining,
         `${mib(m.processed)} MiB sent, ${formatBytes(m.rateBps)}/s, pass ${m.iterations}`,
@@ -109,11 +111,11 @@ class ProgressView {
     let b = this.bars.get(key);
     const t = Math.max(1, total);
     if (!b) {
-      b = this.multi.create(t, Math.min(value, t), { label: label.padEnd(9), detail });
+      b = this.multi.create(t, Math.min(value, t), { label: label.padEnd(10), detail });
       this.bars.set(key, b);
     } else {
       b.setTotal(t);
-      b.update(Math.min(value, t), { label: label.padEnd(9), detail });
+      b.update(Math.min(value, t), { label: label.padEnd(10), detail });
     }
   }
 
@@ -206,11 +208,9 @@ export function register(program: Command): void {
         process.off("SIGINT", onSigint);
       }
       if (job.status !== "completed") {
-        const phase = (job.error?.match(/^(begin|prepare|perform|finish|confirm)\b/)?.[1] ??
-          "perform") as "perform";
         throw new MigrationError(
-          phase,
-          (job.error ?? job.status).replace(/^(begin|prepare|perform|finish|confirm)(: | (?=on ))/, ""),
+          job.errorPhase ?? "perform",
+          job.errorDetail ?? job.error ?? job.status,
           job.errorCode,
         );
       }
