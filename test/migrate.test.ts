@@ -285,7 +285,7 @@ describe("live migration with --copy-storage-all", { timeout: 900_000 }, () => {
         ["--copy-storage-all", "--migrate-disks", "vdb,sdc"],
         /--migrate-disks: disk 'sdc' is shareable; such disks are never copied/,
       ],
-      [["--migrate-disks", "vdb"], /--migrate-disks needs --copy-storage-all/],
+      [["--migrate-disks", "vdb"], /--migrate-disks needs --copy-storage-all or --copy-storage-inc/],
       [
         ["--copy-storage-all", "--bandwidth", "fast"],
         /--bandwidth takes a positive whole number, not 'fast'/,

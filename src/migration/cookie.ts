@@ -11,8 +11,14 @@ export interface CookieDisk {
   source: string;
   format: "raw" | "qcow2";
   virtualSize: number;
-  /** Bytes allocated in the source image: what the destination needs room for. */
+  /** Bytes allocated in the source image (the top image for "top"): what the destination needs room for. */
   allocated: number;
+  /** "full" copies the whole disk; "top" (--copy-storage-inc) only the top image of its backing chain. */
+  mode: "full" | "top";
+  /** For "top": the backing as written in the top image's header, to precreate the overlay the same way. */
+  backing?: { file: string; format: string };
+  /** For "top": the chain below the top image, which the destination must already hold. */
+  chain?: { path: string; format: string; virtualSize: number; sha256?: string }[];
 }
 
 export interface MigrationCookie {

@@ -11,11 +11,12 @@ import { DomainStateError, errorMessage, MigrationError, UsageError } from "../e
 import type { DomainEntry, DomainRegistry } from "../agent/domains.js";
 import { parseDomainXml } from "../domain/xml.js";
 import { formatNode } from "../domain/qemu-args.js";
-import { createImage } from "../qemu/img.js";
+import { createImage, imageInfo } from "../qemu/img.js";
+import { sha256File } from "../util/hash.js";
 import { probeKvm } from "../qemu/launcher.js";
 import { writeFileAtomic } from "../agent/state-dir.js";
 import { formatBytes } from "../util/format.js";
-import type { MigrationCookie } from "./cookie.js";
+import type { CookieDisk, MigrationCookie } from "./cookie.js";
 import { destMachine, requirePhase } from "./phases.js";
 import { bindFromPool, MIGRATION_PORTS, NBD_PORTS } from "./ports.js";
 
@@ -105,6 +106,7 @@ export class IncomingMigration {
         );
       }
     }
+    for (const d of cookie.disks) if (d.mode === "top") await this.checkChain(d);
     this.checkSpace();
     if (cookie.accel === "kvm") {
       const kvm = await probeKvm();
@@ -115,7 +117,9 @@ export class IncomingMigration {
     for (const d of cookie.disks) {
       this.created.push(d.source);
       this.saveRecord();
-      await createImage(d.source, d.format, d.virtualSize);
+      // An incremental copy lands in an overlay on the destination's own copy of the base, which QEMU
+      // opens read-only: the base is never written.
+      await createImage(d.source, d.format, d.virtualSize, d.mode === "top" ? d.backing : undefined);
     }
     this.entry = this.reg.addTransient(def);
     this.entry.job = {
@@ -172,6 +176,38 @@ export class IncomingMigration {
       "incoming migration prepared",
     );
     return { id: this.id, nbd: { host, port: nbdPort }, exports, migrateUri: `tcp:${host}:${migPort}` };
+  }
+
+  /** --copy-storage-inc: the destination must already hold the same backing chain at the same paths. */
+  private async checkChain(d: CookieDisk): Promise<void> {
+    const fix = "copy it there first, or use --copy-storage-all";
+    for (const c of d.chain ?? []) {
+      if (!fs.existsSync(c.path)) {
+        throw new UsageError(
+          `disk ${d.target}: backing file ${c.path} does not exist here; ${fix}`,
+          "E_BACKING",
+        );
+      }
+      const info = await imageInfo(c.path);
+      if (info.format !== c.format) {
+        throw new UsageError(
+          `disk ${d.target}: backing file ${c.path} is ${info.format} here but ${c.format} on the source; ${fix}`,
+          "E_BACKING",
+        );
+      }
+      if (info.virtualSize !== c.virtualSize) {
+        throw new UsageError(
+          `disk ${d.target}: backing file ${c.path} has virtual size ${info.virtualSize} here but ${c.virtualSize} on the source; ${fix}`,
+          "E_BACKING",
+        );
+      }
+      if (c.sha256 && (await sha256File(c.path)) !== c.sha256) {
+        throw new UsageError(
+          `disk ${d.target}: backing file ${c.path} differs in content from the source's (sha256); ${fix}`,
+          "E_BACKING",
+        );
+      }
+    }
   }
 
   private checkSpace(): void {

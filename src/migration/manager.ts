@@ -136,8 +136,9 @@ function parseMigrateRequest(b: Record<string, unknown>): MigrateRequest {
   };
   if (typeof b.dest !== "string") throw new UsageError("migrate needs 'dest' (nbdmig://HOST:PORT)");
   const copy = b.copyStorage ?? "none";
-  if (copy !== "all" && copy !== "none")
-    throw new UsageError(`copyStorage must be 'all' or 'none', not '${String(copy)}'`);
+  if (copy !== "all" && copy !== "inc" && copy !== "none") {
+    throw new UsageError(`copyStorage must be 'all', 'inc' or 'none', not '${String(copy)}'`);
+  }
   const disks = b.migrateDisks;
   if (disks !== undefined && !(Array.isArray(disks) && disks.every((d) => typeof d === "string"))) {
     throw new UsageError("migrateDisks must be a list of disk targets");
@@ -147,6 +148,7 @@ function parseMigrateRequest(b: Record<string, unknown>): MigrateRequest {
     destToken: typeof b.destToken === "string" ? b.destToken : undefined,
     live: b.live !== false,
     copyStorage: copy,
+    verifyBacking: b.verifyBacking === true,
     migrateDisks: disks as string[] | undefined,
     bandwidthMiB: optNum("bandwidthMiB"),
     disksPort: optNum("disksPort"),

@@ -65,7 +65,7 @@ export class Mirrors {
     nbd: { host: string; port: number },
     exports: Record<string, string>,
     speed?: number,
-    sync: "full" | "top" = "full",
+    sync: Record<string, "full" | "top"> = {},
   ): Promise<void> {
     for (const j of this.jobs) {
       await this.qmp.execute("blockdev-add", {
@@ -79,7 +79,7 @@ export class Mirrors {
         "job-id": j.jobId,
         device: formatNode(j.target),
         target: j.nodeName,
-        sync,
+        sync: sync[j.target] ?? "full",
         "auto-dismiss": false,
         ...(speed ? { speed } : {}),
       });

@@ -14,6 +14,8 @@ import { domainToXml } from "../domain/xml.js";
 import { formatNode } from "../domain/qemu-args.js";
 import type { QmpClient, QmpEvent } from "../qemu/qmp.js";
 import type { MigrationStats } from "../qemu/qmp-schema.js";
+import { backingChain } from "../qemu/img.js";
+import { sha256File } from "../util/hash.js";
 import { selectDisks, type CookieDisk, type MigrationCookie } from "./cookie.js";
 import type { PrepareResult } from "./destination.js";
 import { Mirrors } from "./mirror.js";
@@ -24,7 +26,9 @@ export interface MigrateRequest {
   dest: string;
   destToken?: string;
   live: boolean;
-  copyStorage: "all" | "none";
+  copyStorage: "all" | "inc" | "none";
+  /** With "inc": compare the destination's backing files with the source's by content hash. */
+  verifyBacking?: boolean;
   migrateDisks?: string[];
   bandwidthMiB?: number;
   disksPort?: number;
@@ -60,6 +64,8 @@ export class OutgoingMigration {
   private downtimeMs?: number;
   private readyAt?: number;
   private finishedAt?: number;
+  /** What the operator should know about this job (which disks are copied how). */
+  readonly notes: string[] = [];
   error?: string;
   errorCode?: string;
   private errorPhase?: MigrationPhase;
@@ -104,7 +110,9 @@ export class OutgoingMigration {
       throw new UsageError(`--disks-port takes a port number (1-65535), not '${req.disksPort}'`);
     }
     if (req.migrateDisks && req.copyStorage === "none") {
-      throw new UsageError("--migrate-disks needs --copy-storage-all (it picks which disks are copied)");
+      throw new UsageError(
+        "--migrate-disks needs --copy-storage-all or --copy-storage-inc (it picks which disks are copied)",
+      );
     }
     const entry = reg.running(name);
     reg.refuseIfBusy(entry);
@@ -117,17 +125,44 @@ export class OutgoingMigration {
     }
     const disks = req.copyStorage === "none" ? [] : selectDisks(run.def, req.migrateDisks);
     const blocks = await run.qmp.execute("query-block");
-    const cookieDisks: CookieDisk[] = disks.map((d) => {
+    const notes: string[] = [];
+    const cookieDisks: CookieDisk[] = [];
+    for (const d of disks) {
       const b = blocks.find((x) => x.inserted?.["node-name"] === formatNode(d.target));
       if (!b?.inserted) throw new MigrationError("begin", `disk ${d.target} is not attached in QEMU`);
-      return {
+      const disk: CookieDisk = {
         target: d.target,
         source: d.source!,
         format: d.format,
         virtualSize: b.inserted.image["virtual-size"],
         allocated: b.inserted.image["actual-size"] ?? b.inserted.image["virtual-size"],
+        mode: "full",
       };
-    });
+      if (req.copyStorage === "inc") {
+        const chain = await backingChain(d.source!);
+        const top = chain[0]!;
+        if (chain.length > 1 && top.backingFilename && top.backingFormat) {
+          disk.mode = "top";
+          disk.allocated = top.actualSize;
+          disk.backing = { file: top.backingFilename, format: top.backingFormat };
+          disk.chain = [];
+          for (const c of chain.slice(1)) {
+            disk.chain.push({
+              path: c.filename,
+              format: c.format,
+              virtualSize: c.virtualSize,
+              sha256: req.verifyBacking ? await sha256File(c.filename) : undefined,
+            });
+          }
+          notes.push(
+            `disk ${d.target}: copying only the top image; ${chain.length - 1} backing file(s) must be on the destination`,
+          );
+        } else {
+          notes.push(`disk ${d.target}: no backing chain, copied whole`);
+        }
+      }
+      cookieDisks.push(disk);
+    }
     const cookie: MigrationCookie = {
       xml: domainToXml(run.def),
       name,
@@ -137,6 +172,7 @@ export class OutgoingMigration {
     };
     const peer = new AgentClient(destAddr, req.destToken ?? ownToken, 60_000);
     const m = new OutgoingMigration(reg, entry, req, log, onDone, cookie, peer);
+    m.notes.push(...notes);
     entry.job = { kind: "outgoing migration", describe: () => m.describe(), abort: () => m.abort() };
     return m;
   }
@@ -266,7 +302,10 @@ export class OutgoingMigration {
       this.cookie.disks.map((d) => d.target),
       this.log,
     );
-    await this.mirrors.start(p.nbd, p.exports, this.req.bandwidthMiB ? bps : undefined);
+    const sync = Object.fromEntries(
+      this.cookie.disks.map((d) => [d.target, d.mode === "top" ? "top" : "full"] as const),
+    );
+    await this.mirrors.start(p.nbd, p.exports, this.req.bandwidthMiB ? bps : undefined, sync);
     while (!this.mirrors.allReady) {
       this.check();
       await this.mirrors.poll();
@@ -462,6 +501,7 @@ export class OutgoingMigration {
     const disks = (this.mirrors?.jobs ?? []).map((j) => ({
       target: j.target,
       copied: j.offset,
+      mode: this.cookie.disks.find((d) => d.target === j.target)?.mode,
       total: j.len,
       ready: j.ready,
       rateBps: Math.round(j.rateBps),
@@ -483,12 +523,16 @@ export class OutgoingMigration {
       domain: this.name,
       dest: this.req.dest,
       storagePath: this.cookie.disks.length ? "nbd" : "none",
+      copyStorage: this.req.copyStorage,
+      notes: this.notes,
       ramBytes: this.run.def.memoryKiB * 1024,
       phase: this.machine.phase,
       status,
       startedAt: this.startedAt,
       elapsedMs: end - this.startedAt,
       timeToReadyMs: this.readyAt ? this.readyAt - this.startedAt : undefined,
+      /** When each phase began, in ms since the job started. */
+      phaseTimes: Object.fromEntries(this.machine.history.map((h) => [h.phase, h.at - this.startedAt])),
       downtimeMs: this.downtimeMs,
       disks,
       disk: {

@@ -64,3 +64,30 @@ export async function compareImages(a: string, b: string, fa?: string, fb?: stri
     return (e.stdout || e.stderr || e.message).trim();
   }
 }
+
+export interface ChainImage {
+  /** The image's path as QEMU resolves it. */
+  filename: string;
+  format: string;
+  virtualSize: number;
+  actualSize: number;
+  /** The backing file name as written in this image's header (may be relative). */
+  backingFilename?: string;
+  backingFormat?: string;
+}
+
+/** The image and its backing chain, top first. */
+export async function backingChain(path: string): Promise<ChainImage[]> {
+  const list = JSON.parse(await qemuImg(["info", "-U", "--backing-chain", "--output=json", path])) as Record<
+    string,
+    unknown
+  >[];
+  return list.map((j, i) => ({
+    filename: i === 0 ? path : String(j.filename),
+    format: String(j.format),
+    virtualSize: Number(j["virtual-size"]),
+    actualSize: Number(j["actual-size"] ?? 0),
+    backingFilename: j["backing-filename"] as string | undefined,
+    backingFormat: j["backing-filename-format"] as string | undefined,
+  }));
+}

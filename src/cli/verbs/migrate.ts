@@ -18,6 +18,7 @@ export interface JobInfo {
   downtimeMs?: number;
   ramBytes?: number;
   storagePath?: string;
+  notes?: string[];
   dest?: string;
   disks?: { target: string; copied: number; total: number; ready: boolean; rateBps: number }[];
   disk?: { processed: number; remaining: number; total: number; rateBps: number };
@@ -139,6 +140,14 @@ export function register(program: Command): void {
       "--copy-storage-all",
       "copy every local disk (not shareable, read-only or source-less ones) over NBD",
     )
+    .option(
+      "--copy-storage-inc",
+      "copy only the top image of each disk's backing chain (the base must be on the destination)",
+    )
+    .option(
+      "--verify-backing",
+      "with --copy-storage-inc: check that the destination's backing files have the same content",
+    )
     .option("--migrate-disks <list>", "copy exactly these disk targets, e.g. vda,vdb")
     .option(
       "--bandwidth <MiB/s>",
@@ -166,8 +175,13 @@ export function register(program: Command): void {
     .action(async (name: string, dest: string, o: Record<string, unknown>, cmd: Command) => {
       const agent = agentFrom(cmd);
       if (o.live && o.offlinePause) throw new UsageError("--live and --offline-pause exclude each other");
-      if (o.migrateDisks && !o.copyStorageAll)
-        throw new UsageError("--migrate-disks needs --copy-storage-all");
+      if (o.copyStorageAll && o.copyStorageInc)
+        throw new UsageError("--copy-storage-all and --copy-storage-inc exclude each other");
+      if (o.migrateDisks && !o.copyStorageAll && !o.copyStorageInc) {
+        throw new UsageError("--migrate-disks needs --copy-storage-all or --copy-storage-inc");
+      }
+      if (o.verifyBacking && !o.copyStorageInc)
+        throw new UsageError("--verify-backing goes with --copy-storage-inc");
       const migrateDisks = o.migrateDisks
         ? String(o.migrateDisks)
             .split(",")
@@ -178,7 +192,8 @@ export function register(program: Command): void {
         dest,
         destToken: o.destTokenFile ? readToken(String(o.destTokenFile)) : undefined,
         live: !o.offlinePause,
-        copyStorage: o.copyStorageAll ? "all" : "none",
+        copyStorage: o.copyStorageAll ? "all" : o.copyStorageInc ? "inc" : "none",
+        verifyBacking: o.verifyBacking === true,
         migrateDisks,
         bandwidthMiB: o.bandwidth,
         disksPort: o.disksPort,
@@ -187,6 +202,7 @@ export function register(program: Command): void {
         suspend: o.suspend === true,
         timeoutSec: o.timeout,
       });
+      if (o.verbose) for (const n of started.notes ?? []) process.stderr.write(`${n}\n`);
       const view = o.verbose ? new ProgressView() : undefined;
       let job = started;
       const onSigint = () =>

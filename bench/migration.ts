@@ -1,0 +1,226 @@
+/**
+ * Migration benchmark: the reference VM (256 MiB RAM, 2 GiB qcow2 with 512 MiB of random data, guest writing
+ * ~20 MiB/s, a shareable disk that is not copied) migrated with --copy-storage-all --suspend across the
+ * namespace link, unshaped and shaped with tbf. Beside it, measured in the same run on the same link: raw TCP
+ * throughput, and nbdcopy moving the same image into a qemu-nbd on the destination.
+ */
+import { execFileSync, spawn, spawnSync } from "node:child_process";
+import fs from "node:fs";
+import path from "node:path";
+import { setTimeout as sleep } from "node:timers/promises";
+import { fileURLToPath } from "node:url";
+import { Testbed } from "../src/testbed/testbed.js";
+
+const repo = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..");
+const MiB = 1024 * 1024;
+
+export interface MigrationRow {
+  link: string;
+  what: string;
+  totalS: number;
+  readyS?: number;
+  downtimeMs?: number;
+  diskMiB?: number;
+  ramMiB?: number;
+  wireMiB: number;
+  rateMiBs: number;
+  note?: string;
+}
+
+function run(tb: Testbed, host: "a" | "b", args: string[]): string {
+  const argv = tb[host].cliArgv(args);
+  const r = spawnSync(argv[0]!, argv.slice(1), { encoding: "utf8" });
+  if (r.status !== 0) throw new Error(`nbdmig ${args.join(" ")}: ${r.stderr}`);
+  return r.stdout;
+}
+
+function inHost(tb: Testbed, host: "a" | "b", argv: string[]): string {
+  return execFileSync(tb[host].execPrefix()[0]!, [...tb[host].execPrefix().slice(1), ...argv], {
+    encoding: "utf8",
+  });
+}
+
+const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
+
+function makeReferenceImage(tb: Testbed, host: "a" | "b", name: string): string {
+  const file = path.join(tb[host].imagesDir, name);
+  execFileSync("qemu-img", ["create", "-q", "-f", "qcow2", file, "2G"]);
+  const fill = path.join(tb.dir, "fill.bin");
+  if (!fs.existsSync(fill)) execFileSync("sh", ["-c", `head -c 512M /dev/urandom > ${fill}`]);
+  execFileSync("qemu-io", ["-f", "qcow2", "-c", `write -s ${fill} 0 512M`, file], { stdio: "ignore" });
+  return file;
+}
+
+async function migrateOnce(tb: Testbed, link: string, i: number, guestDir: string): Promise<MigrationRow> {
+  const name = `ref${i}`;
+  makeReferenceImage(tb, "a", `${name}.qcow2`);
+  for (const h of ["a", "b"] as const)
+    execFileSync("qemu-img", [
+      "create",
+      "-q",
+      "-f",
+      "raw",
+      path.join(tb[h].imagesDir, `${name}-shared.raw`),
+      "64M",
+    ]);
+  fs.writeFileSync(
+    path.join(tb.a.dir, `${name}.xml`),
+    `<domain type='kvm'><name>${name}</name><memory unit='MiB'>256</memory><vcpu>1</vcpu>
+<os><type arch='x86_64' machine='q35'>hvm</type><kernel>${guestDir}/vmlinuz</kernel><initrd>${guestDir}/initrd.img</initrd>
+<cmdline>console=ttyS0 quiet nbdmig.rate=20 nbdmig.span=2048</cmdline></os>
+<devices>
+<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='/var/lib/nbdmig/images/${name}.qcow2'/><target dev='vda' bus='virtio'/></disk>
+<disk type='file' device='disk'><driver name='qemu' type='raw' cache='none'/><source file='/var/lib/nbdmig/images/${name}-shared.raw'/><target dev='vdb' bus='virtio'/><shareable/></disk>
+<serial type='pty'/></devices></domain>`,
+  );
+  run(tb, "a", ["define", `/var/lib/nbdmig/${name}.xml`]);
+  run(tb, "a", ["start", name]);
+  for (let k = 0; k < 120 && !/nbdmig-guest: t=3 /.test(run(tb, "a", ["console", name])); k++)
+    await sleep(500);
+  execFileSync("sync");
+  const tx0 = tb.linkTxBytes();
+  run(tb, "a", ["migrate", "--live", "--copy-storage-all", "--suspend", name, tb.b.uri]);
+  const wire = tb.linkTxBytes() - tx0;
+  const job = JSON.parse(run(tb, "a", ["domjobinfo", name, "--completed", "--json"])) as {
+    elapsedMs: number;
+    timeToReadyMs: number;
+    downtimeMs: number;
+    disk: { total: number };
+    memory: { processed: number };
+  };
+  run(tb, "b", ["destroy", name]);
+  run(tb, "a", ["undefine", name]);
+  for (const h of ["a", "b"] as const)
+    for (const f of [`${name}.qcow2`, `${name}-shared.raw`])
+      fs.rmSync(path.join(tb[h].imagesDir, f), { force: true });
+  return {
+    link,
+    what: "nbdmig migrate",
+    totalS: job.elapsedMs / 1000,
+    readyS: job.timeToReadyMs / 1000,
+    downtimeMs: job.downtimeMs,
+    diskMiB: job.disk.total / MiB,
+    ramMiB: job.memory.processed / MiB,
+    wireMiB: wire / MiB,
+    rateMiBs: job.disk.total / MiB / (job.timeToReadyMs / 1000),
+  };
+}
+
+/** Raw TCP: host a sends 1 GiB to host b over the link (a node one-liner on each side). */
+function tcpRate(tb: Testbed): number {
+  const size = 1024 * MiB;
+  const server = spawn(tb.b.execPrefix()[0]!, [
+    ...tb.b.execPrefix().slice(1),
+    process.execPath,
+    "-e",
+    `const s=require("net").createServer(c=>{let n=0;c.on("data",d=>n+=d.length);c.on("end",()=>{console.log(n);process.exit(0)})});s.listen(5999,"${tb.b.addr}",()=>console.log("up"))`,
+  ]);
+  execFileSync("sleep", ["0.5"]);
+  const t0 = process.hrtime.bigint();
+  inHost(tb, "a", [
+    process.execPath,
+    "-e",
+    `const c=require("net").connect(5999,"${tb.b.addr}");const b=Buffer.alloc(1<<20,7);let left=${size / MiB};const w=()=>{while(left>0){left--;if(!c.write(b))return c.once("drain",w)}c.end()};c.on("connect",w)`,
+  ]);
+  const s = Number(process.hrtime.bigint() - t0) / 1e9;
+  server.kill();
+  return size / MiB / s;
+}
+
+/** nbdcopy streams the same 2 GiB image (512 MiB of data) into a qemu-nbd serving a fresh image on host b. */
+function nbdcopyRate(tb: Testbed): { s: number; rate: number; wire: number } {
+  const src = makeReferenceImage(tb, "a", "peer.qcow2");
+  execFileSync("qemu-img", ["create", "-q", "-f", "qcow2", path.join(tb.b.imagesDir, "peer.qcow2"), "2G"]);
+  const nbd = spawn(
+    tb.b.execPrefix()[0]!,
+    [
+      ...tb.b.execPrefix().slice(1),
+      "qemu-nbd",
+      "-f",
+      "qcow2",
+      "-x",
+      "peer",
+      "-b",
+      tb.b.addr,
+      "-p",
+      "10810",
+      "-t",
+      "/var/lib/nbdmig/images/peer.qcow2",
+    ],
+    { stdio: "ignore" },
+  );
+  execFileSync("sleep", ["0.5"]);
+  execFileSync("sync");
+  const tx0 = tb.linkTxBytes();
+  const t0 = process.hrtime.bigint();
+  inHost(tb, "a", [
+    "nbdcopy",
+    "--",
+    "[",
+    "qemu-nbd",
+    "-r",
+    "-f",
+    "qcow2",
+    src.replace(tb.a.dir, "/var/lib/nbdmig"),
+    "]",
+    `nbd://${tb.b.addr}:10810/peer`,
+  ]);
+  const s = Number(process.hrtime.bigint() - t0) / 1e9;
+  const wire = tb.linkTxBytes() - tx0;
+  nbd.kill();
+  for (const h of ["a", "b"] as const) fs.rmSync(path.join(tb[h].imagesDir, "peer.qcow2"), { force: true });
+  return { s, rate: 2048 / s, wire: wire / MiB };
+}
+
+export async function migrationBench(runs: number): Promise<MigrationRow[]> {
+  execFileSync("bash", [path.join(repo, "scripts/build-test-guest.sh")], { stdio: "inherit" });
+  const guestDir = path.join(repo, ".cache/test-guest");
+  const tb = await Testbed.up();
+  const rows: MigrationRow[] = [];
+  try {
+    for (const [link, rate] of [
+      ["veth, unshaped", undefined],
+      ["tbf 1 Gbit/s", "1gbit"],
+    ] as const) {
+      tb.setRate(rate);
+      const tcp = tcpRate(tb);
+      const peer = nbdcopyRate(tb);
+      const ours: MigrationRow[] = [];
+      for (let i = 0; i < runs; i++) {
+        process.stderr.write(`migration bench: ${link}, run ${i + 1}/${runs}\n`);
+        ours.push(await migrateOnce(tb, link, rows.length * 10 + i, guestDir));
+      }
+      const med = (f: (r: MigrationRow) => number | undefined) => median(ours.map((r) => f(r) ?? 0));
+      rows.push({
+        link,
+        what: `nbdmig migrate (median of ${runs})`,
+        totalS: med((r) => r.totalS),
+        readyS: med((r) => r.readyS),
+        downtimeMs: med((r) => r.downtimeMs),
+        diskMiB: med((r) => r.diskMiB),
+        ramMiB: med((r) => r.ramMiB),
+        wireMiB: med((r) => r.wireMiB),
+        rateMiBs: med((r) => r.rateMiBs),
+      });
+      rows.push({
+        link,
+        what: "nbdcopy -> qemu-nbd, same image",
+        totalS: peer.s,
+        wireMiB: peer.wire,
+        rateMiBs: peer.rate,
+        note: "no guest, no RAM",
+      });
+      rows.push({
+        link,
+        what: "raw TCP, 1 GiB",
+        totalS: 1024 / tcp,
+        wireMiB: 1024,
+        rateMiBs: tcp,
+        note: "the link's ceiling",
+      });
+    }
+  } finally {
+    await tb.down();
+  }
+  return rows;
+}
