@@ -108,12 +108,16 @@ function diskArgs(def: DomainDef, d: DiskDef): string[] {
   return a;
 }
 
-/** Arguments for `block_set_io_throttle` from a disk's <iotune>, or undefined when it has none. */
-export function throttleArgs(d: DiskDef): Record<string, unknown> | undefined {
+/**
+ * Arguments for `block_set_io_throttle` from a disk's <iotune>, or undefined when it has none. `qdev` is the
+ * device that owns the disk's BlockBackend, as query-block reports it (for virtio-blk the `virtio-backend`
+ * child of the PCI device, not the PCI device itself).
+ */
+export function throttleArgs(d: DiskDef, qdev: string): Record<string, unknown> | undefined {
   const t = d.iotune;
   if (!t || Object.values(t).every((v) => !v)) return undefined;
   return {
-    id: deviceId(d.target),
+    id: qdev,
     bps: t.total_bytes_sec ?? 0,
     bps_rd: t.read_bytes_sec ?? 0,
     bps_wr: t.write_bytes_sec ?? 0,

@@ -9,6 +9,7 @@ import type { Router } from "../agent/http.js";
 import { errorMessage } from "../errors.js";
 import { IncomingMigration, recoverIncoming, type PrepareRequest } from "./destination.js";
 import { recoverMirrors } from "./mirror.js";
+import { CONVERGE_MODES, type ConvergeMode } from "./converge.js";
 import { OutgoingMigration, type MigrateRequest } from "./source.js";
 
 export interface ManagerOptions {
@@ -149,6 +150,7 @@ function parseMigrateRequest(b: Record<string, unknown>): MigrateRequest {
     live: b.live !== false,
     copyStorage: copy,
     verifyBacking: b.verifyBacking === true,
+    storageConverge: parseConverge(b.storageConverge),
     migrateDisks: disks as string[] | undefined,
     bandwidthMiB: optNum("bandwidthMiB"),
     disksPort: optNum("disksPort"),
@@ -157,4 +159,12 @@ function parseMigrateRequest(b: Record<string, unknown>): MigrateRequest {
     undefineSource: b.undefineSource === true,
     suspend: b.suspend === true,
   };
+}
+
+function parseConverge(v: unknown): ConvergeMode {
+  if (v === undefined || v === null) return "auto";
+  if (typeof v !== "string" || !(CONVERGE_MODES as string[]).includes(v)) {
+    throw new UsageError(`storageConverge must be one of ${CONVERGE_MODES.join(", ")}, not '${String(v)}'`);
+  }
+  return v as ConvergeMode;
 }

@@ -66,6 +66,7 @@ export class Mirrors {
     exports: Record<string, string>,
     speed?: number,
     sync: Record<string, "full" | "top"> = {},
+    copyMode: "background" | "write-blocking" = "background",
   ): Promise<void> {
     for (const j of this.jobs) {
       await this.qmp.execute("blockdev-add", {
@@ -81,6 +82,7 @@ export class Mirrors {
         target: j.nodeName,
         sync: sync[j.target] ?? "full",
         "auto-dismiss": false,
+        "copy-mode": copyMode,
         ...(speed ? { speed } : {}),
       });
     }

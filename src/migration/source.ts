@@ -19,6 +19,7 @@ import { sha256File } from "../util/hash.js";
 import { selectDisks, type CookieDisk, type MigrationCookie } from "./cookie.js";
 import type { PrepareResult } from "./destination.js";
 import { Mirrors } from "./mirror.js";
+import { StorageConverger, type ConvergeMode } from "./converge.js";
 import { PhaseMachine, protocolPhase, sourceMachine, type SourcePhase } from "./phases.js";
 
 export interface MigrateRequest {
@@ -29,6 +30,7 @@ export interface MigrateRequest {
   copyStorage: "all" | "inc" | "none";
   /** With "inc": compare the destination's backing files with the source's by content hash. */
   verifyBacking?: boolean;
+  storageConverge: ConvergeMode;
   migrateDisks?: string[];
   bandwidthMiB?: number;
   disksPort?: number;
@@ -52,6 +54,7 @@ export class OutgoingMigration {
   private readonly wasRunning: boolean;
   private prepared?: PrepareResult;
   private mirrors?: Mirrors;
+  private converger?: StorageConverger;
   private migrationStarted = false;
   private abortRequested = false;
   private pausedByUs = false;
@@ -282,10 +285,15 @@ export class OutgoingMigration {
   private async mirror(): Promise<void> {
     this.machine.advance("perform:mirror");
     const p = this.prepared!;
+    const targets = this.cookie.disks.map((d) => d.target);
+    this.converger = new StorageConverger(this.qmp, targets, this.req.storageConverge, this.log);
+    await this.converger.init();
     await this.qmp.execute("migrate-set-capabilities", {
       capabilities: [
         { capability: "events", state: true },
         { capability: "pause-before-switchover", state: true },
+        // RAM converges too: QEMU slows the vCPUs only if dirty memory keeps it from finishing.
+        { capability: "auto-converge", state: this.converger.throttling },
       ],
     });
     const bps = this.req.bandwidthMiB ? this.req.bandwidthMiB * 1024 * 1024 : UNLIMITED_BPS;
@@ -297,23 +305,27 @@ export class OutgoingMigration {
     if (this.req.timeoutSec) {
       this.timeoutTimer = setTimeout(() => void this.suspendForTimeout(), this.req.timeoutSec * 1000);
     }
-    this.mirrors = new Mirrors(
-      this.qmp,
-      this.cookie.disks.map((d) => d.target),
-      this.log,
-    );
+    this.mirrors = new Mirrors(this.qmp, targets, this.log);
     const sync = Object.fromEntries(
       this.cookie.disks.map((d) => [d.target, d.mode === "top" ? "top" : "full"] as const),
     );
-    await this.mirrors.start(p.nbd, p.exports, this.req.bandwidthMiB ? bps : undefined, sync);
+    await this.mirrors.start(
+      p.nbd,
+      p.exports,
+      this.req.bandwidthMiB ? bps : undefined,
+      sync,
+      this.converger.initialCopyMode,
+    );
     while (!this.mirrors.allReady) {
       this.check();
       await this.mirrors.poll();
       this.check();
+      await this.converger.tick(this.mirrors.jobs, "mirror");
       if (this.mirrors.allReady) break;
       await sleep(250);
     }
     await this.mirrors.poll();
+    await this.converger.onReady(this.mirrors.jobs);
     this.readyAt = Date.now();
     this.log.info({ domain: this.name, ms: this.readyAt - this.startedAt }, "all mirrors ready");
   }
@@ -337,6 +349,8 @@ export class OutgoingMigration {
     }, ["pre-switchover", "completed", "failed", "cancelled"]);
     if (status !== "pre-switchover") throw await this.migrationFailure(status);
     this.machine.advance("perform:switchover");
+    // The guest is paused: no cap is needed any more, and the destination starts with the domain's own.
+    await this.converger?.restore();
     // The guest is stopped now. End the mirrors without pivoting, so no write is left in flight when
     // the migration completes (QEMU aborts on a write to an inactivated image otherwise).
     await this.mirrors!.endForSwitchover();
@@ -391,7 +405,13 @@ export class OutgoingMigration {
         }
         if (seen) return seen;
         if (info.status && statuses.includes(info.status)) return info.status;
-        if (this.machine.is("perform:memory")) this.check();
+        if (this.machine.is("perform:memory")) {
+          this.check();
+          if (this.mirrors) {
+            await this.mirrors.poll();
+            await this.converger?.tick(this.mirrors.jobs, "memory");
+          }
+        }
         await new Promise<void>((resolve) => {
           wake = resolve;
           setTimeout(resolve, 200);
@@ -466,9 +486,13 @@ export class OutgoingMigration {
           }
         }
         await this.mirrors?.abort();
+        await this.converger?.restore();
         await this.qmp
           .execute("migrate-set-capabilities", {
-            capabilities: [{ capability: "pause-before-switchover", state: false }],
+            capabilities: [
+              { capability: "pause-before-switchover", state: false },
+              { capability: "auto-converge", state: false },
+            ],
           })
           .catch(() => undefined);
         const st = (await this.qmp.execute("query-status")).status;
@@ -524,6 +548,7 @@ export class OutgoingMigration {
       dest: this.req.dest,
       storagePath: this.cookie.disks.length ? "nbd" : "none",
       copyStorage: this.req.copyStorage,
+      convergence: this.converger?.describe() ?? { mode: this.req.storageConverge },
       notes: this.notes,
       ramBytes: this.run.def.memoryKiB * 1024,
       phase: this.machine.phase,

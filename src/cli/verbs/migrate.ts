@@ -19,6 +19,13 @@ export interface JobInfo {
   ramBytes?: number;
   storagePath?: string;
   notes?: string[];
+  convergence?: {
+    mode: string;
+    writeCapBps?: number | null;
+    copyRateBps?: number;
+    dirtyRateBps?: number;
+    predictedReadyS?: number | null;
+  };
   dest?: string;
   disks?: { target: string; copied: number; total: number; ready: boolean; rateBps: number }[];
   disk?: { processed: number; remaining: number; total: number; rateBps: number };
@@ -86,7 +93,7 @@ class ProgressView {
       "Migration",
       o.total,
       o.done,
-      `phase ${j.phase}, ${formatBytes(o.rate)}/s, ETA ${eta(j)}`,
+      `phase ${j.phase}, ${formatBytes(o.rate)}/s, ETA ${eta(j)}${convergeText(j)}`,
     );
     for (const d of j.disks ?? []) {
       this.bar(
@@ -171,6 +178,15 @@ export function register(program: Command): void {
       "--dest-token-file <file>",
       "API token of the destination agent (default: the same token as the source's)",
     )
+    .option(
+      "--storage-converge <mode>",
+      "auto (default): throttle, then write-blocking after READY where QEMU can; throttle: cap the guest's writes while the copy falls behind; sync: write-blocking from the start; none",
+    )
+    .option("--copy-storage-synchronous-writes", "libvirt's name for --storage-converge sync")
+    .option(
+      "--timeout-suspend",
+      "with --timeout: suspend the guest when it expires (the default action, as in virsh)",
+    )
     .option("--verbose", "show live progress")
     .action(async (name: string, dest: string, o: Record<string, unknown>, cmd: Command) => {
       const agent = agentFrom(cmd);
@@ -182,6 +198,19 @@ export function register(program: Command): void {
       }
       if (o.verifyBacking && !o.copyStorageInc)
         throw new UsageError("--verify-backing goes with --copy-storage-inc");
+      if (o.timeoutSuspend && !o.timeout) throw new UsageError("--timeout-suspend goes with --timeout SEC");
+      let converge = o.storageConverge === undefined ? undefined : String(o.storageConverge);
+      if (converge !== undefined && !["auto", "throttle", "sync", "none"].includes(converge)) {
+        throw new UsageError(`--storage-converge takes auto, throttle, sync or none, not '${converge}'`);
+      }
+      if (o.copyStorageSynchronousWrites) {
+        if (converge !== undefined && converge !== "sync") {
+          throw new UsageError(
+            "--copy-storage-synchronous-writes means --storage-converge sync; drop one of them",
+          );
+        }
+        converge = "sync";
+      }
       const migrateDisks = o.migrateDisks
         ? String(o.migrateDisks)
             .split(",")
@@ -194,6 +223,7 @@ export function register(program: Command): void {
         live: !o.offlinePause,
         copyStorage: o.copyStorageAll ? "all" : o.copyStorageInc ? "inc" : "none",
         verifyBacking: o.verifyBacking === true,
+        storageConverge: converge,
         migrateDisks,
         bandwidthMiB: o.bandwidth,
         disksPort: o.disksPort,
@@ -269,6 +299,12 @@ export function register(program: Command): void {
     });
 }
 
+function convergeText(j: JobInfo): string {
+  const c = j.convergence;
+  if (!c || !c.dirtyRateBps) return "";
+  return `, guest dirties ${formatBytes(c.dirtyRateBps)}/s${c.writeCapBps ? `, write cap ${formatBytes(c.writeCapBps)}/s` : ""}`;
+}
+
 export function renderJob(j: JobInfo, active: boolean): string {
   const size = (n: number | undefined) => (n === undefined ? "-" : formatBytes(n));
   const rows: [string, string | number][] = [
@@ -304,6 +340,20 @@ export function renderJob(j: JobInfo, active: boolean): string {
       ["Disk total", size(j.disk.total)],
       ["Disk bandwidth", `${size(j.disk.rateBps)}/s`],
     );
+  }
+  const c = j.convergence;
+  if (c) {
+    rows.push(["Storage converge", c.mode]);
+    if (c.copyRateBps !== undefined) rows.push(["Copy rate", `${size(c.copyRateBps)}/s`]);
+    if (c.dirtyRateBps !== undefined) rows.push(["Disk dirty rate", `${size(c.dirtyRateBps)}/s`]);
+    if (c.writeCapBps !== undefined)
+      rows.push(["Guest write cap", c.writeCapBps ? `${size(c.writeCapBps)}/s` : "none"]);
+    if (active && c.predictedReadyS !== undefined) {
+      rows.push([
+        "Predicted READY",
+        c.predictedReadyS === null ? "not converging" : `${c.predictedReadyS} s`,
+      ]);
+    }
   }
   for (const d of j.disks ?? [])
     rows.push([`Disk ${d.target}`, `${size(d.copied)} / ${size(d.total)}${d.ready ? " (ready)" : ""}`]);

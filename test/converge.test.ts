@@ -1,0 +1,208 @@
+/**
+ * Storage convergence: a guest that writes faster than the link copies still migrates with `auto` and
+ * `throttle`; the write cap never outlives the job, and a domain's own <iotune> limit survives it.
+ */
+import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
+import { after, afterEach, before, describe, it } from "node:test";
+import { Testbed } from "../src/testbed/testbed.js";
+import { available, cliPath, need, testGuest } from "./helpers/env.js";
+import {
+  assertDestClean,
+  assertSourceIntact,
+  compare,
+  IMG,
+  makeImage,
+  nbdmig,
+  startGuest,
+} from "./helpers/migration.js";
+import { waitFor } from "./helpers/wait.js";
+
+const TOOLS = ["qemu-system-x86_64", "qemu-img", "qemu-io", "ip", "nsenter", "busybox", "ss", "tc"];
+const MiB = 1024 * 1024;
+
+interface Job {
+  phase: string;
+  status: string;
+  convergence?: { mode: string; writeCapBps: number | null };
+}
+
+describe("storage convergence under a guest writing faster than the link", { timeout: 900_000 }, () => {
+  let tb: Testbed | undefined;
+  let guest: { kernel: string; initrd: string };
+
+  before(async () => {
+    if (!available(TOOLS, true)) return;
+    guest = testGuest();
+    // 200 Mbit/s (about 24 MiB/s) against a guest writing as fast as it can (30-40 MiB/s under TCG here).
+    tb = await Testbed.up({ rate: "200mbit" });
+  });
+  after(async () => tb?.down());
+  afterEach(async () => {
+    if (!tb) return;
+    for (const h of tb.hosts) {
+      const { domains } = await h
+        .client()
+        .call<{ domains: { name: string; state: string }[] }>("GET", "/v1/domains");
+      for (const d of domains)
+        if (d.state !== "shut off") await h.client().call("POST", `/v1/domains/${d.name}/destroy`);
+    }
+  });
+
+  /** The disk's current I/O limits, from query-block on the given host. */
+  async function limits(host: "a" | "b", name: string): Promise<{ bps: number; bps_wr: number }> {
+    const r = await tb![host]
+      .client()
+      .call<{ result: { inserted?: { "node-name": string; bps: number; bps_wr: number } }[] }>(
+        "POST",
+        `/v1/domains/${name}/monitor`,
+        { command: '{"execute":"query-block"}' },
+      );
+    const vda = r.result.find((b) => b.inserted?.["node-name"] === "vda")!.inserted!;
+    return { bps: vda.bps, bps_wr: vda.bps_wr };
+  }
+
+  async function fastWriter(name: string, writeBps?: number): Promise<number> {
+    makeImage(tb!, "a", { name: `${name}.qcow2`, size: "1G", fillMiB: 32 });
+    return startGuest(
+      tb!,
+      { name, rate: 0, span: 256, disks: [{ target: "vda", source: `${IMG}/${name}.qcow2`, writeBps }] },
+      guest,
+    );
+  }
+
+  for (const mode of ["auto", "throttle"] as const) {
+    it(`completes with --storage-converge ${mode}, data identical, and no cap left on the destination`, async (t) => {
+      if (!need(t, TOOLS, true)) return;
+      const name = `conv-${mode}`;
+      await fastWriter(name);
+      const r = nbdmig(tb!, "a", [
+        "migrate",
+        "--live",
+        "--copy-storage-all",
+        "--suspend",
+        "--storage-converge",
+        mode,
+        name,
+        tb!.b.uri,
+      ]);
+      assert.equal(r.status, 0, r.stderr);
+      assert.equal(
+        compare(`${tb!.a.imagesDir}/${name}.qcow2`, `${tb!.b.imagesDir}/${name}.qcow2`),
+        "Images are identical.",
+      );
+      assert.deepEqual(
+        await limits("b", name),
+        { bps: 0, bps_wr: 0 },
+        "the destination starts with the domain's own (no) limits",
+      );
+      const job = JSON.parse(
+        nbdmig(tb!, "a", ["domjobinfo", name, "--completed", "--json"]).stdout,
+      ) as Job & { downtimeMs: number; elapsedMs: number };
+      assert.equal(job.convergence?.mode, mode);
+      t.diagnostic(`${mode}: total ${job.elapsedMs} ms, downtime ${job.downtimeMs} ms`);
+    });
+  }
+
+  it("gives the source back exactly its limits after domjobabort mid-throttle, keeping its own <iotune>", async (t) => {
+    if (!need(t, TOOLS, true)) return;
+    const own = 200 * MiB;
+    const pid = await fastWriter("conv-abort", own);
+    assert.deepEqual(
+      await limits("a", "conv-abort"),
+      { bps: 0, bps_wr: own },
+      "the domain's own limit is in place",
+    );
+    const pre = tb!.a.execPrefix();
+    const child = spawn(
+      pre[0]!,
+      [
+        ...pre.slice(1),
+        process.execPath,
+        cliPath,
+        "migrate",
+        "--live",
+        "--copy-storage-all",
+        "--storage-converge",
+        "throttle",
+        "conv-abort",
+        tb!.b.uri,
+      ],
+      { stdio: "ignore" },
+    );
+    const exited = new Promise<number>((resolve) => child.on("close", (c) => resolve(c ?? -1)));
+    const job = async () =>
+      (await tb!.a.client().call<{ job: Job | null }>("GET", "/v1/domains/conv-abort/job")).job;
+    await waitFor(
+      "the write cap",
+      async () => {
+        const j = await job();
+        return j?.phase === "perform:mirror" && (j.convergence?.writeCapBps ?? 0) > 0;
+      },
+      120_000,
+      200,
+    );
+    const capped = await limits("a", "conv-abort");
+    assert.ok(
+      capped.bps_wr > 0 && capped.bps_wr < own,
+      `capped below the domain's own limit: ${capped.bps_wr}`,
+    );
+    assert.equal(nbdmig(tb!, "a", ["domjobabort", "conv-abort"]).status, 0);
+    assert.equal(await exited, 1);
+    assert.deepEqual(await limits("a", "conv-abort"), { bps: 0, bps_wr: own }, "exactly the original limits");
+    await assertSourceIntact(tb!, "conv-abort", pid);
+    await assertDestClean(tb!, "conv-abort", ["conv-abort.qcow2"]);
+  });
+
+  it("keeps a domain's own <iotune> limit through a throttled migration", async (t) => {
+    if (!need(t, TOOLS, true)) return;
+    const own = 200 * MiB;
+    await fastWriter("conv-own", own);
+    const r = nbdmig(tb!, "a", [
+      "migrate",
+      "--live",
+      "--copy-storage-all",
+      "--suspend",
+      "--storage-converge",
+      "throttle",
+      "conv-own",
+      tb!.b.uri,
+    ]);
+    assert.equal(r.status, 0, r.stderr);
+    assert.deepEqual(
+      await limits("b", "conv-own"),
+      { bps: 0, bps_wr: own },
+      "the destination has the domain's own limit, not the cap",
+    );
+    assert.equal(
+      compare(`${tb!.a.imagesDir}/conv-own.qcow2`, `${tb!.b.imagesDir}/conv-own.qcow2`),
+      "Images are identical.",
+    );
+  });
+
+  it("explains a bad --storage-converge", async (t) => {
+    if (!need(t, TOOLS, true)) return;
+    const r = nbdmig(tb!, "a", [
+      "migrate",
+      "--live",
+      "--copy-storage-all",
+      "--storage-converge",
+      "magic",
+      "x",
+      tb!.b.uri,
+    ]);
+    assert.equal(r.status, 2);
+    assert.match(r.stderr, /--storage-converge takes auto, throttle, sync or none, not 'magic'/);
+    const both = nbdmig(tb!, "a", [
+      "migrate",
+      "--copy-storage-all",
+      "--storage-converge",
+      "none",
+      "--copy-storage-synchronous-writes",
+      "x",
+      tb!.b.uri,
+    ]);
+    assert.equal(both.status, 2);
+    assert.match(both.stderr, /--copy-storage-synchronous-writes means --storage-converge sync/);
+  });
+});
