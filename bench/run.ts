@@ -1,11 +1,15 @@
 /**
  * `npm run bench`: benchmarks that compare nbdmig with real peers measured in the same run. Needs root (the
- * namespace test bed). `--only migration`, `--runs N` (default 3).
+ * namespace test bed). `--only migration|converge`, `--runs N` (default 3), `--bound S` (default 180).
  */
+import { convergeBench } from "./converge.js";
 import { migrationBench, type MigrationRow } from "./migration.js";
 
 const args = process.argv.slice(2);
-const runs = Number(args[args.indexOf("--runs") + 1] ?? 3) || 3;
+const opt = (name: string) => (args.includes(name) ? args[args.indexOf(name) + 1] : undefined);
+const runs = Number(opt("--runs") ?? 3) || 3;
+const bound = Number(opt("--bound") ?? 180) || 180;
+const only = opt("--only");
 
 function table(headers: string[], rows: string[][]): string {
   const w = headers.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? "").length)));
@@ -15,40 +19,72 @@ function table(headers: string[], rows: string[][]): string {
 
 const f = (n: number | undefined, d = 1) => (n === undefined ? "-" : n.toFixed(d));
 
-const rows: MigrationRow[] = await migrationBench(runs);
-console.log(
-  "\nMigration: reference VM (256 MiB RAM, 2 GiB qcow2 with 512 MiB random data, guest writing 20 MiB/s, one shareable disk not copied)\n",
-);
-console.log(
-  table(
-    [
-      "link",
-      "what",
-      "total s",
-      "to READY s",
-      "downtime ms",
-      "disk MiB",
-      "RAM MiB",
-      "on the wire MiB",
-      "copy MiB/s",
-      "note",
-    ],
-    rows.map((r) => [
-      r.link,
-      r.what,
-      f(r.totalS, 2),
-      f(r.readyS, 2),
-      f(r.downtimeMs, 0),
-      f(r.diskMiB, 0),
-      f(r.ramMiB, 0),
-      f(r.wireMiB, 0),
-      f(r.rateMiBs, 0),
-      r.note ?? "",
-    ]),
-  ),
-);
-console.log(`
-"copy MiB/s" is the disks' virtual size over the time to READY for nbdmig (zero regions travel as NBD
-WRITE_ZEROES, so it can exceed the link), the image size over the copy time for nbdcopy, bytes over time for
-TCP. Not measured in this run (libvirt 9.0 on this machine kind, medians of 3, from shared/notes): unshaped
-4.7 s total, 162 ms downtime; tbf 1 Gbit/s 9.7 s, 194 ms.`);
+if (!only || only === "migration") {
+  const rows: MigrationRow[] = await migrationBench(runs);
+  console.log(
+    "\nMigration: reference VM (256 MiB RAM, 2 GiB qcow2 with 512 MiB random data, guest writing 20 MiB/s, one shareable disk not copied)\n",
+  );
+  console.log(
+    table(
+      [
+        "link",
+        "what",
+        "total s",
+        "to READY s",
+        "downtime ms",
+        "disk MiB",
+        "RAM MiB",
+        "on the wire MiB",
+        "copy MiB/s",
+        "note",
+      ],
+      rows.map((r) => [
+        r.link,
+        r.what,
+        f(r.totalS, 2),
+        f(r.readyS, 2),
+        f(r.downtimeMs, 0),
+        f(r.diskMiB, 0),
+        f(r.ramMiB, 0),
+        f(r.wireMiB, 0),
+        f(r.rateMiBs, 0),
+        r.note ?? "",
+      ]),
+    ),
+  );
+  console.log(`
+  "copy MiB/s" is the disks' virtual size over the time to READY for nbdmig (zero regions travel as NBD
+  WRITE_ZEROES, so it can exceed the link), the image size over the copy time for nbdcopy, bytes over time for
+  TCP. Not measured in this run (libvirt 9.0 on this machine kind, medians of 3, from shared/notes): unshaped
+  4.7 s total, 162 ms downtime; tbf 1 Gbit/s 9.7 s, 194 ms.`);
+}
+
+if (!only || only === "converge") {
+  const rows = await convergeBench(bound);
+  console.log(
+    `\nHeavy writes: guest writing as fast as it can (random 1 MiB blocks), link tbf 200 Mbit/s, 2 GiB qcow2 with 512 MiB of data\n`,
+  );
+  console.log(
+    table(
+      [
+        "--storage-converge",
+        "result",
+        "total s",
+        "downtime ms",
+        "guest MiB/s before",
+        "guest MiB/s during (median)",
+      ],
+      rows.map((r) => [
+        r.mode,
+        r.result,
+        f(r.totalS, 1),
+        f(r.downtimeMs, 0),
+        f(r.guestBeforeMiBs, 0),
+        f(r.guestDuringMiBs, 0),
+      ]),
+    ),
+  );
+  console.log(`
+Not measured in this run (libvirt 9.0 on this machine kind, guest writing 64 MiB/s, from shared/notes):
+default never completes (aborted at 180 s); --copy-storage-synchronous-writes 49.9 s, guest at 2.6 MiB/s.`);
+}

@@ -6,7 +6,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 out=${NBDMIG_GUEST_DIR:-$here/.cache/test-guest}
 init_src=$here/test-guest/init
-stamp_in="$(sha256sum "$init_src" "$0" | sha256sum | cut -c1-16)"
+stamp_in="$(cat "$init_src" "$0" | sha256sum | cut -c1-16)"
 if [ -f "$out/stamp" ] && [ "$(cat "$out/stamp")" = "$stamp_in" ] && [ -f "$out/vmlinuz" ] && [ -f "$out/initrd.img" ]; then
   exit 0
 fi
@@ -46,6 +46,8 @@ for m in $wanted; do
   [ -n "$rel" ] || { echo "build-test-guest: module $m not found in $pkg" >&2; exit 1; }
   add "$rel"
 done
+# depmod warns about these index files when a module tree lacks them; the guest needs none of them.
+touch "$root/lib/modules/$kver/"{modules.order,modules.builtin,modules.builtin.modinfo}
 depmod -b "$root" "$kver"
 cp "$init_src" "$root/init"
 chmod 755 "$root/init"

@@ -3,16 +3,18 @@
  * `throttle`; the write cap never outlives the job, and a domain's own <iotune> limit survives it.
  */
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
 import { after, afterEach, before, describe, it } from "node:test";
 import { Testbed } from "../src/testbed/testbed.js";
-import { available, cliPath, need, testGuest } from "./helpers/env.js";
+import { available, need, testGuest } from "./helpers/env.js";
 import {
   assertDestClean,
   assertSourceIntact,
   compare,
+  destroyAll,
   IMG,
+  jobOf,
   makeImage,
+  migrateInBackground,
   nbdmig,
   startGuest,
 } from "./helpers/migration.js";
@@ -38,16 +40,7 @@ describe("storage convergence under a guest writing faster than the link", { tim
     tb = await Testbed.up({ rate: "200mbit" });
   });
   after(async () => tb?.down());
-  afterEach(async () => {
-    if (!tb) return;
-    for (const h of tb.hosts) {
-      const { domains } = await h
-        .client()
-        .call<{ domains: { name: string; state: string }[] }>("GET", "/v1/domains");
-      for (const d of domains)
-        if (d.state !== "shut off") await h.client().call("POST", `/v1/domains/${d.name}/destroy`);
-    }
-  });
+  afterEach(async () => tb && destroyAll(tb, ["a", "b"]));
 
   /** The disk's current I/O limits, from query-block on the given host. */
   async function limits(host: "a" | "b", name: string): Promise<{ bps: number; bps_wr: number }> {
@@ -113,30 +106,18 @@ describe("storage convergence under a guest writing faster than the link", { tim
       { bps: 0, bps_wr: own },
       "the domain's own limit is in place",
     );
-    const pre = tb!.a.execPrefix();
-    const child = spawn(
-      pre[0]!,
-      [
-        ...pre.slice(1),
-        process.execPath,
-        cliPath,
-        "migrate",
-        "--live",
-        "--copy-storage-all",
-        "--storage-converge",
-        "throttle",
-        "conv-abort",
-        tb!.b.uri,
-      ],
-      { stdio: "ignore" },
-    );
-    const exited = new Promise<number>((resolve) => child.on("close", (c) => resolve(c ?? -1)));
-    const job = async () =>
-      (await tb!.a.client().call<{ job: Job | null }>("GET", "/v1/domains/conv-abort/job")).job;
+    const run = migrateInBackground(tb!, [
+      "--live",
+      "--copy-storage-all",
+      "--storage-converge",
+      "throttle",
+      "conv-abort",
+      tb!.b.uri,
+    ]);
     await waitFor(
       "the write cap",
       async () => {
-        const j = await job();
+        const j = await jobOf<Job>(tb!, "conv-abort");
         return j?.phase === "perform:mirror" && (j.convergence?.writeCapBps ?? 0) > 0;
       },
       120_000,
@@ -148,7 +129,7 @@ describe("storage convergence under a guest writing faster than the link", { tim
       `capped below the domain's own limit: ${capped.bps_wr}`,
     );
     assert.equal(nbdmig(tb!, "a", ["domjobabort", "conv-abort"]).status, 0);
-    assert.equal(await exited, 1);
+    assert.equal((await run.done).status, 1);
     assert.deepEqual(await limits("a", "conv-abort"), { bps: 0, bps_wr: own }, "exactly the original limits");
     await assertSourceIntact(tb!, "conv-abort", pid);
     await assertDestClean(tb!, "conv-abort", ["conv-abort.qcow2"]);

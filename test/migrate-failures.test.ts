@@ -3,16 +3,18 @@
  * untouched, and the destination clean (no QEMU, no created image, no open port).
  */
 import assert from "node:assert/strict";
-import { execFileSync, spawn } from "node:child_process";
+import { execFileSync } from "node:child_process";
 import fs from "node:fs";
 import { after, before, describe, it } from "node:test";
 import { Testbed } from "../src/testbed/testbed.js";
-import { available, cliPath, need, testGuest } from "./helpers/env.js";
+import { available, need, testGuest } from "./helpers/env.js";
 import {
   assertDestClean,
   assertSourceIntact,
   IMG,
+  jobOf,
   makeImage,
+  migrateInBackground,
   nbdmig,
   ok,
   startGuest,
@@ -48,42 +50,10 @@ describe("failed migrations leave the source running and the destination clean",
   after(async () => tb?.down());
 
   /** Starts `nbdmig migrate` on host a in the background. */
-  function migrate(extra: string[] = []) {
-    const pre = tb!.a.execPrefix();
-    const child = spawn(
-      pre[0]!,
-      [
-        ...pre.slice(1),
-        process.execPath,
-        cliPath,
-        "migrate",
-        "--live",
-        "--copy-storage-all",
-        ...extra,
-        NAME,
-        tb!.b.uri,
-      ],
-      {
-        stdio: ["ignore", "pipe", "pipe"],
-      },
-    );
-    let stderr = "";
-    child.stderr.on("data", (b: Buffer) => (stderr += b.toString()));
-    const done = new Promise<{ status: number; stderr: string }>((resolve) =>
-      child.on("close", (code) => resolve({ status: code ?? -1, stderr })),
-    );
-    return { done };
-  }
+  const migrate = (extra: string[] = []) =>
+    migrateInBackground(tb!, ["--live", "--copy-storage-all", ...extra, NAME, tb!.b.uri]);
 
-  const job = async () =>
-    (
-      await tb!.a
-        .client()
-        .call<{ job: { phase: string; disks: { copied: number }[] } | null }>(
-          "GET",
-          `/v1/domains/${NAME}/job`,
-        )
-    ).job;
+  const job = () => jobOf(tb!, NAME);
   const inMirror = () =>
     waitFor(
       "the bulk copy to be under way",

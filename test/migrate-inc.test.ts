@@ -1,16 +1,19 @@
 import assert from "node:assert/strict";
-import { execFileSync, spawn } from "node:child_process";
+import { execFileSync } from "node:child_process";
 import { createHash } from "node:crypto";
 import fs from "node:fs";
 import { after, afterEach, before, describe, it } from "node:test";
 import { Testbed } from "../src/testbed/testbed.js";
 import { imageInfo } from "../src/qemu/img.js";
-import { available, cliPath, need, testGuest } from "./helpers/env.js";
+import { available, need, testGuest } from "./helpers/env.js";
 import {
   assertDestClean,
   assertSourceIntact,
   compare,
+  destroyAll,
   IMG,
+  jobOf,
+  migrateInBackground,
   nbdmig,
   ok,
   startGuest,
@@ -32,14 +35,7 @@ describe("live migration with --copy-storage-inc", { timeout: 900_000 }, () => {
   });
   after(async () => tb?.down());
   // A failed test must not leave its guest on the destination for the next one.
-  afterEach(async () => {
-    if (!tb) return;
-    const { domains } = await tb.b
-      .client()
-      .call<{ domains: { name: string; state: string }[] }>("GET", "/v1/domains");
-    for (const d of domains)
-      if (d.state !== "shut off") await tb.b.client().call("POST", `/v1/domains/${d.name}/destroy`);
-  });
+  afterEach(async () => tb && destroyAll(tb, ["b"]));
 
   /** Runs a command inside a host, where /var/lib/nbdmig paths (and so backing files) resolve. */
   const inHost = (h: "a" | "b", argv: string[]) =>
@@ -257,30 +253,11 @@ describe("live migration with --copy-storage-inc", { timeout: 900_000 }, () => {
     );
     tb!.setRate("64mbit");
     t.after(() => tb!.setRate(undefined));
-    const pre = tb!.a.execPrefix();
-    const child = spawn(
-      pre[0]!,
-      [
-        ...pre.slice(1),
-        process.execPath,
-        cliPath,
-        "migrate",
-        "--live",
-        "--copy-storage-inc",
-        "ab",
-        tb!.b.uri,
-      ],
-      { stdio: "ignore" },
-    );
-    const exited = new Promise<number>((resolve) => child.on("close", (c) => resolve(c ?? -1)));
+    const run = migrateInBackground(tb!, ["--live", "--copy-storage-inc", "ab", tb!.b.uri]);
     await waitFor(
       "the overlay copy",
       async () => {
-        const j = (
-          await tb!.a
-            .client()
-            .call<{ job: { phase: string; disks: { copied: number }[] } | null }>("GET", "/v1/domains/ab/job")
-        ).job;
+        const j = await jobOf(tb!, "ab");
         return j?.phase === "perform:mirror" && j.disks.some((d) => d.copied > 4 * MiB);
       },
       60_000,
@@ -288,7 +265,7 @@ describe("live migration with --copy-storage-inc", { timeout: 900_000 }, () => {
     );
     assert.ok(fs.existsSync(`${tb!.b.imagesDir}/ab-top.qcow2`), "the overlay exists during the copy");
     ok(tb!, "a", ["domjobabort", "ab"]);
-    assert.equal(await exited, 1);
+    assert.equal((await run.done).status, 1);
     await assertSourceIntact(tb!, "ab", pid, false);
     await assertDestClean(tb!, "ab", ["ab-top.qcow2"]);
     assert.equal(sha(`${tb!.b.imagesDir}/ab-base.qcow2`), baseSha);

@@ -1,9 +1,9 @@
 /** Shared steps of the migration tests: a writing guest on host a, and the checks after a migration. */
 import assert from "node:assert/strict";
-import { execFileSync } from "node:child_process";
+import { execFileSync, spawn } from "node:child_process";
 import fs from "node:fs";
 import type { Testbed } from "../../src/testbed/testbed.js";
-import { cli, type CliResult } from "./env.js";
+import { cli, cliPath, type CliResult } from "./env.js";
 import { guestXml, type GuestDisk, type GuestSpec } from "./guest-xml.js";
 import { waitFor } from "./wait.js";
 
@@ -137,3 +137,38 @@ export function compare(a: string, b: string): string {
 }
 
 export type { GuestDisk };
+
+/** Starts `nbdmig migrate ARGS` on host a in the background; `done` resolves with its exit and stderr. */
+export function migrateInBackground(
+  tb: Testbed,
+  args: string[],
+): { done: Promise<{ status: number; stderr: string }> } {
+  const pre = tb.a.execPrefix();
+  const child = spawn(pre[0]!, [...pre.slice(1), process.execPath, cliPath, "migrate", ...args], {
+    stdio: ["ignore", "ignore", "pipe"],
+  });
+  let stderr = "";
+  child.stderr.on("data", (b: Buffer) => (stderr += b.toString()));
+  return {
+    done: new Promise((resolve) => child.on("close", (code) => resolve({ status: code ?? -1, stderr }))),
+  };
+}
+
+/** The job of a domain on host a, as the API reports it (null when there is none). */
+export async function jobOf<T = { phase: string; disks: { copied: number }[] }>(
+  tb: Testbed,
+  name: string,
+): Promise<T | null> {
+  return (await tb.a.client().call<{ job: T | null }>("GET", `/v1/domains/${name}/job`)).job;
+}
+
+/** Destroys every running domain on the given hosts, so a failed test leaves nothing for the next. */
+export async function destroyAll(tb: Testbed, hosts: ("a" | "b")[]): Promise<void> {
+  for (const h of hosts) {
+    const { domains } = await tb[h]
+      .client()
+      .call<{ domains: { name: string; state: string }[] }>("GET", "/v1/domains");
+    for (const d of domains)
+      if (d.state !== "shut off") await tb[h].client().call("POST", `/v1/domains/${d.name}/destroy`);
+  }
+}
