@@ -104,13 +104,16 @@ async function runMode(tb: Testbed, mode: string, guestDir: string, boundS: numb
   };
 }
 
-export async function convergeBench(boundS: number): Promise<ConvergeRow[]> {
+export async function convergeBench(
+  boundS: number,
+  modes = ["auto", "throttle", "sync", "none"],
+): Promise<ConvergeRow[]> {
   execFileSync("bash", [path.join(repo, "scripts/build-test-guest.sh")], { stdio: "inherit" });
   const guestDir = path.join(repo, ".cache/test-guest");
   const tb = await Testbed.up({ rate: "200mbit" });
   const rows: ConvergeRow[] = [];
   try {
-    for (const mode of ["auto", "throttle", "sync", "none"]) {
+    for (const mode of modes) {
       process.stderr.write(`converge bench: ${mode}\n`);
       rows.push(await runMode(tb, mode, guestDir, boundS));
     }

@@ -1,6 +1,7 @@
 /**
  * `npm run bench`: benchmarks that compare nbdmig with real peers measured in the same run. Needs root (the
- * namespace test bed). `--only migration|converge`, `--runs N` (default 3), `--bound S` (default 180).
+ * namespace test bed). `--only migration|converge`, `--runs N` (default 3), `--bound S` (default 180),
+ * `--modes auto,throttle,...` (converge only).
  */
 import { convergeBench } from "./converge.js";
 import { migrationBench, type MigrationRow } from "./migration.js";
@@ -60,7 +61,7 @@ if (!only || only === "migration") {
 }
 
 if (!only || only === "converge") {
-  const rows = await convergeBench(bound);
+  const rows = await convergeBench(bound, opt("--modes")?.split(","));
   console.log(
     `\nHeavy writes: guest writing as fast as it can (random 1 MiB blocks), link tbf 200 Mbit/s, 2 GiB qcow2 with 512 MiB of data\n`,
   );

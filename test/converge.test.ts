@@ -161,6 +161,31 @@ describe("storage convergence under a guest writing faster than the link", { tim
     );
   });
 
+  it("--storage-converge none never converges on its own; --timeout suspends the guest so it does", async (t) => {
+    if (!need(t, TOOLS, true)) return;
+    await fastWriter("conv-timeout");
+    const r = nbdmig(tb!, "a", [
+      "migrate",
+      "--live",
+      "--copy-storage-all",
+      "--storage-converge",
+      "none",
+      "--timeout",
+      "10",
+      "--timeout-suspend",
+      "conv-timeout",
+      tb!.b.uri,
+    ]);
+    assert.equal(r.status, 0, r.stderr);
+    const job = JSON.parse(
+      nbdmig(tb!, "a", ["domjobinfo", "conv-timeout", "--completed", "--json"]).stdout,
+    ) as { elapsedMs: number; suspendedByTimeout: boolean };
+    assert.equal(job.suspendedByTimeout, true);
+    assert.ok(job.elapsedMs > 10_000);
+    // The guest was running before the migration, so it runs on the destination.
+    assert.match(nbdmig(tb!, "b", ["dominfo", "conv-timeout"]).stdout, /State:\s+running/);
+  });
+
   it("explains a bad --storage-converge", async (t) => {
     if (!need(t, TOOLS, true)) return;
     const r = nbdmig(tb!, "a", [

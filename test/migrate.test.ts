@@ -239,7 +239,21 @@ describe("live migration with --copy-storage-all", { timeout: 900_000 }, () => {
       guest,
     );
     const tx0 = tb!.linkTxBytes();
-    ok(tb!, "a", ["migrate", "--live", "--copy-storage-all", "--suspend", "sparse", tb!.b.uri]);
+    ok(tb!, "a", [
+      "migrate",
+      "--live",
+      "--copy-storage-all",
+      "--suspend",
+      "--disks-port",
+      "49300",
+      "sparse",
+      tb!.b.uri,
+    ]);
+    assert.match(
+      ok(tb!, "a", ["domjobinfo", "sparse", "--completed"]),
+      /NBD endpoint:\s+198\.18\.0\.2:49300/,
+      "--disks-port",
+    );
     const sent = tb!.linkTxBytes() - tx0;
     const dest = await imageInfo(`${tb!.b.imagesDir}/sparse.qcow2`);
     assert.equal(dest.virtualSize, 8 * 1024 ** 3);

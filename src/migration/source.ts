@@ -58,6 +58,7 @@ export class OutgoingMigration {
   private migrationStarted = false;
   private abortRequested = false;
   private pausedByUs = false;
+  private suspendedByTimeout = false;
   private peerError?: string;
   private lastPeerOk = Date.now();
   private heartbeat?: NodeJS.Timeout;
@@ -338,6 +339,7 @@ export class OutgoingMigration {
     );
     await this.qmp.execute("stop").catch(() => undefined);
     this.pausedByUs = true;
+    this.suspendedByTimeout = true;
   }
 
   private async migrateMemory(): Promise<void> {
@@ -547,6 +549,8 @@ export class OutgoingMigration {
       domain: this.name,
       dest: this.req.dest,
       storagePath: this.cookie.disks.length ? "nbd" : "none",
+      nbd: this.prepared?.nbd,
+      suspendedByTimeout: this.suspendedByTimeout,
       copyStorage: this.req.copyStorage,
       convergence: this.converger?.describe() ?? { mode: this.req.storageConverge },
       notes: this.notes,

@@ -19,6 +19,7 @@ export interface JobInfo {
   ramBytes?: number;
   storagePath?: string;
   notes?: string[];
+  nbd?: { host: string; port: number };
   convergence?: {
     mode: string;
     writeCapBps?: number | null;
@@ -315,6 +316,7 @@ export function renderJob(j: JobInfo, active: boolean): string {
   ];
   if (j.dest) rows.push(["Destination", j.dest]);
   if (j.storagePath) rows.push(["Storage path", j.storagePath]);
+  if (j.nbd) rows.push(["NBD endpoint", `${j.nbd.host}:${j.nbd.port}`]);
   const o = overall(j);
   if (j.disk || j.memory) {
     rows.push(
