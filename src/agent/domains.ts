@@ -12,7 +12,7 @@ import { domainToXml, parseDomainXml } from "../domain/xml.js";
 import { imageInfo } from "../qemu/img.js";
 import { chooseAccel, launchQemu, pidAlive } from "../qemu/launcher.js";
 import { QmpClient } from "../qemu/qmp.js";
-import { qdevByTarget } from "../qemu/qmp-util.js";
+import { blockOf } from "../qemu/qmp-util.js";
 import type { RunState } from "../qemu/qmp-schema.js";
 import { Mutex } from "../util/mutex.js";
 import { StateDir, writeFileAtomic } from "./state-dir.js";
@@ -268,12 +268,9 @@ export class DomainRegistry {
     this.writeRuntime(e);
     try {
       const limited = def.disks.filter((d) => d.source !== undefined && d.iotune);
-      const qdevs = await qdevByTarget(
-        qmp,
-        limited.map((d) => d.target),
-      );
+      const blocks = limited.length ? await qmp.execute("query-block") : [];
       for (const d of limited) {
-        const t = throttleArgs(d, qdevs.get(d.target)!);
+        const t = throttleArgs(d, blockOf(blocks, d.target).qdev);
         if (t) await qmp.raw("block_set_io_throttle", t);
       }
       if (!opts.incoming && !opts.paused) await qmp.execute("cont");

@@ -15,8 +15,7 @@
  */
 import type { Logger } from "pino";
 import { errorMessage } from "../errors.js";
-import { formatNode } from "../domain/qemu-args.js";
-import { qdevByTarget } from "../qemu/qmp-util.js";
+import { blockOf } from "../qemu/qmp-util.js";
 import type { QmpClient } from "../qemu/qmp.js";
 import type { MirrorState } from "./mirror.js";
 
@@ -57,7 +56,7 @@ type Limits = Record<string, number | string>;
 
 export class StorageConverger {
   private readonly original = new Map<string, Limits>();
-  private qdev = new Map<string, string>();
+  private readonly qdev = new Map<string, string>();
   private capBps?: number;
   private lastCap?: number;
   private capChangedAt = 0;
@@ -87,13 +86,13 @@ export class StorageConverger {
       const cmds = await this.qmp.execute("query-commands");
       this.blockJobChange = cmds.some((c) => c.name === "block-job-change");
     }
-    this.qdev = await qdevByTarget(this.qmp, this.targets);
     const blocks = await this.qmp.execute("query-block");
     for (const t of this.targets) {
-      const b = blocks.find((x) => x.inserted?.["node-name"] === formatNode(t));
+      const b = blockOf(blocks, t);
+      this.qdev.set(t, b.qdev);
       const limits: Limits = {};
       for (const k of THROTTLE_KEYS) {
-        const v = b?.inserted?.[k];
+        const v = b.inserted[k];
         if (typeof v === "number" || typeof v === "string") limits[k] = v;
       }
       this.original.set(t, limits);

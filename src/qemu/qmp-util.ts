@@ -1,16 +1,18 @@
 /** Small QMP lookups shared by the agent and the migration engine. */
 import { QmpError } from "../errors.js";
 import { formatNode } from "../domain/qemu-args.js";
-import type { QmpClient } from "./qmp.js";
+import type { BlockInfo } from "./qmp-schema.js";
 
-/** Disk target -> the qdev path owning its BlockBackend (the `id` that block_set_io_throttle needs). */
-export async function qdevByTarget(qmp: QmpClient, targets: string[]): Promise<Map<string, string>> {
-  const blocks = await qmp.execute("query-block");
-  const out = new Map<string, string>();
-  for (const t of targets) {
-    const b = blocks.find((x) => x.inserted?.["node-name"] === formatNode(t));
-    if (!b?.qdev) throw new QmpError("GenericError", `disk ${t} is not attached to a device`);
-    out.set(t, b.qdev);
-  }
-  return out;
+/**
+ * A disk's entry in a `query-block` answer. Its `qdev` is the device owning the BlockBackend, the `id` that
+ * block_set_io_throttle needs (for virtio-blk the `virtio-backend` child, not the PCI device).
+ */
+export function blockOf(
+  blocks: BlockInfo[],
+  target: string,
+): BlockInfo & { qdev: string; inserted: NonNullable<BlockInfo["inserted"]> } {
+  const b = blocks.find((x) => x.inserted?.["node-name"] === formatNode(target));
+  if (!b?.inserted || !b.qdev)
+    throw new QmpError("GenericError", `disk ${target} is not attached to a device`);
+  return b as BlockInfo & { qdev: string; inserted: NonNullable<BlockInfo["inserted"]> };
 }
