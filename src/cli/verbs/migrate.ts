@@ -4,6 +4,7 @@ import cliProgress from "cli-progress";
 import type { Command } from "commander";
 import { readToken } from "../../agent/client.js";
 import { MigrationError, UsageError, type MigrationPhase } from "../../errors.js";
+import { CONVERGE_MODES } from "../../migration/converge.js";
 import { formatBytes, formatDuration, keyValues } from "../../util/format.js";
 import { agentFrom, enc, out } from "../context.js";
 
@@ -201,8 +202,9 @@ export function register(program: Command): void {
         throw new UsageError("--verify-backing goes with --copy-storage-inc");
       if (o.timeoutSuspend && !o.timeout) throw new UsageError("--timeout-suspend goes with --timeout SEC");
       let converge = o.storageConverge === undefined ? undefined : String(o.storageConverge);
-      if (converge !== undefined && !["auto", "throttle", "sync", "none"].includes(converge)) {
-        throw new UsageError(`--storage-converge takes auto, throttle, sync or none, not '${converge}'`);
+      if (converge !== undefined && !(CONVERGE_MODES as string[]).includes(converge)) {
+        const modes = `${CONVERGE_MODES.slice(0, -1).join(", ")} or ${CONVERGE_MODES.at(-1)}`;
+        throw new UsageError(`--storage-converge takes ${modes}, not '${converge}'`);
       }
       if (o.copyStorageSynchronousWrites) {
         if (converge !== undefined && converge !== "sync") {
