@@ -3,12 +3,13 @@
  * 2 GiB qcow2 with 512 MiB of data, migrated with each --storage-converge mode in the same run. Reports total
  * time, downtime and the guest's median write rate during the migration, from its serial progress lines.
  */
-import { execFileSync, spawn, spawnSync } from "node:child_process";
+import { execFileSync, spawn } from "node:child_process";
 import fs from "node:fs";
 import path from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
 import { fileURLToPath } from "node:url";
 import { Testbed } from "../src/testbed/testbed.js";
+import { median, nbdmig, referenceImage } from "./common.js";
 
 const repo = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..");
 
@@ -21,21 +22,9 @@ export interface ConvergeRow {
   guestDuringMiBs: number;
 }
 
-const median = (xs: number[]) => (xs.length ? [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]! : 0);
-
-function cli(
-  tb: Testbed,
-  host: "a" | "b",
-  args: string[],
-): { status: number; stdout: string; stderr: string } {
-  const argv = tb[host].cliArgv(args);
-  const r = spawnSync(argv[0]!, argv.slice(1), { encoding: "utf8" });
-  return { status: r.status ?? -1, stdout: r.stdout, stderr: r.stderr };
-}
-
 /** Per-second write rates from the guest's progress lines. */
 function rates(tb: Testbed, name: string): number[] {
-  return cli(tb, "a", ["console", name, "--bytes", "10000000"])
+  return nbdmig(tb, "a", ["console", name, "--bytes", "10000000"])
     .stdout.split("\n")
     .flatMap((l) => {
       const m = /nbdmig-guest: t=\d+ mib=\d+ rate=(\d+)/.exec(l);
@@ -45,11 +34,7 @@ function rates(tb: Testbed, name: string): number[] {
 
 async function runMode(tb: Testbed, mode: string, guestDir: string, boundS: number): Promise<ConvergeRow> {
   const name = `heavy-${mode}`;
-  const img = path.join(tb.a.imagesDir, `${name}.qcow2`);
-  execFileSync("qemu-img", ["create", "-q", "-f", "qcow2", img, "2G"]);
-  const fill = path.join(tb.dir, "fill.bin");
-  if (!fs.existsSync(fill)) execFileSync("sh", ["-c", `head -c 512M /dev/urandom > ${fill}`]);
-  execFileSync("qemu-io", ["-f", "qcow2", "-c", `write -s ${fill} 0 512M`, img], { stdio: "ignore" });
+  referenceImage(tb, "a", `${name}.qcow2`);
   fs.writeFileSync(
     path.join(tb.a.dir, `${name}.xml`),
     `<domain type='kvm'><name>${name}</name><memory unit='MiB'>256</memory><vcpu>1</vcpu>
@@ -57,8 +42,8 @@ async function runMode(tb: Testbed, mode: string, guestDir: string, boundS: numb
 <cmdline>console=ttyS0 quiet nbdmig.rate=0 nbdmig.span=2048</cmdline></os>
 <devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='/var/lib/nbdmig/images/${name}.qcow2'/><target dev='vda' bus='virtio'/></disk><serial type='pty'/></devices></domain>`,
   );
-  cli(tb, "a", ["define", `/var/lib/nbdmig/${name}.xml`]);
-  cli(tb, "a", ["start", name]);
+  nbdmig(tb, "a", ["define", `/var/lib/nbdmig/${name}.xml`]);
+  nbdmig(tb, "a", ["start", name]);
   while (rates(tb, name).length < 8) await sleep(500);
   execFileSync("sync");
   const before = rates(tb, name);
@@ -81,19 +66,19 @@ async function runMode(tb: Testbed, mode: string, guestDir: string, boundS: numb
     { stdio: "ignore" },
   );
   const exited = new Promise<number>((resolve) => child.on("close", (c) => resolve(c ?? -1)));
-  const bound = setTimeout(() => void cli(tb, "a", ["domjobabort", name]), boundS * 1000);
+  const bound = setTimeout(() => void nbdmig(tb, "a", ["domjobabort", name]), boundS * 1000);
   const status = await exited;
   clearTimeout(bound);
   const during = rates(tb, name).slice(before.length);
-  const job = JSON.parse(cli(tb, "a", ["domjobinfo", name, "--completed", "--json"]).stdout || "{}") as {
+  const job = JSON.parse(nbdmig(tb, "a", ["domjobinfo", name, "--completed", "--json"]).stdout || "{}") as {
     elapsedMs?: number;
     downtimeMs?: number;
   };
   for (const h of ["a", "b"] as const) {
-    cli(tb, h, ["destroy", name]);
+    nbdmig(tb, h, ["destroy", name]);
     fs.rmSync(path.join(tb[h].imagesDir, `${name}.qcow2`), { force: true });
   }
-  cli(tb, "a", ["undefine", name]);
+  nbdmig(tb, "a", ["undefine", name]);
   return {
     mode,
     result: status === 0 ? "completed" : `aborted at ${boundS} s (never READY)`,

@@ -4,12 +4,13 @@
  * namespace link, unshaped and shaped with tbf. Beside it, measured in the same run on the same link: raw TCP
  * throughput, and nbdcopy moving the same image into a qemu-nbd on the destination.
  */
-import { execFileSync, spawn, spawnSync } from "node:child_process";
+import { execFileSync, spawn } from "node:child_process";
 import fs from "node:fs";
 import path from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
 import { fileURLToPath } from "node:url";
 import { Testbed } from "../src/testbed/testbed.js";
+import { median, nbdmigOk, referenceImage } from "./common.js";
 
 const repo = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..");
 const MiB = 1024 * 1024;
@@ -27,33 +28,15 @@ export interface MigrationRow {
   note?: string;
 }
 
-function run(tb: Testbed, host: "a" | "b", args: string[]): string {
-  const argv = tb[host].cliArgv(args);
-  const r = spawnSync(argv[0]!, argv.slice(1), { encoding: "utf8" });
-  if (r.status !== 0) throw new Error(`nbdmig ${args.join(" ")}: ${r.stderr}`);
-  return r.stdout;
-}
-
 function inHost(tb: Testbed, host: "a" | "b", argv: string[]): string {
   return execFileSync(tb[host].execPrefix()[0]!, [...tb[host].execPrefix().slice(1), ...argv], {
     encoding: "utf8",
   });
 }
 
-const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
-
-function makeReferenceImage(tb: Testbed, host: "a" | "b", name: string): string {
-  const file = path.join(tb[host].imagesDir, name);
-  execFileSync("qemu-img", ["create", "-q", "-f", "qcow2", file, "2G"]);
-  const fill = path.join(tb.dir, "fill.bin");
-  if (!fs.existsSync(fill)) execFileSync("sh", ["-c", `head -c 512M /dev/urandom > ${fill}`]);
-  execFileSync("qemu-io", ["-f", "qcow2", "-c", `write -s ${fill} 0 512M`, file], { stdio: "ignore" });
-  return file;
-}
-
 async function migrateOnce(tb: Testbed, link: string, i: number, guestDir: string): Promise<MigrationRow> {
   const name = `ref${i}`;
-  makeReferenceImage(tb, "a", `${name}.qcow2`);
+  referenceImage(tb, "a", `${name}.qcow2`);
   for (const h of ["a", "b"] as const)
     execFileSync("qemu-img", [
       "create",
@@ -73,23 +56,23 @@ async function migrateOnce(tb: Testbed, link: string, i: number, guestDir: strin
 <disk type='file' device='disk'><driver name='qemu' type='raw' cache='none'/><source file='/var/lib/nbdmig/images/${name}-shared.raw'/><target dev='vdb' bus='virtio'/><shareable/></disk>
 <serial type='pty'/></devices></domain>`,
   );
-  run(tb, "a", ["define", `/var/lib/nbdmig/${name}.xml`]);
-  run(tb, "a", ["start", name]);
-  for (let k = 0; k < 120 && !/nbdmig-guest: t=3 /.test(run(tb, "a", ["console", name])); k++)
+  nbdmigOk(tb, "a", ["define", `/var/lib/nbdmig/${name}.xml`]);
+  nbdmigOk(tb, "a", ["start", name]);
+  for (let k = 0; k < 120 && !/nbdmig-guest: t=3 /.test(nbdmigOk(tb, "a", ["console", name])); k++)
     await sleep(500);
   execFileSync("sync");
   const tx0 = tb.linkTxBytes();
-  run(tb, "a", ["migrate", "--live", "--copy-storage-all", "--suspend", name, tb.b.uri]);
+  nbdmigOk(tb, "a", ["migrate", "--live", "--copy-storage-all", "--suspend", name, tb.b.uri]);
   const wire = tb.linkTxBytes() - tx0;
-  const job = JSON.parse(run(tb, "a", ["domjobinfo", name, "--completed", "--json"])) as {
+  const job = JSON.parse(nbdmigOk(tb, "a", ["domjobinfo", name, "--completed", "--json"])) as {
     elapsedMs: number;
     timeToReadyMs: number;
     downtimeMs: number;
     disk: { total: number };
     memory: { processed: number };
   };
-  run(tb, "b", ["destroy", name]);
-  run(tb, "a", ["undefine", name]);
+  nbdmigOk(tb, "b", ["destroy", name]);
+  nbdmigOk(tb, "a", ["undefine", name]);
   for (const h of ["a", "b"] as const)
     for (const f of [`${name}.qcow2`, `${name}-shared.raw`])
       fs.rmSync(path.join(tb[h].imagesDir, f), { force: true });
@@ -129,7 +112,7 @@ function tcpRate(tb: Testbed): number {
 
 /** nbdcopy streams the same 2 GiB image (512 MiB of data) into a qemu-nbd serving a fresh image on host b. */
 function nbdcopyRate(tb: Testbed): { s: number; rate: number; wire: number } {
-  const src = makeReferenceImage(tb, "a", "peer.qcow2");
+  const src = referenceImage(tb, "a", "peer.qcow2");
   execFileSync("qemu-img", ["create", "-q", "-f", "qcow2", path.join(tb.b.imagesDir, "peer.qcow2"), "2G"]);
   const nbd = spawn(
     tb.b.execPrefix()[0]!,
