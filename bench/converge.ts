@@ -18,8 +18,19 @@ export interface ConvergeRow {
   result: string;
   totalS?: number;
   downtimeMs?: number;
+  dataAtStartMiB: number;
   guestBeforeMiBs: number;
   guestDuringMiBs: number;
+}
+
+const WARM_S = 6;
+
+/** Data allocated in an image (qemu-img map, read while the guest runs). */
+function allocatedMiB(file: string): number {
+  const map = JSON.parse(
+    execFileSync("qemu-img", ["map", "-U", "--output=json", file], { encoding: "utf8" }),
+  ) as { length: number; data: boolean; zero: boolean }[];
+  return Math.round(map.filter((e) => e.data && !e.zero).reduce((s, e) => s + e.length, 0) / 2 ** 20);
 }
 
 /** Per-second write rates from the guest's progress lines. */
@@ -39,14 +50,16 @@ async function runMode(tb: Testbed, mode: string, guestDir: string, boundS: numb
     path.join(tb.a.dir, `${name}.xml`),
     `<domain type='kvm'><name>${name}</name><memory unit='MiB'>256</memory><vcpu>1</vcpu>
 <os><type arch='x86_64' machine='q35'>hvm</type><kernel>${guestDir}/vmlinuz</kernel><initrd>${guestDir}/initrd.img</initrd>
-<cmdline>console=ttyS0 quiet nbdmig.rate=0 nbdmig.span=2048</cmdline></os>
+<cmdline>console=ttyS0 quiet nbdmig.rate=0 nbdmig.span=2048 nbdmig.warm=${WARM_S}:512</cmdline></os>
 <devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='/var/lib/nbdmig/images/${name}.qcow2'/><target dev='vda' bus='virtio'/></disk><serial type='pty'/></devices></domain>`,
   );
   nbdmig(tb, "a", ["define", `/var/lib/nbdmig/${name}.xml`]);
   nbdmig(tb, "a", ["start", name]);
-  while (rates(tb, name).length < 8) await sleep(500);
-  execFileSync("sync");
+  // Warm-up: the guest rewrites the 512 MiB of data for WARM_S seconds (its rate before), then writes
+  // across the whole disk from about when the migration starts, so the disk holds 512 MiB at the start.
+  while (rates(tb, name).length < WARM_S) await sleep(200);
   const before = rates(tb, name);
+  const dataAtStartMiB = allocatedMiB(path.join(tb.a.imagesDir, `${name}.qcow2`));
   const pre = tb.a.execPrefix();
   const child = spawn(
     pre[0]!,
@@ -84,6 +97,7 @@ async function runMode(tb: Testbed, mode: string, guestDir: string, boundS: numb
     result: status === 0 ? "completed" : `aborted at ${boundS} s (never READY)`,
     totalS: status === 0 && job.elapsedMs ? job.elapsedMs / 1000 : undefined,
     downtimeMs: status === 0 ? job.downtimeMs : undefined,
+    dataAtStartMiB,
     guestBeforeMiBs: median(before.slice(-5)),
     guestDuringMiBs: median(during),
   };

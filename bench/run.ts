@@ -70,6 +70,7 @@ if (!only || only === "converge") {
       [
         "--storage-converge",
         "result",
+        "data at start MiB",
         "total s",
         "downtime ms",
         "guest MiB/s before",
@@ -78,6 +79,7 @@ if (!only || only === "converge") {
       rows.map((r) => [
         r.mode,
         r.result,
+        f(r.dataAtStartMiB, 0),
         f(r.totalS, 1),
         f(r.downtimeMs, 0),
         f(r.guestBeforeMiBs, 0),

@@ -4,12 +4,15 @@
  * - `none`: background mirror, nothing else (a fast writer may keep it from ever becoming READY).
  * - `sync`: `copy-mode: write-blocking` from the start (libvirt's --copy-storage-synchronous-writes): every
  *   guest write waits for the destination, so the guest runs at link speed for the whole copy.
- * - `throttle`: background mirror; once a second the copy rate and the guest's dirty rate are measured from
- *   the jobs' progress. While the predicted time to READY exceeds FACTOR times what the link alone would
- *   need for the remaining data (at least TARGET_S), the guest's write bandwidth on the migrating disks is
- *   capped (`block_set_io_throttle`, `bps_wr`), stepping down while the prediction misses that and back
- *   up while there is room. The cap is lifted at READY (and set again if the dirty backlog grows during
- *   the RAM phase), and the source gets back exactly the limits it had when the job ends, however it ends.
+ * - `throttle`: background mirror; once a second the copy rate (bytes the destination acknowledged on
+ *   QEMU's NBD connection) and the guest's dirty rate (growth of the jobs' length) are measured. The copy
+ *   shrinks the remaining data at copy - dirty; when that falls below copy / FACTOR (so READY would take
+ *   more than FACTOR times what the link alone needs), the guest's write bandwidth on the migrating disks is
+ *   capped (`block_set_io_throttle`, `bps_wr`) at the share of the link that still leaves copy / FACTOR,
+ *   stepping lower while the remaining data still shrinks too slowly and back up while it shrinks faster.
+ *   A guest that writes less than that share is never capped. The cap is lifted at READY (and set again if
+ *   the dirty backlog grows during the RAM phase), and the source gets back exactly the limits it had when
+ *   the job ends, however it ends.
  * - `auto`: `throttle`, plus switching the jobs to write-blocking after READY where QEMU has
  *   `block-job-change` (8.2 and later), so nothing is left to drain at switchover.
  */
@@ -22,11 +25,12 @@ import type { MirrorState } from "./mirror.js";
 export type ConvergeMode = "auto" | "throttle" | "sync" | "none";
 export const CONVERGE_MODES: ConvergeMode[] = ["auto", "throttle", "sync", "none"];
 
-/** Aim to reach READY within this many seconds, or within FACTOR times what the link alone needs if more. */
-const TARGET_S = Number(process.env.NBDMIG_CONVERGE_TARGET_S ?? 20);
 const MIN_CAP = 1024 * 1024;
-/** How much longer than the link alone the copy may take because the guest keeps writing. */
-const FACTOR = 1.4;
+/**
+ * READY may take at most this many times what the link alone needs for the data: the guest keeps
+ * 1 - 1/FACTOR of the link for its writes (a third at 1.5). Tunable for experiments.
+ */
+const FACTOR = Number(process.env.NBDMIG_CONVERGE_FACTOR ?? 1.6);
 const MiB = 1024 * 1024;
 /** block_set_io_throttle's fields that query-block reports, restored exactly as they were. */
 const THROTTLE_KEYS = [
@@ -60,10 +64,11 @@ export class StorageConverger {
   private capBps?: number;
   private lastCap?: number;
   private capChangedAt = 0;
-  private last?: { at: number; offset: number; len: number };
-  private started = Date.now();
+  private last?: { at: number; offset: number; len: number; wire?: number; written: number };
+  private wireMissing = false;
   copyRateBps = 0;
   dirtyRateBps = 0;
+  guestWriteBps = 0;
   predictedReadyS?: number;
   private blockJobChange = false;
   private switchedToBlocking = false;
@@ -73,6 +78,8 @@ export class StorageConverger {
     private readonly targets: string[],
     readonly mode: ConvergeMode,
     private readonly log: Logger,
+    /** Bytes acknowledged so far on the mirrors' NBD connection(s), when they can be read. */
+    private readonly wire?: () => Promise<number | undefined>,
   ) {}
 
   /** The mirror's copy mode at start. */
@@ -106,60 +113,72 @@ export class StorageConverger {
   /** Called about once a second while the mirrors run. */
   async tick(jobs: MirrorState[], phase: "mirror" | "memory"): Promise<void> {
     const now = Date.now();
+    if (this.last && now - this.last.at < 900) return;
     const offset = jobs.reduce((s, j) => s + j.offset, 0);
     const len = jobs.reduce((s, j) => s + j.len, 0);
-    const remaining = Math.max(0, len - offset);
-    if (this.last && now - this.last.at >= 500) {
-      const dt = (now - this.last.at) / 1000;
-      const copy = Math.max(0, offset - this.last.offset) / dt;
-      const dirty = Math.max(0, len - this.last.len) / dt;
-      this.copyRateBps = this.copyRateBps ? this.copyRateBps * 0.5 + copy * 0.5 : copy;
-      this.dirtyRateBps = this.dirtyRateBps ? this.dirtyRateBps * 0.5 + dirty * 0.5 : dirty;
-      this.last = { at: now, offset, len };
-    } else if (!this.last) {
-      this.last = { at: now, offset, len };
-      return;
-    } else {
-      return;
+    const wire = this.wire ? await this.wire() : undefined;
+    if (this.wire && wire === undefined && !this.wireMissing) {
+      this.wireMissing = true;
+      this.log.warn(
+        "cannot read the NBD connection's byte count with ss; estimating the copy rate from job progress",
+      );
     }
-    const net = this.copyRateBps - this.dirtyRateBps;
-    this.predictedReadyS = net > 0 ? remaining / net : undefined;
+    const qdevs = new Set(this.qdev.values());
+    const written = (await this.qmp.execute("query-blockstats"))
+      .filter((b) => b.qdev !== undefined && qdevs.has(b.qdev))
+      .reduce((s, b) => s + b.stats.wr_bytes, 0);
+    const remaining = Math.max(0, len - offset);
+    const last = this.last;
+    this.last = { at: now, offset, len, wire, written };
+    if (!last) return;
+    const dt = (now - last.at) / 1000;
+    const copy =
+      wire !== undefined && last.wire !== undefined
+        ? Math.max(0, wire - last.wire) / dt
+        : Math.max(0, offset - last.offset) / dt;
+    const ewma = (prev: number, x: number): number => (prev ? prev * 0.5 + x * 0.5 : x);
+    this.copyRateBps = ewma(this.copyRateBps, copy);
+    this.dirtyRateBps = ewma(this.dirtyRateBps, Math.max(0, len - last.len) / dt);
+    this.guestWriteBps = ewma(this.guestWriteBps, Math.max(0, written - last.written) / dt);
+    // `remaining` still holds zero regions the copy will skip over, so this errs on the late side.
+    const shrink = this.copyRateBps - this.dirtyRateBps;
+    this.predictedReadyS = shrink > 0 ? remaining / shrink : undefined;
     if (!this.throttling) return;
     if (phase === "memory") {
-      // After READY the cap is off, but whatever is dirty at the switchover is copied while the guest is
-      // paused: keep the backlog within about a quarter second of copying, lowering the cap while it grows.
+      // Whatever is dirty at the switchover is copied while the guest is paused: keep the backlog within
+      // about a quarter second of copying, lowering the cap while it grows.
       const small = Math.max(8 * MiB, this.copyRateBps / 4);
       if (remaining > small && now - this.capChangedAt >= 1000) {
-        const base = this.capBps ?? Math.min(this.lastCap ?? Infinity, this.copyRateBps * 0.5);
-        const next = this.capBps === undefined ? base : base / 2;
+        const next = this.capBps ?? Math.min(this.lastCap ?? Infinity, this.share);
         await this.apply(
-          Math.max(MIN_CAP, Math.round(next)),
+          Math.max(MIN_CAP, Math.round(this.capBps === undefined ? next : next / 2)),
           `dirty backlog of ${Math.round(remaining / MiB)} MiB in the RAM phase`,
         );
       }
       return;
     }
-    if (now - this.started < 3000 || now - this.capChangedAt < 2000 || this.copyRateBps < MIN_CAP) return;
-    // Even a guest that stopped writing needs remaining/copy seconds; allow FACTOR times that (at least
-    // TARGET_S). Known weakness: the copy rate comes from the jobs' progress, which counts zero regions
-    // (sent as WRITE_ZEROES), so it and the prediction run optimistic and the cap bites late (README,
-    // Benchmarks). Measuring the bytes on the NBD connection would fix both.
-    const allowed = Math.max(TARGET_S, FACTOR * (remaining / this.copyRateBps));
-    const late = this.predictedReadyS === undefined || this.predictedReadyS > allowed;
-    if (late) {
-      const next = this.capBps === undefined ? this.copyRateBps * 0.5 : this.capBps / 2;
-      const why = `remaining ${Math.round(remaining / MiB)} MiB, predicted ${this.predictedReadyS === undefined ? "never" : `${this.predictedReadyS.toFixed(0)} s`}, allowed ${allowed.toFixed(0)} s`;
-      await this.apply(Math.max(MIN_CAP, Math.round(next)), why);
-    } else if (
-      this.capBps !== undefined &&
-      this.predictedReadyS! < allowed / 2 &&
-      this.capBps < this.copyRateBps * 0.75
-    ) {
-      await this.apply(
-        Math.round(Math.min(this.capBps * 1.5, this.copyRateBps * 0.75)),
-        "converging with room to spare",
-      );
+    if (now - this.capChangedAt < 2000 || this.copyRateBps < MIN_CAP) return;
+    // What the guest writes costs copy time even where QEMU's bitmap does not grow: a write ahead of the
+    // copy turns a cheap zero region into data. So the guest's write rate counts in full until READY.
+    const pressure = Math.max(this.dirtyRateBps, this.guestWriteBps);
+    const net = this.copyRateBps - pressure;
+    const needed = this.copyRateBps / FACTOR;
+    const why = `copy ${mibs(this.copyRateBps)}, guest writes ${mibs(this.guestWriteBps)} (dirty ${mibs(this.dirtyRateBps)}), remaining ${Math.round(remaining / MiB)} MiB shrinks at ${mibs(net)}, needs ${mibs(needed)}`;
+    if (net < needed * 0.9) {
+      // First the guest's share. Lower only once the measured writes obey the cap (the average lags it)
+      // and the remaining data still shrinks too slowly, e.g. because the link got slower.
+      if (this.capBps !== undefined && this.guestWriteBps > this.capBps * 1.1) return;
+      const next = this.capBps === undefined ? this.share : Math.min(this.capBps * 0.75, this.share);
+      if (this.capBps === undefined || next < this.capBps * 0.95)
+        await this.apply(Math.max(MIN_CAP, Math.round(next)), why);
+    } else if (this.capBps !== undefined && net > needed * 1.25 && this.capBps < this.share * 0.95) {
+      await this.apply(Math.round(Math.min(this.capBps * 1.25, this.share)), why);
     }
+  }
+
+  /** The write bandwidth that still leaves the copy shrinking the remaining data at copy / FACTOR. */
+  private get share(): number {
+    return this.copyRateBps * (1 - 1 / FACTOR);
   }
 
   /** At READY: lift the cap; with `auto`, switch to write-blocking where QEMU can. */
@@ -173,11 +192,20 @@ export class StorageConverger {
         });
       this.switchedToBlocking = true;
     }
-    if (this.capBps !== undefined) {
-      this.lastCap = this.capBps;
-      await this.restore();
-      this.log.info({ targets: this.targets }, "mirrors READY: write cap lifted");
+    if (this.capBps === undefined) return;
+    // A guest still pressing against the cap would refill the backlog at once and slow the RAM phase,
+    // so the cap then stays until the switchover (the destination starts without it).
+    // Memory now shares the link with those writes, so the cap is halved to bring the switchover sooner.
+    if (!this.switchedToBlocking && this.guestWriteBps >= this.capBps * 0.8) {
+      await this.apply(
+        Math.max(MIN_CAP, Math.round(this.capBps / 2)),
+        `READY with the guest still writing at its cap (${mibs(this.guestWriteBps)}): halved until the switchover while memory is copied`,
+      );
+      return;
     }
+    this.lastCap = this.capBps;
+    await this.restore();
+    this.log.info({ targets: this.targets }, "mirrors READY: write cap lifted");
   }
 
   private async apply(cap: number, why: string): Promise<void> {
@@ -191,15 +219,7 @@ export class StorageConverger {
     }
     this.capBps = cap;
     this.capChangedAt = Date.now();
-    this.log.info(
-      {
-        capMiBs: (cap / MiB).toFixed(1),
-        copyMiBs: (this.copyRateBps / MiB).toFixed(1),
-        dirtyMiBs: (this.dirtyRateBps / MiB).toFixed(1),
-        why,
-      },
-      "guest write cap set",
-    );
+    this.log.info({ cap: mibs(cap), why }, "guest write cap set");
   }
 
   /** Puts back exactly the limits the disks had before the migration (idempotent). */
@@ -225,11 +245,14 @@ export class StorageConverger {
       writeCapBps: this.capBps ?? null,
       copyRateBps: Math.round(this.copyRateBps),
       dirtyRateBps: Math.round(this.dirtyRateBps),
+      guestWriteBps: Math.round(this.guestWriteBps),
       predictedReadyS: this.predictedReadyS === undefined ? null : Math.round(this.predictedReadyS * 10) / 10,
       writeBlockingAfterReady: this.switchedToBlocking,
     };
   }
 }
+
+const mibs = (bps: number): string => `${(bps / MiB).toFixed(1)} MiB/s`;
 
 function zeroLimits(): Record<string, number> {
   return { bps: 0, bps_rd: 0, bps_wr: 0, iops: 0, iops_rd: 0, iops_wr: 0 };

@@ -20,6 +20,7 @@ import { selectDisks, type CookieDisk, type MigrationCookie } from "./cookie.js"
 import type { PrepareResult } from "./destination.js";
 import { Mirrors } from "./mirror.js";
 import { StorageConverger, type ConvergeMode } from "./converge.js";
+import { tcpBytesAcked } from "./wire.js";
 import { PhaseMachine, protocolPhase, sourceMachine, type SourcePhase } from "./phases.js";
 
 export interface MigrateRequest {
@@ -287,7 +288,10 @@ export class OutgoingMigration {
     this.machine.advance("perform:mirror");
     const p = this.prepared!;
     const targets = this.cookie.disks.map((d) => d.target);
-    this.converger = new StorageConverger(this.qmp, targets, this.req.storageConverge, this.log);
+    const qemuPid = this.run.pid;
+    this.converger = new StorageConverger(this.qmp, targets, this.req.storageConverge, this.log, () =>
+      tcpBytesAcked(qemuPid, p.nbd.port),
+    );
     await this.converger.init();
     await this.qmp.execute("migrate-set-capabilities", {
       capabilities: [

@@ -32,6 +32,12 @@ export interface BlockInfo {
   };
 }
 
+export interface BlockStats {
+  device: string;
+  qdev?: string;
+  stats: { wr_bytes: number; rd_bytes: number; wr_operations: number; rd_operations: number };
+}
+
 export interface BlockJobInfo {
   type: string;
   device: string;
@@ -82,6 +88,7 @@ export interface QmpCommands {
   "query-status": { args: undefined; ret: { running: boolean; status: RunState; singlestep?: boolean } };
   "query-block": { args: undefined; ret: BlockInfo[] };
   "query-block-jobs": { args: undefined; ret: BlockJobInfo[] };
+  "query-blockstats": { args: undefined; ret: BlockStats[] };
   "query-migrate": { args: undefined; ret: MigrationInfo };
   "query-kvm": { args: undefined; ret: { enabled: boolean; present: boolean } };
   "query-commands": { args: undefined; ret: { name: string }[] };
