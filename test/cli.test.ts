@@ -134,7 +134,7 @@ describe("nbdmig CLI against a running agent", { timeout: 300_000 }, () => {
     );
     assert.match(
       ok(["qemu-monitor-command", "c1", "--hmp", "info", "block"]),
-      /vda: \/var\/lib\/nbdmig\/images\/c1.qcow2 \(qcow2\)/,
+      /(drive-vda \(vda\)|vda): \/var\/lib\/nbdmig\/images\/c1.qcow2 \(qcow2\)/,
     );
     const badQmp = run(["qemu-monitor-command", "c1", "query-status"]);
     assert.equal(badQmp.status, 2);

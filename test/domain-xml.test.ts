@@ -232,4 +232,31 @@ describe("domain XML", () => {
     assert.deepEqual(incoming.slice(-3), ["-S", "-incoming", "defer"]);
     assert.equal(incoming[incoming.indexOf("-cpu") + 1], "host,arch-capabilities=off");
   });
+
+  it("the drive layout gives the same nodes a named BlockBackend, with commas in paths escaped", () => {
+    const { def } = parseDomainXml(realistic);
+    def.disks[0]!.source = "/images/web,01.qcow2";
+    const args = buildQemuArgs(def, { accel: "tcg", qmpSocket: "/q", serialLog: "/s", layout: "drive" });
+    assert.ok(!args.includes("-blockdev"));
+    const drives = args.flatMap((a, i) => (args[i - 1] === "-drive" ? [a] : []));
+    const vda = drives.find((d) => d.includes("id=drive-vda,"))!;
+    for (const opt of [
+      "if=none",
+      "node-name=vda",
+      "driver=qcow2",
+      "read-only=off",
+      "file.driver=file",
+      "file.filename=/images/web,,01.qcow2",
+      "file.node-name=vda-storage",
+      "file.cache.direct=on",
+    ])
+      assert.ok(vda.split(/,(?!,)/).includes(opt) || vda.includes(opt), `${opt} in ${vda}`);
+    assert.ok(
+      drives.find((d) => d.includes("id=drive-sdb,"))!.includes("read-only=on"),
+      "the cdrom is read-only",
+    );
+    const devices = args.flatMap((a, i) => (args[i - 1] === "-device" ? [a] : []));
+    assert.ok(devices.some((d) => d.startsWith("virtio-blk-pci,id=disk-vda,drive=drive-vda")));
+    assert.ok(devices.some((d) => d.startsWith("scsi-hd,id=disk-sda,drive=drive-sda")));
+  });
 });

@@ -207,7 +207,7 @@ describe("failed migrations leave the source running and the destination clean",
     assert.equal(gone.status, 1);
     assert.match(
       gone.stderr,
-      /error: prepare on 198\.18\.0\.2: cannot reach the agent at nbdmig:\/\/198\.18\.0\.2:7900: ECONNREFUSED/,
+      /error: begin on 198\.18\.0\.2: cannot reach the agent at nbdmig:\/\/198\.18\.0\.2:7900: ECONNREFUSED/,
     );
     await assertSourceIntact(tb!, NAME, pid);
   });

@@ -28,7 +28,9 @@ describe("live migration with --copy-storage-all", { timeout: 900_000 }, () => {
   before(async () => {
     if (!available(TOOLS, true)) return;
     guest = testGuest();
-    tb = await Testbed.up();
+    // The source runs the -blockdev layout and the destination the default (-drive where QEMU has block
+    // migration), so the NBD path is tested with both layouts and across them; other suites use the default.
+    tb = await Testbed.up({ agentArgs: { a: ["--disk-layout", "blockdev"] } });
   });
   after(async () => tb?.down());
 

@@ -5,6 +5,8 @@
 import os from "node:os";
 import { UsageError } from "../errors.js";
 import { domainToXml, parseDomainXml } from "../domain/xml.js";
+import type { DiskLayout } from "../domain/qemu-args.js";
+import { probeQemuFeatures } from "../qemu/features.js";
 import { probeKvm } from "../qemu/launcher.js";
 import type { DomainRegistry } from "./domains.js";
 import { Router, str } from "./http.js";
@@ -15,6 +17,38 @@ export interface HostFacts {
   listen: string;
   accel: string;
   nbd: boolean;
+}
+
+/** What this host can offer a storage migration; Begin asks it of the destination. */
+export interface StorageCapabilities {
+  qemu: string;
+  /** It can receive disks over NBD: its QEMU has the NBD server and the agent does not run with --no-nbd. */
+  nbd: boolean;
+  /** Why not, when it cannot. */
+  nbdWhyNot?: string;
+  /** Its QEMU can carry disks inside the migration stream (block migration). */
+  stream: boolean;
+  /** The disk layout its new domains get (in-stream migration needs `drive`). */
+  diskLayout: DiskLayout;
+}
+
+export async function storageCapabilities(
+  reg: DomainRegistry,
+  nbdAllowed: boolean,
+): Promise<StorageCapabilities> {
+  const f = await probeQemuFeatures();
+  const nbd = nbdAllowed && f.nbdServer;
+  return {
+    qemu: f.version,
+    nbd,
+    nbdWhyNot: nbd
+      ? undefined
+      : !nbdAllowed
+        ? "its agent runs with --no-nbd"
+        : `its QEMU ${f.version} has no NBD server${f.error ? ` (${f.error})` : ""}`,
+    stream: f.blockMigration,
+    diskLayout: await reg.diskLayout(),
+  };
 }
 
 export function domainRoutes(router: Router, reg: DomainRegistry, host: HostFacts): Router {
@@ -46,6 +80,7 @@ export function domainRoutes(router: Router, reg: DomainRegistry, host: HostFact
       accel: host.accel,
       kvm: await probeKvm(),
       nbd: host.nbd,
+      storage: await storageCapabilities(reg, host.nbd),
     }))
     .add("GET", "/v1/domains", async () => {
       const out = [];

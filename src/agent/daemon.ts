@@ -3,7 +3,7 @@ import fs from "node:fs";
 import type { AddressInfo } from "node:net";
 import { pino } from "pino";
 import { UsageError } from "../errors.js";
-import type { Accel } from "../domain/qemu-args.js";
+import type { Accel, DiskLayout } from "../domain/qemu-args.js";
 import { domainRoutes } from "./api.js";
 import { parseAgentUri, readToken } from "./client.js";
 import { DomainRegistry } from "./domains.js";
@@ -19,6 +19,7 @@ export interface DaemonOptions {
   logLevel: string;
   /** Refuse to serve NBD for incoming storage copies (hosts where only the migration port is open). */
   noNbd: boolean;
+  diskLayout: "auto" | DiskLayout;
 }
 
 export async function runDaemon(opts: DaemonOptions): Promise<void> {
@@ -31,7 +32,7 @@ export async function runDaemon(opts: DaemonOptions): Promise<void> {
     throw new UsageError(`cannot create the state directory ${opts.stateDir}: ${(err as Error).message}`);
   }
   const token = opts.tokenFile ? readToken(opts.tokenFile) : state.ensureToken();
-  const reg = new DomainRegistry(state, log, opts.accel);
+  const reg = new DomainRegistry(state, log, opts.accel, opts.diskLayout);
   await reg.load();
   const migrations = new MigrationManager(reg, log, { token, noNbd: opts.noNbd });
   await migrations.recover();

@@ -7,8 +7,9 @@ import { setTimeout as sleep } from "node:timers/promises";
 import type { Logger } from "pino";
 import { DomainStateError, UsageError } from "../errors.js";
 import type { DomainDef } from "../domain/model.js";
-import { buildQemuArgs, throttleArgs, type Accel } from "../domain/qemu-args.js";
+import { buildQemuArgs, throttleArgs, type Accel, type DiskLayout } from "../domain/qemu-args.js";
 import { domainToXml, parseDomainXml } from "../domain/xml.js";
+import { probeQemuFeatures } from "../qemu/features.js";
 import { imageInfo } from "../qemu/img.js";
 import { chooseAccel, launchQemu, pidAlive } from "../qemu/launcher.js";
 import { QmpClient } from "../qemu/qmp.js";
@@ -23,6 +24,8 @@ export interface RunningDomain {
   id: number;
   pid: number;
   accel: Accel;
+  /** How QEMU attached the disks; `drive` gives them the named BlockBackends in-stream migration needs. */
+  layout: DiskLayout;
   qmp: QmpClient;
   startedAt: number;
   /** The definition QEMU was started from (may differ from the persistent one after a redefine). */
@@ -47,6 +50,7 @@ interface RuntimeRecord {
   id: number;
   pid: number;
   accel: Accel;
+  layout?: DiskLayout;
   startedAt: number;
   persistent: boolean;
   xml: string;
@@ -58,6 +62,8 @@ export interface StartOptions {
   incoming?: boolean;
   /** Use this accelerator (a migration destination must match its source). */
   accel?: Accel;
+  /** Use this disk layout instead of the agent's choice (an in-stream destination needs `drive`). */
+  layout?: DiskLayout;
 }
 
 export class DomainRegistry {
@@ -68,7 +74,15 @@ export class DomainRegistry {
     readonly state: StateDir,
     private readonly log: Logger,
     private readonly accelChoice: "auto" | Accel,
+    /** `auto`: `drive` where this QEMU has in-stream block migration, else `blockdev`. */
+    private readonly layoutChoice: "auto" | DiskLayout = "auto",
   ) {}
+
+  /** The disk layout new domains get here. */
+  async diskLayout(): Promise<DiskLayout> {
+    if (this.layoutChoice !== "auto") return this.layoutChoice;
+    return (await probeQemuFeatures()).blockMigration ? "drive" : "blockdev";
+  }
 
   /** Loads definitions and reattaches to QEMU processes that survived an agent restart. */
   async load(): Promise<void> {
@@ -108,6 +122,7 @@ export class DomainRegistry {
           id: rec.id,
           pid: rec.pid,
           accel: rec.accel,
+          layout: rec.layout ?? "blockdev",
           qmp,
           startedAt: rec.startedAt,
           def,
@@ -245,8 +260,10 @@ export class DomainRegistry {
       }
     }
     const accel = opts.accel ?? (await chooseAccel(this.accelChoice, def.type));
+    const layout = opts.layout ?? (await this.diskLayout());
     const args = buildQemuArgs(def, {
       accel,
+      layout,
       qmpSocket: this.state.qmpSocket(name),
       serialLog: this.state.serialLog(name),
       incoming: opts.incoming,
@@ -259,6 +276,7 @@ export class DomainRegistry {
       id: this.nextId++,
       pid,
       accel,
+      layout,
       qmp,
       startedAt: Date.now(),
       def,
@@ -430,6 +448,7 @@ export class DomainRegistry {
       id: r.id,
       pid: r.pid,
       accel: r.accel,
+      layout: r.layout,
       startedAt: r.startedAt,
       persistent: e.persistent,
       xml: domainToXml(r.def),

@@ -1,8 +1,19 @@
-/** The QEMU command line for a domain: -blockdev nodes named after the disk target, one QMP socket. */
+/**
+ * The QEMU command line for a domain: disk nodes named after the disk target, one QMP socket.
+ *
+ * Two disk layouts give the same node names (`vda`, `vda-storage`) and device ids (`disk-vda`):
+ * - `blockdev`: `-blockdev` nodes, the device's BlockBackend anonymous (the modern way);
+ * - `drive`: `-drive if=none,id=drive-vda,...`: the same nodes under a *named* BlockBackend. QEMU's
+ *   in-stream block migration (7.2 and older) finds disks on the destination by that name and fails on
+ *   nameless ones ("Error unknown block device"), so the agent uses this layout wherever its QEMU still
+ *   has block migration (README, Architecture).
+ */
 import type { DiskDef, DomainDef } from "./model.js";
 import { diskIndex } from "./xml.js";
 
 export type Accel = "kvm" | "tcg";
+export type DiskLayout = "blockdev" | "drive";
+export const DISK_LAYOUTS: DiskLayout[] = ["blockdev", "drive"];
 
 export interface QemuArgsOptions {
   accel: Accel;
@@ -10,12 +21,16 @@ export interface QemuArgsOptions {
   serialLog: string;
   /** Start paused waiting for an incoming migration (`-S -incoming defer`). */
   incoming?: boolean;
+  /** How disks are attached; `blockdev` when absent. */
+  layout?: DiskLayout;
 }
 
 /** Node names: the format node is the target (`vda`), its protocol node `vda-storage`; device id `disk-vda`. */
 export const formatNode = (target: string): string => target;
 export const storageNode = (target: string): string => `${target}-storage`;
 export const deviceId = (target: string): string => `disk-${target}`;
+/** The named BlockBackend of the `drive` layout. */
+export const driveId = (target: string): string => `drive-${target}`;
 
 export function isQ35(def: DomainDef): boolean {
   return (def.os.machine ?? "q35").includes("q35");
@@ -49,7 +64,7 @@ export function buildQemuArgs(def: DomainDef, opts: QemuArgsOptions): string[] {
 
   if (def.disks.some((d) => d.bus === "scsi")) a.push("-device", "virtio-scsi-pci,id=scsi0");
   if (def.disks.some((d) => d.bus === "sata") && !isQ35(def)) a.push("-device", "ahci,id=sata0");
-  for (const d of def.disks) a.push(...diskArgs(def, d));
+  for (const d of def.disks) a.push(...diskArgs(def, d, opts.layout ?? "blockdev"));
 
   def.interfaces.forEach((nic, i) => {
     a.push("-netdev", `user,id=net${i}`);
@@ -62,7 +77,7 @@ export function buildQemuArgs(def: DomainDef, opts: QemuArgsOptions): string[] {
   return a;
 }
 
-function diskArgs(def: DomainDef, d: DiskDef): string[] {
+function diskArgs(def: DomainDef, d: DiskDef, layout: DiskLayout): string[] {
   const a: string[] = [];
   const cache = d.cache ?? "default";
   const direct = cache === "none" || cache === "directsync";
@@ -86,10 +101,23 @@ function diskArgs(def: DomainDef, d: DiskDef): string[] {
       cache: { direct, "no-flush": noFlush },
     };
     if (d.detectZeroes) format["detect-zeroes"] = d.detectZeroes;
-    a.push("-blockdev", JSON.stringify(storage), "-blockdev", JSON.stringify(format));
+    if (layout === "blockdev") {
+      a.push("-blockdev", JSON.stringify(storage), "-blockdev", JSON.stringify(format));
+    } else {
+      const opts: [string, unknown][] = [
+        ["if", "none"],
+        ["id", driveId(d.target)],
+        ...Object.entries(format).filter(([k]) => k !== "file"),
+        ...Object.entries(storage)
+          .filter(([k]) => k !== "auto-read-only")
+          .map(([k, v]): [string, unknown] => [`file.${k}`, v]),
+      ];
+      a.push("-drive", driveOpts(opts));
+    }
   }
   const props: string[] = [`id=${deviceId(d.target)}`];
-  if (d.source !== undefined) props.push(`drive=${formatNode(d.target)}`);
+  if (d.source !== undefined)
+    props.push(`drive=${layout === "blockdev" ? formatNode(d.target) : driveId(d.target)}`);
   if (d.device === "disk") props.push(`write-cache=${writeCache ? "on" : "off"}`);
   if (d.shareable) props.push("share-rw=on");
   if (d.serial) props.push(`serial=${d.serial}`);
@@ -106,6 +134,21 @@ function diskArgs(def: DomainDef, d: DiskDef): string[] {
   }
   a.push("-device", `${driver},${props.join(",")}`);
   return a;
+}
+
+/** `-drive` key=value options: nested objects become dotted keys, booleans on/off, commas doubled. */
+function driveOpts(entries: [string, unknown][]): string {
+  const out: string[] = [];
+  const add = (key: string, v: unknown): void => {
+    if (v !== null && typeof v === "object") {
+      for (const [k, x] of Object.entries(v)) add(`${key}.${k}`, x);
+    } else {
+      const val = typeof v === "boolean" ? (v ? "on" : "off") : String(v);
+      out.push(`${key}=${val.replaceAll(",", ",,")}`);
+    }
+  };
+  for (const [k, v] of entries) add(k, v);
+  return out.join(",");
 }
 
 /**

@@ -21,6 +21,9 @@ export interface CookieDisk {
   chain?: { path: string; format: string; virtualSize: number; sha256?: string }[];
 }
 
+/** How the disks travel: NBD mirrors, inside the migration stream (QEMU block migration), or not at all. */
+export type StoragePath = "nbd" | "stream" | "none";
+
 export interface MigrationCookie {
   /** The running definition, as domain XML. */
   xml: string;
@@ -28,6 +31,7 @@ export interface MigrationCookie {
   uuid: string;
   accel: Accel;
   disks: CookieDisk[];
+  storagePath: StoragePath;
 }
 
 export function selectDisks(def: DomainDef, migrateDisks?: string[]): DiskDef[] {

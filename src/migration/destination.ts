@@ -46,6 +46,8 @@ export class IncomingMigration {
   readonly created: string[] = [];
   lastSeen = Date.now();
   error?: string;
+  /** Whether this Prepare started an NBD server (not for storage in the stream, nor without disks). */
+  private nbdServing = false;
   private entry?: DomainEntry;
   private watchdog?: NodeJS.Timeout;
   private cleaning?: Promise<void>;
@@ -128,7 +130,12 @@ export class IncomingMigration {
       abort: () => this.cleanup("aborted on the destination"),
     };
     const run = await this.entry.lock.run(() =>
-      this.reg.start(def.name, { incoming: true, accel: cookie.accel }),
+      // Block migration finds each disk by its BlockBackend's name: only the `drive` layout has them.
+      this.reg.start(def.name, {
+        incoming: true,
+        accel: cookie.accel,
+        layout: cookie.storagePath === "stream" ? "drive" : undefined,
+      }),
     );
     run.qmp.once("close", () => {
       if (this.machine.is("prepare", "prepared", "finish")) {
@@ -144,13 +151,17 @@ export class IncomingMigration {
       ],
     });
     const host = this.req.listenHost;
-    const nbdPort = await bindFromPool(NBD_PORTS, this.req.disksPort, (port) =>
-      qmp
-        .execute("nbd-server-start", { addr: { type: "inet", data: { host, port: String(port) } } })
-        .then(() => undefined),
-    );
+    const nbd = cookie.storagePath !== "stream" && cookie.disks.length > 0;
+    const nbdPort = nbd
+      ? await bindFromPool(NBD_PORTS, this.req.disksPort, (port) =>
+          qmp
+            .execute("nbd-server-start", { addr: { type: "inet", data: { host, port: String(port) } } })
+            .then(() => undefined),
+        )
+      : 0;
+    this.nbdServing = nbd;
     const exports: Record<string, string> = {};
-    for (const d of cookie.disks) {
+    for (const d of nbd ? cookie.disks : []) {
       await qmp.execute("block-export-add", {
         type: "nbd",
         id: `nbdmig-export-${d.target}`,
@@ -249,7 +260,11 @@ export class IncomingMigration {
         await new Promise((r) => setTimeout(r, 50));
       }
       // The order matters: resuming while an export still holds the image fails on permissions.
-      await qmp.execute("nbd-server-stop");
+      if (this.nbdServing) await qmp.execute("nbd-server-stop");
+      // Once Confirm stops the source, these images are the only copy, and what the guest had flushed there
+      // must be on disk here too. `stop` on a paused VM drains and flushes every disk (QEMU's do_vm_stop);
+      // block migration in particular leaves its writes in QEMU's caches.
+      await qmp.execute("stop");
       if (!opts.suspend) await qmp.execute("cont");
       this.entry!.job = undefined;
       if (opts.persistent) this.reg.persist(this.name);

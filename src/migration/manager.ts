@@ -2,6 +2,7 @@
  * Migration jobs of one agent, and their API. Source calls come from the CLI; destination calls come from
  * the source agent (peer to peer). Each route says in which phase it is valid; the job enforces it.
  */
+import { probeQemuFeatures } from "../qemu/features.js";
 import type { Logger } from "pino";
 import { DomainStateError, NbdmigError, UsageError } from "../errors.js";
 import type { DomainRegistry } from "../agent/domains.js";
@@ -63,8 +64,15 @@ export class MigrationManager {
 
   /** Valid in no phase on this host: the name must be free. */
   async prepare(req: PrepareRequest): Promise<Record<string, unknown>> {
-    if (this.opts.noNbd && req.cookie.disks.length > 0) {
+    const path = req.cookie.storagePath ?? (req.cookie.disks.length > 0 ? "nbd" : "none");
+    if (path === "nbd" && this.opts.noNbd) {
       throw new UsageError(`this agent runs with --no-nbd and cannot receive disks over NBD`, "E_NO_NBD");
+    }
+    if (path === "stream" && !(await probeQemuFeatures()).blockMigration) {
+      throw new UsageError(
+        `this host's QEMU ${(await probeQemuFeatures()).version} cannot receive disks in the migration stream`,
+        "E_NO_STORAGE_PATH",
+      );
     }
     const m = new IncomingMigration(this.reg, this.log, req, (done) => {
       this.finished.set(done.name, done.describe());

@@ -20,7 +20,8 @@ export type SourcePhase =
 
 const SOURCE_NEXT: Record<SourcePhase, SourcePhase[]> = {
   begin: ["prepare", "rollback"],
-  prepare: ["perform:mirror", "rollback"],
+  // Storage in the migration stream (or none) has no mirror phase.
+  prepare: ["perform:mirror", "perform:memory", "rollback"],
   "perform:mirror": ["perform:memory", "rollback"],
   "perform:memory": ["perform:switchover", "rollback"],
   "perform:switchover": ["finish", "rollback"],

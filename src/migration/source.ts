@@ -7,6 +7,7 @@
  */
 import { setTimeout as sleep } from "node:timers/promises";
 import type { Logger } from "pino";
+import type { StorageCapabilities } from "../agent/api.js";
 import { AgentClient, parseAgentUri } from "../agent/client.js";
 import type { DomainEntry, DomainRegistry, RunningDomain } from "../agent/domains.js";
 import { errorMessage, MigrationError, NbdmigError, UsageError, type MigrationPhase } from "../errors.js";
@@ -14,9 +15,10 @@ import { domainToXml } from "../domain/xml.js";
 import { formatNode } from "../domain/qemu-args.js";
 import type { QmpClient, QmpEvent } from "../qemu/qmp.js";
 import type { MigrationStats } from "../qemu/qmp-schema.js";
+import { probeQemuFeatures, type QemuFeatures } from "../qemu/features.js";
 import { backingChain } from "../qemu/img.js";
 import { sha256File } from "../util/hash.js";
-import { selectDisks, type CookieDisk, type MigrationCookie } from "./cookie.js";
+import { selectDisks, type CookieDisk, type MigrationCookie, type StoragePath } from "./cookie.js";
 import type { PrepareResult } from "./destination.js";
 import { Mirrors } from "./mirror.js";
 import { StorageConverger, type ConvergeMode } from "./converge.js";
@@ -39,6 +41,42 @@ export interface MigrateRequest {
   undefineSource: boolean;
   suspend: boolean;
   timeoutSec?: number;
+}
+
+/**
+ * How the disks travel: NBD mirrors when the destination can serve NBD; else inside the migration stream
+ * (QEMU's block migration) when both QEMUs still have it, the domain's disks are named BlockBackends, and
+ * no writable disk would be sent that must not be (QEMU's block migration sends every writable disk).
+ * Otherwise Begin refuses, naming what each side lacks.
+ */
+export function chooseStoragePath(
+  run: RunningDomain,
+  copied: CookieDisk[],
+  dest: StorageCapabilities,
+  src: QemuFeatures,
+): "nbd" | "stream" {
+  if (dest.nbd) return "nbd";
+  const lacks: string[] = [];
+  if (!src.blockMigration)
+    lacks.push(`the source QEMU ${src.version} has no in-stream block migration (QEMU removed it in 9.1)`);
+  if (!dest.stream)
+    lacks.push(`the destination QEMU ${dest.qemu} has no in-stream block migration (QEMU removed it in 9.1)`);
+  if (run.layout !== "drive")
+    lacks.push(
+      `domain '${run.def.name}' runs with the blockdev disk layout, whose nameless disks the stream cannot address; restart it under an agent with --disk-layout drive (or auto)`,
+    );
+  for (const d of run.def.disks) {
+    if (d.source === undefined || d.readonly || copied.some((c) => c.target === d.target)) continue;
+    lacks.push(
+      `disk ${d.target} is writable but must not be copied (${d.shareable ? "shareable" : "left out by --migrate-disks"}), and QEMU's in-stream migration sends every writable disk; make it <readonly/> or detach it for the migration`,
+    );
+  }
+  if (lacks.length === 0) return "stream";
+  throw new MigrationError(
+    "begin",
+    `the disks cannot be copied: the destination cannot serve NBD (${dest.nbdWhyNot}), and storage cannot travel in the migration stream because ${lacks.join("; ")}`,
+    "E_NO_STORAGE_PATH",
+  );
 }
 
 /** Without an answer from the destination agent for this long, the migration is rolled back. */
@@ -66,6 +104,8 @@ export class OutgoingMigration {
   private timeoutTimer?: NodeJS.Timeout;
   private memory?: MigrationStats;
   private memoryRateBps = 0;
+  /** Block migration's progress, when the disks ride in the migration stream. */
+  private streamDisk?: { transferred: number; remaining: number; total: number };
   private downtimeMs?: number;
   private readyAt?: number;
   private finishedAt?: number;
@@ -168,14 +208,45 @@ export class OutgoingMigration {
       }
       cookieDisks.push(disk);
     }
+    const peer = new AgentClient(destAddr, req.destToken ?? ownToken, 60_000);
+    let storagePath: StoragePath = "none";
+    if (cookieDisks.length > 0) {
+      const host = await peer
+        .call<{ storage?: StorageCapabilities }>("GET", "/v1/host", undefined, 10_000)
+        .catch((err: unknown) => {
+          throw new MigrationError(
+            "begin",
+            `on ${destAddr.host}: ${errorMessage(err)}`,
+            (err as NbdmigError).code,
+          );
+        });
+      if (!host.storage) {
+        throw new MigrationError(
+          "begin",
+          `the agent at ${req.dest} does not report its storage capabilities; upgrade it to this nbdmig version`,
+          "E_PEER_VERSION",
+        );
+      }
+      storagePath = chooseStoragePath(run, cookieDisks, host.storage, await probeQemuFeatures());
+      if (storagePath === "stream") {
+        notes.push(
+          `storage path: in the migration stream (QEMU block migration${req.copyStorage === "inc" ? ", incremental" : ""}): the destination cannot serve NBD (${host.storage.nbdWhyNot})`,
+        );
+        if (req.storageConverge !== "none" && req.storageConverge !== "auto")
+          notes.push(
+            `--storage-converge ${req.storageConverge} applies to NBD mirrors; in the stream, storage converges with memory (auto-converge, --timeout)`,
+          );
+        if (req.disksPort !== undefined) notes.push("--disks-port is not used: no NBD connection is made");
+      }
+    }
     const cookie: MigrationCookie = {
       xml: domainToXml(run.def),
       name,
       uuid: run.def.uuid,
       accel: run.accel,
       disks: cookieDisks,
+      storagePath,
     };
-    const peer = new AgentClient(destAddr, req.destToken ?? ownToken, 60_000);
     const m = new OutgoingMigration(reg, entry, req, log, onDone, cookie, peer);
     m.notes.push(...notes);
     entry.job = { kind: "outgoing migration", describe: () => m.describe(), abort: () => m.abort() };
@@ -197,7 +268,8 @@ export class OutgoingMigration {
   private async execute(): Promise<void> {
     try {
       await this.prepare();
-      await this.mirror();
+      if (this.cookie.storagePath === "nbd") await this.mirror();
+      else await this.setupMigration();
       await this.migrateMemory();
       await this.finishRemote();
       await this.confirm();
@@ -293,23 +365,7 @@ export class OutgoingMigration {
       tcpBytesAcked(qemuPid, p.nbd.port),
     );
     await this.converger.init();
-    await this.qmp.execute("migrate-set-capabilities", {
-      capabilities: [
-        { capability: "events", state: true },
-        { capability: "pause-before-switchover", state: true },
-        // RAM converges too: QEMU slows the vCPUs only if dirty memory keeps it from finishing.
-        { capability: "auto-converge", state: this.converger.throttling },
-      ],
-    });
-    const bps = this.req.bandwidthMiB ? this.req.bandwidthMiB * 1024 * 1024 : UNLIMITED_BPS;
-    await this.qmp.execute("migrate-set-parameters", { "max-bandwidth": bps });
-    if (!this.req.live && this.run.status === "running") {
-      await this.qmp.execute("stop");
-      this.pausedByUs = true;
-    }
-    if (this.req.timeoutSec) {
-      this.timeoutTimer = setTimeout(() => void this.suspendForTimeout(), this.req.timeoutSec * 1000);
-    }
+    await this.setupMigration();
     this.mirrors = new Mirrors(this.qmp, targets, this.log);
     const sync = Object.fromEntries(
       this.cookie.disks.map((d) => [d.target, d.mode === "top" ? "top" : "full"] as const),
@@ -317,7 +373,7 @@ export class OutgoingMigration {
     await this.mirrors.start(
       p.nbd,
       p.exports,
-      this.req.bandwidthMiB ? bps : undefined,
+      this.req.bandwidthMiB ? this.req.bandwidthMiB * 1024 * 1024 : undefined,
       sync,
       this.converger.initialCopyMode,
     );
@@ -333,6 +389,42 @@ export class OutgoingMigration {
     await this.converger.onReady(this.mirrors.jobs);
     this.readyAt = Date.now();
     this.log.info({ domain: this.name, ms: this.readyAt - this.startedAt }, "all mirrors ready");
+  }
+
+  /**
+   * Migration capabilities and parameters, --offline pause, --timeout. With the "stream" storage path the
+   * disks ride in the migration stream: QEMU's block migration copies every writable disk (Begin made sure
+   * that is exactly the selected ones), bulk first, then dirty blocks, the rest while the guest is paused at
+   * the switchover; `block-incremental` sends only what the top image holds (--copy-storage-inc).
+   */
+  private async setupMigration(): Promise<void> {
+    const stream = this.cookie.storagePath === "stream";
+    const throttling = this.req.storageConverge === "auto" || this.req.storageConverge === "throttle";
+    await this.qmp.execute("migrate-set-capabilities", {
+      capabilities: [
+        { capability: "events", state: true },
+        { capability: "pause-before-switchover", state: true },
+        // RAM converges too: QEMU slows the vCPUs only if dirty memory keeps it from finishing.
+        { capability: "auto-converge", state: throttling },
+        ...(stream
+          ? [
+              { capability: "block", state: true },
+              { capability: "zero-blocks", state: true },
+            ]
+          : []),
+      ],
+    });
+    const bps = this.req.bandwidthMiB ? this.req.bandwidthMiB * 1024 * 1024 : UNLIMITED_BPS;
+    const params: Record<string, unknown> = { "max-bandwidth": bps };
+    if (stream) params["block-incremental"] = this.req.copyStorage === "inc";
+    await this.qmp.raw("migrate-set-parameters", params);
+    if (!this.req.live && this.run.status === "running") {
+      await this.qmp.execute("stop");
+      this.pausedByUs = true;
+    }
+    if (this.req.timeoutSec) {
+      this.timeoutTimer = setTimeout(() => void this.suspendForTimeout(), this.req.timeoutSec * 1000);
+    }
   }
 
   private async suspendForTimeout(): Promise<void> {
@@ -359,7 +451,7 @@ export class OutgoingMigration {
     await this.converger?.restore();
     // The guest is stopped now. End the mirrors without pivoting, so no write is left in flight when
     // the migration completes (QEMU aborts on a write to an inactivated image otherwise).
-    await this.mirrors!.endForSwitchover();
+    await this.mirrors?.endForSwitchover();
     status = await this.migrationStatus(async () => {
       await this.qmp.execute("migrate-continue", { state: "pre-switchover" });
     }, ["completed", "failed", "cancelled"]);
@@ -401,6 +493,7 @@ export class OutgoingMigration {
       for (;;) {
         if (seen) return seen;
         const info = await this.qmp.execute("query-migrate");
+        if (info.disk) this.streamDisk = info.disk;
         if (info.ram) {
           const now = Date.now();
           const inst = Math.max(0, info.ram.transferred - lastTransferred) / ((now - lastAt) / 1000 || 1);
@@ -498,6 +591,12 @@ export class OutgoingMigration {
             capabilities: [
               { capability: "pause-before-switchover", state: false },
               { capability: "auto-converge", state: false },
+              ...(this.cookie.storagePath === "stream"
+                ? [
+                    { capability: "block", state: false },
+                    { capability: "zero-blocks", state: false },
+                  ]
+                : []),
             ],
           })
           .catch(() => undefined);
@@ -536,8 +635,9 @@ export class OutgoingMigration {
       ready: j.ready,
       rateBps: Math.round(j.rateBps),
     }));
-    const diskTotal = disks.reduce((s, d) => s + d.total, 0);
-    const diskDone = disks.reduce((s, d) => s + d.copied, 0);
+    const sd = this.streamDisk;
+    const diskTotal = sd ? sd.total : disks.reduce((s, d) => s + d.total, 0);
+    const diskDone = sd ? sd.total - sd.remaining : disks.reduce((s, d) => s + d.copied, 0);
     const m = this.memory;
     const end = this.finishedAt ?? Date.now();
     const status = this.machine.is("completed")
@@ -552,8 +652,9 @@ export class OutgoingMigration {
       operation: "Outgoing migration",
       domain: this.name,
       dest: this.req.dest,
-      storagePath: this.cookie.disks.length ? "nbd" : "none",
-      nbd: this.prepared?.nbd,
+      storagePath: this.cookie.storagePath,
+      streamDisk: sd ? { ...sd, targets: this.cookie.disks.map((d) => d.target) } : undefined,
+      nbd: this.cookie.storagePath === "nbd" ? this.prepared?.nbd : undefined,
       suspendedByTimeout: this.suspendedByTimeout,
       copyStorage: this.req.copyStorage,
       convergence: this.converger?.describe() ?? { mode: this.req.storageConverge },

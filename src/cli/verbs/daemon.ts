@@ -1,3 +1,4 @@
+import { DISK_LAYOUTS, type DiskLayout } from "../../domain/qemu-args.js";
 import type { Command } from "commander";
 import { runDaemon } from "../../agent/daemon.js";
 import { DEFAULT_STATE_DIR } from "../../agent/state-dir.js";
@@ -18,7 +19,15 @@ export function register(program: Command): void {
       "use this API token (e.g. one shared by a cluster) instead of <state-dir>/token",
     )
     .option("--accel <auto|kvm|tcg>", "accelerator for QEMU: auto = KVM when it works, else TCG", "auto")
-    .option("--no-nbd", "never serve NBD for incoming storage copies")
+    .option(
+      "--no-nbd",
+      "never serve NBD for incoming storage copies (disks then travel in the migration stream, where QEMU can)",
+    )
+    .option(
+      "--disk-layout <auto|drive|blockdev>",
+      "how QEMU attaches disks: drive = named BlockBackends (needed for in-stream storage migration), blockdev = -blockdev only; auto = drive where this QEMU has block migration",
+      "auto",
+    )
     .option("--log-level <level>", "trace, debug, info, warn, error", "info")
     .action(
       async (o: {
@@ -27,10 +36,13 @@ export function register(program: Command): void {
         tokenFile?: string;
         accel: string;
         nbd: boolean;
+        diskLayout: string;
         logLevel: string;
       }) => {
         if (!["auto", "kvm", "tcg"].includes(o.accel))
           throw new UsageError(`--accel takes auto, kvm or tcg, not '${o.accel}'`);
+        if (!["auto", ...DISK_LAYOUTS].includes(o.diskLayout))
+          throw new UsageError(`--disk-layout takes auto, drive or blockdev, not '${o.diskLayout}'`);
         if (!["trace", "debug", "info", "warn", "error"].includes(o.logLevel)) {
           throw new UsageError(`--log-level takes trace, debug, info, warn or error, not '${o.logLevel}'`);
         }
@@ -40,6 +52,7 @@ export function register(program: Command): void {
           tokenFile: o.tokenFile,
           accel: o.accel as "auto" | "kvm" | "tcg",
           noNbd: !o.nbd,
+          diskLayout: o.diskLayout as "auto" | DiskLayout,
           logLevel: o.logLevel,
         });
       },

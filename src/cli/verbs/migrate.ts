@@ -30,6 +30,8 @@ export interface JobInfo {
   };
   dest?: string;
   disks?: { target: string; copied: number; total: number; ready: boolean; rateBps: number }[];
+  /** Block migration's progress when the disks ride in the migration stream. */
+  streamDisk?: { transferred: number; remaining: number; total: number; targets: string[] };
   disk?: { processed: number; remaining: number; total: number; rateBps: number };
   memory?: {
     processed: number;
@@ -106,6 +108,15 @@ class ProgressView {
         `${mib(d.copied)}/${mib(d.total)} MiB ${formatBytes(d.rateBps)}/s${d.ready ? " ready" : ""}`,
       );
     }
+    const sd = j.streamDisk;
+    if (sd)
+      this.bar(
+        "stream",
+        `disks ${sd.targets.join(",")}`,
+        sd.total,
+        sd.total - sd.remaining,
+        `in the migration stream, ${mib(sd.transferred)} MiB sent`,
+      );
     const m = j.memory;
     if (m)
       this.bar(
@@ -308,6 +319,12 @@ function convergeText(j: JobInfo): string {
   return `, guest dirties ${formatBytes(c.dirtyRateBps)}/s${c.writeCapBps ? `, write cap ${formatBytes(c.writeCapBps)}/s` : ""}`;
 }
 
+const STORAGE_PATHS: Record<string, string> = {
+  nbd: "NBD mirror",
+  stream: "in the migration stream (QEMU block migration)",
+  none: "none (disks not copied)",
+};
+
 export function renderJob(j: JobInfo, active: boolean): string {
   const size = (n: number | undefined) => (n === undefined ? "-" : formatBytes(n));
   const rows: [string, string | number][] = [
@@ -317,7 +334,7 @@ export function renderJob(j: JobInfo, active: boolean): string {
     ["Time elapsed", `${j.elapsedMs} ms`],
   ];
   if (j.dest) rows.push(["Destination", j.dest]);
-  if (j.storagePath) rows.push(["Storage path", j.storagePath]);
+  if (j.storagePath) rows.push(["Storage path", STORAGE_PATHS[j.storagePath] ?? j.storagePath]);
   if (j.nbd) rows.push(["NBD endpoint", `${j.nbd.host}:${j.nbd.port}`]);
   const o = overall(j);
   if (j.disk || j.memory) {
@@ -359,6 +376,8 @@ export function renderJob(j: JobInfo, active: boolean): string {
       ]);
     }
   }
+  if (j.streamDisk) rows.push(["Disk bytes sent", size(j.streamDisk.transferred)]);
+  if (j.streamDisk) rows.push(["Disk bytes sent", size(j.streamDisk.transferred)]);
   for (const d of j.disks ?? [])
     rows.push([`Disk ${d.target}`, `${size(d.copied)} / ${size(d.total)}${d.ready ? " (ready)" : ""}`]);
   if (j.timeToReadyMs !== undefined) rows.push(["Time to ready", `${j.timeToReadyMs} ms`]);
