@@ -9,6 +9,7 @@ import * as info from "./verbs/info.js";
 import * as lifecycle from "./verbs/lifecycle.js";
 import * as migrate from "./verbs/migrate.js";
 import * as monitor from "./verbs/monitor.js";
+import * as nbd from "./verbs/nbd.js";
 
 const program = new Command();
 program
@@ -21,7 +22,7 @@ program
   .configureOutput({ writeErr: (s) => process.stderr.write(s) })
   .showSuggestionAfterError(true);
 
-for (const m of [daemon, define, lifecycle, info, migrate, monitor]) m.register(program);
+for (const m of [daemon, define, lifecycle, info, migrate, monitor, nbd]) m.register(program);
 for (const c of program.commands) c.exitOverride();
 
 try {

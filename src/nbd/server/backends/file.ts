@@ -1,0 +1,170 @@
+/**
+ * A file or block device. Block status comes from SEEK_DATA/SEEK_HOLE and trim/zero punch holes, through
+ * the native helper; without it every range reads as data and the server writes zeros (emulate).
+ */
+import fs from "node:fs";
+import type { FileHandle } from "node:fs/promises";
+import { open } from "node:fs/promises";
+import { UsageError } from "../../../errors.js";
+import { NbdRequestError } from "../../errors.js";
+import type { Extent } from "../../protocol/codec.js";
+import { NbdErrno, STATE_HOLE, STATE_ZERO } from "../../protocol/constants.js";
+import { sparse } from "../../native/sparse.js";
+import type { Backend, BlockSize, Support, ZeroFlags } from "../backend.js";
+
+const ZEROS = Buffer.alloc(1024 * 1024);
+
+export class FileBackend implements Backend {
+  private constructor(
+    private readonly fh: FileHandle,
+    private readonly path: string,
+    private readonly bytes: number,
+    private readonly writable: boolean,
+    private readonly blockDevice: boolean,
+  ) {}
+
+  static async open(file: string, opts: { readonly?: boolean } = {}): Promise<FileBackend> {
+    let st: fs.Stats;
+    try {
+      st = fs.statSync(file);
+    } catch (err) {
+      throw new UsageError(`cannot serve ${file}: ${(err as NodeJS.ErrnoException).code ?? String(err)}`);
+    }
+    if (!st.isFile() && !st.isBlockDevice())
+      throw new UsageError(`cannot serve ${file}: not a regular file or block device`);
+    const fh = await open(file, opts.readonly ? "r" : "r+").catch((err: NodeJS.ErrnoException) => {
+      throw new UsageError(
+        `cannot open ${file}${opts.readonly ? "" : " for writing (serve it read-only?)"}: ${err.code ?? err.message}`,
+      );
+    });
+    const size = st.isBlockDevice() ? blockDeviceSize(st.rdev) : st.size;
+    return new FileBackend(fh, file, size, !opts.readonly, st.isBlockDevice());
+  }
+
+  get description(): string {
+    return this.path;
+  }
+  size(): number {
+    return this.bytes;
+  }
+  canWrite(): boolean {
+    return this.writable;
+  }
+  canFlush(): boolean {
+    return this.writable;
+  }
+  canTrim(): boolean {
+    return this.writable && sparse !== undefined;
+  }
+  canZero(): Support {
+    if (!this.writable) return "none";
+    return sparse ? "native" : "emulate";
+  }
+  canFastZero(): boolean {
+    return this.writable && sparse !== undefined;
+  }
+  canFua(): Support {
+    return this.writable ? "native" : "none";
+  }
+  canCache(): Support {
+    return "emulate";
+  }
+  canExtents(): boolean {
+    return sparse !== undefined && !this.blockDevice;
+  }
+  canMultiConn(): boolean {
+    // One file, one page cache: a flush on any connection covers writes from all of them.
+    return true;
+  }
+  isRotational(): boolean {
+    return false;
+  }
+  blockSize(): BlockSize | undefined {
+    return undefined;
+  }
+
+  async pread(buf: Buffer, offset: number): Promise<void> {
+    let done = 0;
+    while (done < buf.length) {
+      const { bytesRead } = await this.fh.read(buf, done, buf.length - done, offset + done);
+      if (bytesRead === 0) {
+        buf.fill(0, done);
+        return;
+      }
+      done += bytesRead;
+    }
+  }
+
+  async pwrite(buf: Buffer, offset: number, fua: boolean): Promise<void> {
+    let done = 0;
+    while (done < buf.length) {
+      const { bytesWritten } = await this.fh.write(buf, done, buf.length - done, offset + done);
+      done += bytesWritten;
+    }
+    if (fua) await this.fh.datasync();
+  }
+
+  async flush(): Promise<void> {
+    await this.fh.datasync();
+  }
+
+  async trim(offset: number, length: number, fua: boolean): Promise<void> {
+    try {
+      sparse!.punchHole(this.fh.fd, offset, length);
+    } catch (err) {
+      // Trim is advisory: a file system that cannot punch holes keeps the data.
+      if ((err as NodeJS.ErrnoException).code !== "EOPNOTSUPP") throw err;
+    }
+    if (fua) await this.fh.datasync();
+  }
+
+  async zero(offset: number, length: number, flags: ZeroFlags): Promise<void> {
+    try {
+      if (flags.mayTrim) sparse!.punchHole(this.fh.fd, offset, length);
+      else sparse!.zeroRange(this.fh.fd, offset, length);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== "EOPNOTSUPP") throw err;
+      if (flags.fastZero) throw new NbdRequestError(NbdErrno.ENOTSUP, "this file system cannot zero fast");
+      for (let at = offset; at < offset + length; at += ZEROS.length) {
+        const n = Math.min(ZEROS.length, offset + length - at);
+        await this.pwrite(ZEROS.subarray(0, n), at, false);
+      }
+    }
+    if (flags.fua) await this.fh.datasync();
+  }
+
+  async extents(offset: number, length: number, reqOne: boolean): Promise<Extent[]> {
+    const end = Math.min(offset + length, this.bytes);
+    const out: Extent[] = [];
+    const fd = this.fh.fd;
+    for (let at = offset; at < end;) {
+      const data = sparse!.seek(fd, at, 0);
+      if (data === -1 || data > at) {
+        const stop = data === -1 ? end : Math.min(data, end);
+        out.push({ length: stop - at, flags: STATE_HOLE | STATE_ZERO });
+        at = stop;
+      } else {
+        const hole = sparse!.seek(fd, at, 1);
+        const stop = hole === -1 ? end : Math.min(hole, end);
+        out.push({ length: stop - at, flags: 0 });
+        at = stop;
+      }
+      if (reqOne) break;
+    }
+    return out;
+  }
+
+  async cache(): Promise<void> {}
+
+  async close(): Promise<void> {
+    await this.fh.close();
+  }
+}
+
+/** A block device's size from sysfs (stat reports 0 for it). */
+function blockDeviceSize(rdev: number): number {
+  const major = (rdev >> 8) & 0xfff;
+  const minor = (rdev & 0xff) | ((rdev >> 12) & 0xfff00);
+  const sectors = Number(fs.readFileSync(`/sys/dev/block/${major}:${minor}/size`, "utf8").trim());
+  return sectors * 512;
+}
