@@ -1,0 +1,282 @@
+/**
+ * Our NBD client and copy engine against real servers: qemu-nbd (raw and qcow2) and nbdkit (memory, file,
+ * and its error filter), and our copy beside nbdcopy; plus NBD URI parsing and the CLI verbs.
+ */
+import assert from "node:assert/strict";
+import { spawn, type ChildProcess } from "node:child_process";
+import { createHash } from "node:crypto";
+import fs from "node:fs";
+import net from "node:net";
+import path from "node:path";
+import { after, before, describe, it } from "node:test";
+import { NbdClient } from "../src/nbd/client/client.js";
+import { copy } from "../src/nbd/client/copy.js";
+import { parseNbdUri } from "../src/nbd/client/uri.js";
+import { STATE_HOLE, STATE_ZERO } from "../src/nbd/protocol/constants.js";
+import { cli, need } from "./helpers/env.js";
+import { patternImage, run, tmpdir } from "./helpers/nbd.js";
+
+const TOOLS = ["qemu-nbd", "nbdkit", "nbdcopy", "qemu-img", "qemu-io"];
+const MiB = 1024 * 1024;
+const sha = (b: Buffer) => createHash("sha256").update(b).digest("hex");
+
+/** A free TCP port. */
+async function freePort(): Promise<number> {
+  const s = net.createServer();
+  await new Promise<void>((r) => s.listen(0, "127.0.0.1", r));
+  const p = (s.address() as net.AddressInfo).port;
+  await new Promise((r) => s.close(r));
+  return p;
+}
+
+/** Starts a server process and waits until its port accepts connections. */
+async function serve(
+  cmd: string,
+  args: (port: number) => string[],
+): Promise<{ uri: string; proc: ChildProcess; port: number }> {
+  const port = await freePort();
+  const proc = spawn(cmd, args(port), { stdio: ["ignore", "ignore", "pipe"] });
+  let err = "";
+  proc.stderr!.on("data", (b: Buffer) => (err += b.toString()));
+  for (let i = 0; ; i++) {
+    const ok = await new Promise<boolean>((r) => {
+      const s = net.connect(port, "127.0.0.1");
+      s.once("connect", () => (s.destroy(), r(true)));
+      s.once("error", () => r(false));
+    });
+    if (ok) break;
+    if (i > 100 || proc.exitCode !== null) throw new Error(`${cmd} did not start: ${err}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  return { uri: `nbd://127.0.0.1:${port}`, proc, port };
+}
+
+describe("NBD URIs", () => {
+  it("reads the forms libnbd reads and refuses the rest with the fix", () => {
+    assert.deepEqual(parseNbdUri("nbd://example.com/disk%201"), {
+      transport: { host: "example.com", port: 10809 },
+      exportName: "disk 1",
+      tls: false,
+      tlsCertificates: undefined,
+      tlsVerifyPeer: true,
+    });
+    assert.deepEqual(parseNbdUri("nbds://[::1]:10900/").transport, { host: "::1", port: 10900 });
+    assert.equal(parseNbdUri("nbds://h/x?tls-certificates=/pki&tls-verify-peer=false").tlsVerifyPeer, false);
+    assert.deepEqual(parseNbdUri("nbd+unix:///vda?socket=/run/n.sock").transport, { path: "/run/n.sock" });
+    assert.throws(() => parseNbdUri("nbd+unix:///vda"), /needs \?socket=PATH/);
+    assert.throws(() => parseNbdUri("http://x/y"), /unknown scheme 'http'/);
+    assert.throws(() => parseNbdUri("not a uri"), /is not an NBD URI/);
+  });
+});
+
+describe("our NBD client against qemu-nbd and nbdkit", { timeout: 300_000 }, () => {
+  const dir = tmpdir("nbdcli");
+  const procs: ChildProcess[] = [];
+  const raw = path.join(dir, "disk.raw");
+  const qcow = path.join(dir, "disk.qcow2");
+  let servers: Record<string, string> = {};
+
+  before(async () => {
+    if (!TOOLS.every((t) => spawnable(t)) && process.env.CI !== "true") return;
+    await patternImage(raw, 64, [
+      [0xab, 1, 2],
+      [0xcd, 40, 1],
+    ]);
+    await run("qemu-img", ["convert", "-O", "qcow2", raw, qcow]);
+    const s = {
+      "qemu-nbd raw": await serve("qemu-nbd", (p) => [
+        "-f",
+        "raw",
+        "-p",
+        String(p),
+        "-b",
+        "127.0.0.1",
+        "-x",
+        "d",
+        "-t",
+        "-e",
+        "8",
+        path.join(dir, "w.raw"),
+      ]),
+      "qemu-nbd qcow2": await serve("qemu-nbd", (p) => [
+        "-f",
+        "qcow2",
+        "-p",
+        String(p),
+        "-b",
+        "127.0.0.1",
+        "-x",
+        "d",
+        "-t",
+        "-e",
+        "8",
+        qcow,
+      ]),
+      "nbdkit memory": await serve("nbdkit", (p) => [
+        "-f",
+        "-p",
+        String(p),
+        "-i",
+        "127.0.0.1",
+        "--exportname=d",
+        "memory",
+        "64M",
+      ]),
+      "nbdkit file": await serve("nbdkit", (p) => [
+        "-f",
+        "-p",
+        String(p),
+        "-i",
+        "127.0.0.1",
+        "file",
+        path.join(dir, "k.raw"),
+      ]),
+      "nbdkit error": await serve("nbdkit", (p) => [
+        "-f",
+        "-p",
+        String(p),
+        "-i",
+        "127.0.0.1",
+        "--filter=error",
+        "memory",
+        "64M",
+        "error=EIO",
+        "error-pread-rate=100%",
+      ]),
+    };
+    for (const v of Object.values(s)) procs.push(v.proc);
+    servers = Object.fromEntries(Object.entries(s).map(([k, v]) => [k, v.uri]));
+  });
+  after(() => {
+    for (const p of procs) p.kill("SIGKILL");
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+
+  // Files the servers write into, made before they start.
+  fs.mkdirSync(dir, { recursive: true });
+  for (const f of ["w.raw", "k.raw"]) {
+    fs.writeFileSync(path.join(dir, f), "");
+    fs.truncateSync(path.join(dir, f), 64 * MiB);
+  }
+
+  for (const name of ["qemu-nbd raw", "qemu-nbd qcow2", "nbdkit memory", "nbdkit file"]) {
+    it(`${name}: handshake, block status, read, write, zero, trim, flush, pipelined`, async (t) => {
+      if (!need(t, TOOLS)) return;
+      const uri = `${servers[name]}/${name.startsWith("nbdkit file") ? "" : "d"}`;
+      const c = await NbdClient.connect(uri);
+      try {
+        assert.equal(c.size, 64 * MiB);
+        assert.equal(c.structured, true, "structured replies");
+        assert.ok(c.canBlockStatus, "base:allocation");
+        if (name === "qemu-nbd qcow2") {
+          const ext = await c.blockStatus(0, 64 * MiB);
+          const at = (off: number) => {
+            let pos = 0;
+            for (const e of ext) {
+              if (off < pos + e.length) return e.flags;
+              pos += e.length;
+            }
+            return -1;
+          };
+          assert.equal(at(1 * MiB) & STATE_HOLE, 0, "data at 1 MiB");
+          assert.equal(at(20 * MiB) & STATE_ZERO, STATE_ZERO, "zeros at 20 MiB");
+          assert.deepEqual(await c.read(1 * MiB, 8), Buffer.alloc(8, 0xab));
+          assert.deepEqual(await c.read(40 * MiB + 4096, 8), Buffer.alloc(8, 0xcd));
+          const one = await c.blockStatus(1 * MiB, 8 * MiB, { reqOne: true });
+          assert.equal(one.length, 1);
+        }
+        const data = Buffer.alloc(256 * 1024, 0x42);
+        await c.write(data, 4 * MiB, { fua: true });
+        assert.deepEqual(await c.read(4 * MiB, data.length), data);
+        await c.zero(4 * MiB, 64 * 1024);
+        assert.deepEqual(await c.read(4 * MiB, 64 * 1024), Buffer.alloc(64 * 1024));
+        await c.trim(30 * MiB, 1 * MiB);
+        await c.flush();
+        const many = await Promise.all(
+          Array.from({ length: 300 }, (_, i) => c.read(4 * MiB + 64 * 1024 + (i % 16) * 4096, 4096)),
+        );
+        assert.ok(many.every((b) => b.equals(Buffer.alloc(4096, 0x42))));
+        await assert.rejects(c.read(64 * MiB, 1), { code: "E_NBD_EINVAL" });
+        assert.equal(c.state, "transmission", "an error reply does not end the connection");
+      } finally {
+        await c.disconnect();
+      }
+    });
+  }
+
+  it("reports a server's errors (nbdkit error filter) as NBD errors, per request", async (t) => {
+    if (!need(t, TOOLS)) return;
+    const c = await NbdClient.connect(`${servers["nbdkit error"]}/`);
+    await assert.rejects(c.read(0, 4096), (e: Error & { code?: string }) => {
+      assert.equal(e.code, "E_NBD_EIO");
+      return true;
+    });
+    await c.write(Buffer.alloc(512, 1), 0);
+    await c.disconnect();
+  });
+
+  it("lists exports and fails clearly on a missing one", async (t) => {
+    if (!need(t, TOOLS)) return;
+    assert.deepEqual(
+      (await NbdClient.list(servers["qemu-nbd qcow2"]!)).map((e) => e.name),
+      ["d"],
+    );
+    await assert.rejects(NbdClient.connect(`${servers["qemu-nbd qcow2"]}/nosuch`), {
+      code: "E_NBD_NO_EXPORT",
+    });
+    await assert.rejects(NbdClient.connect("nbd://127.0.0.1:1/x"), { code: "E_NBD_CONNECT" });
+  });
+
+  it("copies like nbdcopy: same bytes, holes as zero requests, to files, NBD and null:", async (t) => {
+    if (!need(t, TOOLS)) return;
+    const src = `${servers["qemu-nbd qcow2"]}/d`;
+    const ours = path.join(dir, "ours.raw");
+    const theirs = path.join(dir, "theirs.raw");
+    const r = await copy(src, ours, { verify: true });
+    await run("nbdcopy", [src, theirs]);
+    assert.equal(sha(fs.readFileSync(ours)), sha(fs.readFileSync(theirs)));
+    assert.ok(r.dataBytes <= 4 * MiB, `only the data travels as data: ${r.dataBytes}`);
+    assert.ok(r.sha256);
+    // NBD to NBD over several connections, then back for a check.
+    const mem = `${servers["nbdkit memory"]}/d`;
+    await copy(raw, mem, { connections: 4 });
+    const back = path.join(dir, "back.raw");
+    await copy(mem, back);
+    assert.equal(sha(fs.readFileSync(back)), sha(fs.readFileSync(raw)));
+    const nul = await copy(src, "null:");
+    assert.equal(nul.size, 64 * MiB);
+    await assert.rejects(copy(src, "null:", { verify: true }), /null: cannot be read/);
+  });
+
+  it("the CLI: nbd info (--size, --map, --can, --json) and nbd copy", async (t) => {
+    if (!need(t, TOOLS)) return;
+    const src = `${servers["qemu-nbd qcow2"]}/d`;
+    // The CLI runs in another process, so synchronous spawning is fine here.
+    assert.equal(cli(["nbd", "info", "--size", src]).stdout.trim(), String(64 * MiB));
+    const map = JSON.parse(cli(["nbd", "info", "--map", "--json", src]).stdout) as {
+      offset: number;
+      description: string;
+    }[];
+    assert.ok(map.some((m) => m.offset <= 1 * MiB && m.description === "data"));
+    assert.equal(cli(["nbd", "info", "--can", "trim", src]).status, 0);
+    assert.equal(cli(["nbd", "info", "--can", "bogus", src]).status, 2);
+    const info = JSON.parse(cli(["nbd", "info", "--json", src]).stdout) as {
+      size: number;
+      can_multi_conn: boolean;
+    };
+    assert.equal(info.size, 64 * MiB);
+    const out = path.join(dir, "cli.raw");
+    const c = cli(["nbd", "copy", "--verify", "--json", src, out]);
+    assert.equal(c.status, 0, c.stderr);
+    const theirs = path.join(dir, "cli-theirs.raw");
+    await run("nbdcopy", [src, theirs]);
+    assert.equal(sha(fs.readFileSync(out)), sha(fs.readFileSync(theirs)));
+    const bad = cli(["nbd", "copy", "-C", "0", src, out]);
+    assert.equal(bad.status, 2);
+    assert.match(bad.stderr, /--connections takes a positive whole number, not '0'/);
+  });
+});
+
+function spawnable(tool: string): boolean {
+  return (process.env.PATH ?? "").split(":").some((d) => fs.existsSync(path.join(d, tool)));
+}

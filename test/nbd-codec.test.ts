@@ -1,0 +1,241 @@
+/** The NBD codec alone: every message split at every byte boundary, and random round trips. */
+import assert from "node:assert/strict";
+import { randomBytes, randomInt } from "node:crypto";
+import { describe, it } from "node:test";
+import { NbdProtocolError } from "../src/nbd/errors.js";
+import { ByteQueue } from "../src/nbd/protocol/bytes.js";
+import {
+  decodeBlockStatus,
+  decodeErrorChunk,
+  decodeInfo,
+  decodeInfoRequest,
+  decodeMetaContextRequest,
+  decodeOffsetData,
+  decodeServerReply,
+  encodeBlockStatus,
+  encodeChunkHeader,
+  encodeClientFlags,
+  encodeErrorChunk,
+  encodeExportNameReply,
+  encodeGreeting,
+  encodeInfo,
+  encodeInfoRequest,
+  encodeMetaContextRequest,
+  encodeOption,
+  encodeOptionReply,
+  encodeRequest,
+  encodeServerReply,
+  encodeSimpleReply,
+  parseClientFlags,
+  parseExportNameReply,
+  parseGreeting,
+  parseOption,
+  parseOptionReply,
+  ReplyParser,
+  RequestParser,
+  type Reply,
+  type Request,
+} from "../src/nbd/protocol/codec.js";
+import { Chunk, Cmd, Info, Opt, Rep, RF_DONE } from "../src/nbd/protocol/constants.js";
+
+/**
+ * Feeds `bytes` in two pieces split at every boundary (and once byte by byte), parsing after each push;
+ * every split must yield the same messages as the whole.
+ */
+function everySplit<T>(bytes: Buffer, parser: (q: ByteQueue) => T | undefined): T[];
+function everySplit<T>(bytes: Buffer, parser: () => (q: ByteQueue) => T | undefined, fresh: true): T[];
+function everySplit<T>(
+  bytes: Buffer,
+  parser: ((q: ByteQueue) => T | undefined) | (() => (q: ByteQueue) => T | undefined),
+  fresh = false,
+): T[] {
+  const runs: T[][] = [];
+  const cuts = [
+    ...Array.from({ length: bytes.length + 1 }, (_, i) => [i]),
+    Array.from({ length: bytes.length }, (_, i) => i),
+  ];
+  for (const cut of cuts) {
+    const q = new ByteQueue();
+    const parse = fresh
+      ? (parser as () => (q: ByteQueue) => T | undefined)()
+      : (parser as (q: ByteQueue) => T | undefined);
+    const got: T[] = [];
+    let prev = 0;
+    for (const c of [...cut, bytes.length]) {
+      q.push(bytes.subarray(prev, c));
+      prev = c;
+      for (let m = parse(q); m !== undefined; m = parse(q)) got.push(m);
+    }
+    assert.equal(q.length, 0, "every byte consumed");
+    runs.push(got);
+  }
+  for (const r of runs) assert.deepEqual(r, runs[0]);
+  return runs[0]!;
+}
+
+describe("NBD codec", () => {
+  it("handshake messages survive every split", () => {
+    assert.deepEqual(everySplit(encodeGreeting(3), parseGreeting), [{ handshakeFlags: 3 }]);
+    assert.deepEqual(everySplit(encodeClientFlags(1), parseClientFlags), [1]);
+    const opt = encodeOption(Opt.GO, encodeInfoRequest("disk", [Info.NAME, Info.BLOCK_SIZE]));
+    const [o] = everySplit(opt, (q) => parseOption(q, 4096));
+    assert.equal(o!.option, Opt.GO);
+    assert.deepEqual(decodeInfoRequest(o!.data), { name: "disk", infos: [Info.NAME, Info.BLOCK_SIZE] });
+    const two = Buffer.concat([encodeOption(Opt.STRUCTURED_REPLY), encodeOption(Opt.ABORT)]);
+    assert.deepEqual(
+      everySplit(two, (q) => parseOption(q, 4096)).map((m) => m.option),
+      [Opt.STRUCTURED_REPLY, Opt.ABORT],
+    );
+    const rep = encodeOptionReply(Opt.LIST, Rep.SERVER, encodeServerReply("a", "first disk"));
+    const [r] = everySplit(rep, (q) => parseOptionReply(q));
+    assert.deepEqual(decodeServerReply(r!.data), { name: "a", description: "first disk" });
+    assert.deepEqual(
+      everySplit(encodeExportNameReply(1 << 30, 0x1ed, false), (q) => parseExportNameReply(q, false)),
+      [{ size: 1 << 30, flags: 0x1ed }],
+    );
+  });
+
+  it("requests, with and without write payloads, survive every split", () => {
+    const w = Buffer.from("hello, world");
+    const bytes = Buffer.concat([
+      encodeRequest({ flags: 0, type: Cmd.READ, cookie: 1n, offset: 512, length: 4096 }),
+      encodeRequest({ flags: 1, type: Cmd.WRITE, cookie: 2n, offset: 7, length: w.length }),
+      w,
+      encodeRequest({ flags: 0, type: Cmd.FLUSH, cookie: 3n, offset: 0, length: 0 }),
+    ]);
+    const reqs = everySplit(
+      bytes,
+      () => {
+        const p = new RequestParser(1024);
+        return (q: ByteQueue) => p.next(q);
+      },
+      true,
+    );
+    assert.deepEqual(
+      reqs.map((r) => [r.type, r.cookie, r.offset, r.length, r.data?.toString()]),
+      [
+        [Cmd.READ, 1n, 512, 4096, undefined],
+        [Cmd.WRITE, 2n, 7, w.length, "hello, world"],
+        [Cmd.FLUSH, 3n, 0, 0, undefined],
+      ],
+    );
+  });
+
+  it("an oversized write is skipped, not fatal, and the next request parses", () => {
+    const big = randomBytes(3000);
+    const bytes = Buffer.concat([
+      encodeRequest({ flags: 0, type: Cmd.WRITE, cookie: 9n, offset: 0, length: big.length }),
+      big,
+      encodeRequest({ flags: 0, type: Cmd.READ, cookie: 10n, offset: 0, length: 1 }),
+    ]);
+    // A fresh parser per split: the parser is stateful by design.
+    const got = everySplit(
+      bytes,
+      () => {
+        const p = new RequestParser(1000);
+        return (q: ByteQueue) => p.next(q);
+      },
+      true,
+    );
+    assert.equal(got[0]!.tooLarge, true);
+    assert.equal(got[0]!.data, undefined);
+    assert.equal(got[1]!.cookie, 10n);
+  });
+
+  it("replies, simple with read data and structured chunks, survive every split", () => {
+    const data = randomBytes(100);
+    const off = Buffer.alloc(8);
+    off.writeBigUInt64BE(4096n);
+    const bs = encodeBlockStatus(1, [
+      { length: 4096, flags: 0 },
+      { length: 8192, flags: 3 },
+    ]);
+    const err = encodeErrorChunk(5, "disk on fire", 4096);
+    const bytes = Buffer.concat([
+      encodeSimpleReply(0, 1n),
+      data,
+      encodeSimpleReply(0, 2n),
+      encodeChunkHeader(0, Chunk.OFFSET_DATA, 3n, 8 + data.length),
+      off,
+      data,
+      encodeChunkHeader(RF_DONE, Chunk.BLOCK_STATUS, 4n, bs.length),
+      bs,
+      encodeChunkHeader(RF_DONE, Chunk.ERROR_OFFSET, 5n, err.length),
+      err,
+    ]);
+    const lengths = new Map([[1n, 100]]);
+    const parser = new ReplyParser((c) => lengths.get(c) ?? 0);
+    const got: Reply[] = everySplit(bytes, (q) => parser.next(q));
+    assert.equal(got.length, 5);
+    assert.deepEqual(got[0], { kind: "simple", cookie: 1n, error: 0, data });
+    assert.deepEqual(got[1], { kind: "simple", cookie: 2n, error: 0, data: undefined });
+    const c3 = got[2] as Extract<Reply, { kind: "chunk" }>;
+    assert.deepEqual(decodeOffsetData(c3.payload), { offset: 4096, data });
+    const c4 = got[3] as Extract<Reply, { kind: "chunk" }>;
+    assert.equal(c4.flags, RF_DONE);
+    assert.deepEqual(decodeBlockStatus(c4.payload).extents, [
+      { length: 4096, flags: 0 },
+      { length: 8192, flags: 3 },
+    ]);
+    const c5 = got[4] as Extract<Reply, { kind: "chunk" }>;
+    assert.deepEqual(decodeErrorChunk(c5.type, c5.payload), {
+      error: 5,
+      message: "disk on fire",
+      offset: 4096,
+    });
+  });
+
+  it("round-trips random requests, infos and meta context requests", () => {
+    for (let i = 0; i < 500; i++) {
+      const r = {
+        flags: randomInt(0, 32),
+        type: randomInt(0, 8),
+        cookie: BigInt(randomInt(0, 2 ** 48 - 1)) * 65536n + BigInt(randomInt(0, 65536)),
+        offset: randomInt(0, 2 ** 48 - 1),
+        length: randomInt(0, 2048),
+      };
+      const payload = r.type === Cmd.WRITE ? randomBytes(r.length) : undefined;
+      const q = new ByteQueue();
+      q.push(encodeRequest(r));
+      if (payload) q.push(payload);
+      const got = new RequestParser(4096).next(q) as Request;
+      assert.deepEqual({ ...got, data: undefined }, { ...r, data: undefined });
+      if (payload) assert.deepEqual(got.data, payload);
+      const size = randomInt(0, 2 ** 48 - 1);
+      assert.deepEqual(decodeInfo(encodeInfo({ type: Info.EXPORT, size, flags: r.flags })), {
+        type: Info.EXPORT,
+        size,
+        flags: r.flags,
+      });
+      const queries = Array.from({ length: randomInt(0, 4) }, () =>
+        randomBytes(randomInt(0, 20)).toString("hex"),
+      );
+      assert.deepEqual(decodeMetaContextRequest(encodeMetaContextRequest(`e${i}`, queries)), {
+        name: `e${i}`,
+        queries,
+      });
+    }
+  });
+
+  it("refuses malformed input with a protocol error", () => {
+    const q = (b: Buffer) => {
+      const x = new ByteQueue();
+      x.push(b);
+      return x;
+    };
+    const bad = encodeRequest({ flags: 0, type: 0, cookie: 1n, offset: 0, length: 0 });
+    bad.writeUInt32BE(0xdeadbeef, 0);
+    assert.throws(() => new RequestParser(10).next(q(bad)), NbdProtocolError);
+    const longOpt = encodeOption(Opt.GO, Buffer.alloc(100));
+    assert.throws(() => parseOption(q(longOpt), 50), /too long/);
+    assert.throws(() => decodeInfoRequest(Buffer.from([0, 0, 0, 9, 1])), /truncated/);
+    assert.throws(
+      () => decodeMetaContextRequest(Buffer.from([0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff])),
+      /truncated/,
+    );
+    assert.throws(() => parseGreeting(q(Buffer.alloc(18))), /not an NBD server/);
+    const hugeOffset = encodeRequest({ flags: 0, type: Cmd.READ, cookie: 1n, offset: 0, length: 1 });
+    hugeOffset.writeBigUInt64BE(2n ** 63n, 16);
+    assert.equal(new RequestParser(10).next(q(hugeOffset))!.offsetOverflow, true);
+  });
+});
