@@ -1,10 +1,11 @@
 /**
  * `npm run bench`: benchmarks that compare nbdmig with real peers measured in the same run. Needs root (the
- * namespace test bed). `--only migration|converge`, `--runs N` (default 3), `--bound S` (default 180),
+ * namespace test bed). `--only migration|converge|nbd`, `--runs N` (default 3), `--bound S` (default 180),
  * `--modes auto,throttle,...` (converge only).
  */
 import { convergeBench } from "./converge.js";
 import { migrationBench, type MigrationRow } from "./migration.js";
+import { nbdBench } from "./nbd.js";
 
 const args = process.argv.slice(2);
 const opt = (name: string) => (args.includes(name) ? args[args.indexOf(name) + 1] : undefined);
@@ -90,4 +91,26 @@ if (!only || only === "converge") {
   console.log(`
 Not measured in this run (libvirt 9.0 on this machine kind, guest writing 64 MiB/s, from shared/notes):
 default never completes (aborted at 180 s); --copy-storage-synchronous-writes 49.9 s, guest at 2.6 MiB/s.`);
+}
+
+if (!only || only === "nbd") {
+  const { servers, copies } = await nbdBench(runs);
+  console.log(
+    `\nNBD servers on loopback, same 1 GiB file of random data (medians of ${runs}); throughput by nbdcopy with 4 connections x 16 requests, latency by libnbd (nbdsh), serial 4 KiB random reads\n`,
+  );
+  console.log(
+    table(
+      ["server", "sequential read MiB/s", "sequential write MiB/s", "4 KiB random read latency us"],
+      servers.map((r) => [r.server, f(r.readMiBs, 0), f(r.writeMiBs, 0), f(r.latencyUs, 0)]),
+    ),
+  );
+  console.log(
+    `\nCopy engines between the same two qemu-nbd servers (4 connections x 16 requests, medians of ${runs})\n`,
+  );
+  console.log(
+    table(
+      ["copy", "tool", "seconds", "loopback traffic MiB"],
+      copies.map((r) => [r.what, r.tool, f(r.seconds, 2), f(r.loopbackMiB, 0)]),
+    ),
+  );
 }

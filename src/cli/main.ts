@@ -1,5 +1,8 @@
 #!/usr/bin/env node
 /** nbdmig: the command line. Verbs follow virsh; each lives in its own file under verbs/. */
+// File I/O runs on libuv's thread pool (4 threads by default); an NBD server with dozens of requests in
+// flight needs more. It must be set before the first asynchronous file operation.
+process.env.UV_THREADPOOL_SIZE ??= "16";
 import { Command, CommanderError } from "commander";
 import { AgentError, MigrationError, NbdmigError, UsageError } from "../errors.js";
 import { VERSION } from "../agent/api.js";

@@ -357,13 +357,16 @@ export class NbdClient {
         type,
         offset,
         length,
-        data: type === Cmd.READ && this.structured ? Buffer.alloc(length) : undefined,
+        data: undefined,
         resolve,
         reject,
       });
     });
     const header = encodeRequest({ flags, type, cookie, offset, length });
-    this.socket.write(data ? Buffer.concat([header, data]) : header);
+    this.socket.cork();
+    this.socket.write(header);
+    if (data) this.socket.write(data);
+    this.socket.uncork();
     return result;
   }
 
@@ -396,11 +399,15 @@ export class NbdClient {
       if (r.type === Chunk.OFFSET_DATA) {
         const d = decodeOffsetData(r.payload);
         checkRange(p, d.offset, d.data.length);
-        d.data.copy(p.data!, d.offset - p.offset);
+        // The usual reply is one chunk for the whole read: keep it as it is, no copy.
+        if (!p.data && d.offset === p.offset && d.data.length === p.length) p.data = d.data;
+        else d.data.copy((p.data ??= Buffer.alloc(p.length)), d.offset - p.offset);
       } else if (r.type === Chunk.OFFSET_HOLE) {
         const h = decodeOffsetHole(r.payload);
         checkRange(p, h.offset, h.length);
-        // p.data started zeroed.
+        p.data ??= Buffer.alloc(p.length);
+        if (h.offset !== p.offset || h.length !== p.length)
+          p.data.fill(0, h.offset - p.offset, h.offset - p.offset + h.length);
       } else if (r.type === Chunk.BLOCK_STATUS) {
         const bs = decodeBlockStatus(r.payload);
         if (bs.contextId === this.contexts.get(BASE_ALLOCATION)) p.extents = bs.extents;

@@ -453,7 +453,11 @@ export class ServerConnection {
   /** One reply as one write, so replies to concurrent requests never interleave. */
   private write(parts: Buffer[]): void {
     if (this.state === "closed" || this.socket.destroyed) return;
-    this.socket.write(parts.length === 1 ? parts[0]! : Buffer.concat(parts));
+    // Corked writes go out together, in order, without copying the data into one buffer. Writes are
+    // synchronous here, so no other reply can slip between the parts.
+    this.socket.cork();
+    for (const p of parts) this.socket.write(p);
+    this.socket.uncork();
   }
 
   /** NBD_CMD_DISC or server shutdown: finish what is in flight, flush, close. */

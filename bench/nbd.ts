@@ -1,0 +1,205 @@
+/**
+ * NBD benchmark: our server beside qemu-nbd and nbdkit on the same file, and our copy engine beside
+ * nbdcopy between the same servers, all in one run on loopback. Every server runs as its own process.
+ */
+import { execFileSync, spawn, type ChildProcess } from "node:child_process";
+import fs from "node:fs";
+import net from "node:net";
+import os from "node:os";
+import path from "node:path";
+import { setTimeout as sleep } from "node:timers/promises";
+import { fileURLToPath } from "node:url";
+import { median } from "./common.js";
+
+const repo = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..");
+const cli = path.join(repo, "dist/src/cli/main.js");
+const GiB = 1024 ** 3;
+const MiB = 1024 ** 2;
+
+export interface NbdServerRow {
+  server: string;
+  readMiBs: number;
+  writeMiBs: number;
+  latencyUs: number;
+}
+
+export interface NbdCopyRow {
+  what: string;
+  tool: string;
+  seconds: number;
+  loopbackMiB: number;
+}
+
+let port = 20000 + Math.floor(Math.random() * 20000);
+
+async function start(
+  kind: string,
+  file: string,
+  readonly = false,
+): Promise<{ uri: string; stop: () => Promise<void> }> {
+  const p = port++;
+  let proc: ChildProcess;
+  if (kind === "nbdmig")
+    proc = spawn(
+      process.execPath,
+      [cli, "nbd", "serve", "-p", String(p), ...(readonly ? ["-r"] : []), `d=${file}`],
+      { stdio: "ignore" },
+    );
+  else if (kind === "qemu-nbd")
+    proc = spawn(
+      "qemu-nbd",
+      [
+        "-f",
+        "raw",
+        "-p",
+        String(p),
+        "-b",
+        "127.0.0.1",
+        "-x",
+        "d",
+        "-t",
+        "-e",
+        "16",
+        "--cache=writeback",
+        ...(readonly ? ["-r"] : []),
+        file,
+      ],
+      { stdio: "ignore" },
+    );
+  else
+    proc = spawn(
+      "nbdkit",
+      ["-f", "-p", String(p), "-i", "127.0.0.1", "--exportname=d", ...(readonly ? ["-r"] : []), "file", file],
+      { stdio: "ignore" },
+    );
+  for (let i = 0; ; i++) {
+    const ok = await new Promise<boolean>((r) => {
+      const s = net.connect(p, "127.0.0.1");
+      s.once("connect", () => (s.destroy(), r(true)));
+      s.once("error", () => r(false));
+    });
+    if (ok) break;
+    if (i > 200) throw new Error(`${kind} did not start`);
+    await sleep(25);
+  }
+  return {
+    uri: `nbd://127.0.0.1:${p}/d`,
+    stop: async () => {
+      proc.kill("SIGTERM");
+      await new Promise((r) => (proc.exitCode !== null ? r(null) : proc.once("exit", r)));
+    },
+  };
+}
+
+function timed(cmd: string, args: string[]): number {
+  const t0 = process.hrtime.bigint();
+  execFileSync(cmd, args, {
+    stdio: ["ignore", "ignore", "inherit"],
+    env: { ...process.env, PATH: `/usr/bin:/bin:${process.env.PATH}` },
+  });
+  return Number(process.hrtime.bigint() - t0) / 1e9;
+}
+
+function loBytes(): number {
+  const line = fs
+    .readFileSync("/proc/net/dev", "utf8")
+    .split("\n")
+    .find((l) => l.trim().startsWith("lo:"))!;
+  return Number(line.split(":")[1]!.trim().split(/\s+/)[0]);
+}
+
+/** Mean latency of serial 4 KiB random reads, measured by libnbd (nbdsh), the same client for every server. */
+function latencyUs(uri: string): number {
+  const script = `
+import random, time
+h.connect_uri("${uri}")
+size = h.get_size()
+random.seed(1)
+offs = [random.randrange(0, size // 4096) * 4096 for _ in range(3000)]
+t0 = time.perf_counter()
+for o in offs:
+    h.pread(4096, o)
+print((time.perf_counter() - t0) / len(offs) * 1e6)
+h.shutdown()
+`;
+  return Number(
+    execFileSync("nbdsh", ["-c", script], {
+      encoding: "utf8",
+      env: { ...process.env, PATH: `/usr/bin:/bin:${process.env.PATH}` },
+    }).trim(),
+  );
+}
+
+export async function nbdBench(runs: number): Promise<{ servers: NbdServerRow[]; copies: NbdCopyRow[] }> {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "nbdmig-bench-nbd-"));
+  try {
+    const data = path.join(dir, "data.img");
+    execFileSync("sh", ["-c", `head -c 1G /dev/urandom > ${data}`]);
+    const servers: NbdServerRow[] = [];
+    for (const kind of ["nbdmig", "qemu-nbd", "nbdkit"]) {
+      process.stderr.write(`nbd bench: ${kind} server\n`);
+      const reads: number[] = [];
+      const writes: number[] = [];
+      const lat: number[] = [];
+      for (let r = 0; r < runs; r++) {
+        const ro = await start(kind, data, true);
+        reads.push(GiB / MiB / timed("nbdcopy", ["--connections=4", "--requests=16", ro.uri, "null:"]));
+        lat.push(latencyUs(ro.uri));
+        await ro.stop();
+        const target = path.join(dir, "target.img");
+        fs.rmSync(target, { force: true });
+        execFileSync("fallocate", ["-l", "1G", target]);
+        const rw = await start(kind, target);
+        writes.push(
+          GiB / MiB / timed("nbdcopy", ["--connections=4", "--requests=16", "--flush", data, rw.uri]),
+        );
+        await rw.stop();
+      }
+      servers.push({
+        server: kind,
+        readMiBs: median(reads),
+        writeMiBs: median(writes),
+        latencyUs: median(lat),
+      });
+    }
+
+    const copies: NbdCopyRow[] = [];
+    const sparse = path.join(dir, "sparse.img");
+    execFileSync("truncate", ["-s", "8G", sparse]);
+    execFileSync("sh", [
+      "-c",
+      `for i in 0 1 2 3 4 5 6 7 8 9; do dd if=${data} of=${sparse} bs=1M count=10 seek=$((i*800)) skip=$((i*10)) conv=notrunc status=none; done`,
+    ]);
+    const cases: [string, string][] = [
+      ["1 GiB of data, qemu-nbd to qemu-nbd", data],
+      ["8 GiB sparse, 100 MiB of data, qemu-nbd to qemu-nbd", sparse],
+    ];
+    for (const [what, file] of cases) {
+      for (const tool of ["nbdmig nbd copy", "nbdcopy"]) {
+        process.stderr.write(`nbd bench: ${tool}: ${what}\n`);
+        const secs: number[] = [];
+        const bytes: number[] = [];
+        for (let r = 0; r < runs; r++) {
+          const src = await start("qemu-nbd", file, true);
+          const target = path.join(dir, "copy-target.img");
+          fs.rmSync(target, { force: true });
+          execFileSync("truncate", ["-s", String(fs.statSync(file).size), target]);
+          const dst = await start("qemu-nbd", target);
+          const lo0 = loBytes();
+          secs.push(
+            tool === "nbdcopy"
+              ? timed("nbdcopy", ["--connections=4", "--requests=16", src.uri, dst.uri])
+              : timed(process.execPath, [cli, "nbd", "copy", "-C", "4", "-R", "16", src.uri, dst.uri]),
+          );
+          bytes.push((loBytes() - lo0) / MiB);
+          await src.stop();
+          await dst.stop();
+        }
+        copies.push({ what, tool, seconds: median(secs), loopbackMiB: median(bytes) });
+      }
+    }
+    return { servers, copies };
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+}
