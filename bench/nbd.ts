@@ -4,11 +4,10 @@
  */
 import { execFileSync, spawn, type ChildProcess } from "node:child_process";
 import fs from "node:fs";
-import net from "node:net";
 import os from "node:os";
 import path from "node:path";
-import { setTimeout as sleep } from "node:timers/promises";
 import { fileURLToPath } from "node:url";
+import { waitForPort } from "../src/util/net.js";
 import { median } from "./common.js";
 
 const repo = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..");
@@ -72,16 +71,7 @@ async function start(
       ["-f", "-p", String(p), "-i", "127.0.0.1", "--exportname=d", ...(readonly ? ["-r"] : []), "file", file],
       { stdio: "ignore" },
     );
-  for (let i = 0; ; i++) {
-    const ok = await new Promise<boolean>((r) => {
-      const s = net.connect(p, "127.0.0.1");
-      s.once("connect", () => (s.destroy(), r(true)));
-      s.once("error", () => r(false));
-    });
-    if (ok) break;
-    if (i > 200) throw new Error(`${kind} did not start`);
-    await sleep(25);
-  }
+  await waitForPort(p, { alive: () => proc.exitCode === null, what: kind });
   return {
     uri: `nbd://127.0.0.1:${p}/d`,
     stop: async () => {

@@ -13,6 +13,7 @@ import { NbdClient } from "../src/nbd/client/client.js";
 import { copy } from "../src/nbd/client/copy.js";
 import { parseNbdUri } from "../src/nbd/client/uri.js";
 import { STATE_HOLE, STATE_ZERO } from "../src/nbd/protocol/constants.js";
+import { waitForPort } from "../src/util/net.js";
 import { cli, need } from "./helpers/env.js";
 import { patternImage, run, tmpdir } from "./helpers/nbd.js";
 
@@ -38,16 +39,9 @@ async function serve(
   const proc = spawn(cmd, args(port), { stdio: ["ignore", "ignore", "pipe"] });
   let err = "";
   proc.stderr!.on("data", (b: Buffer) => (err += b.toString()));
-  for (let i = 0; ; i++) {
-    const ok = await new Promise<boolean>((r) => {
-      const s = net.connect(port, "127.0.0.1");
-      s.once("connect", () => (s.destroy(), r(true)));
-      s.once("error", () => r(false));
-    });
-    if (ok) break;
-    if (i > 100 || proc.exitCode !== null) throw new Error(`${cmd} did not start: ${err}`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
+  await waitForPort(port, { alive: () => proc.exitCode === null, what: `${cmd}: ${err}` }).catch(() => {
+    throw new Error(`${cmd} did not start: ${err}`);
+  });
   return { uri: `nbd://127.0.0.1:${port}`, proc, port };
 }
 

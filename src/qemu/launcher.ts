@@ -69,6 +69,47 @@ export function pidAlive(pid: number): boolean {
 let kvmProbe: Promise<{ usable: boolean; reason: string }> | undefined;
 
 /**
+ * Starts a throwaway QEMU (`args` plus `-S -qmp stdio`), runs each QMP command once and quits. Answers are
+ * keyed by command; a command QEMU refused is missing from them.
+ */
+export function askQemu(
+  args: string[],
+  commands: string[],
+): Promise<{ answers: Map<string, unknown>; stderr: string; error?: string }> {
+  return new Promise((resolve) => {
+    const child = spawn(qemuBinary(), [...args, "-S", "-qmp", "stdio"], { stdio: ["pipe", "pipe", "pipe"] });
+    let out = "";
+    let err = "";
+    const timer = setTimeout(() => child.kill("SIGKILL"), 10_000);
+    child.stdout.on("data", (b: Buffer) => (out += b.toString()));
+    child.stderr.on("data", (b: Buffer) => (err += b.toString()));
+    child.stdin.on("error", () => undefined);
+    child.stdin.write(
+      ["qmp_capabilities", ...commands, "quit"]
+        .map((c) => JSON.stringify({ execute: c, id: c }) + "\n")
+        .join(""),
+    );
+    child.on("error", (e) => {
+      clearTimeout(timer);
+      resolve({ answers: new Map(), stderr: "", error: `cannot run ${qemuBinary()}: ${e.message}` });
+    });
+    child.on("close", () => {
+      clearTimeout(timer);
+      const answers = new Map<string, unknown>();
+      for (const line of out.split("\n")) {
+        try {
+          const msg = JSON.parse(line) as { id?: string; return?: unknown };
+          if (msg.id !== undefined && "return" in msg) answers.set(msg.id, msg.return);
+        } catch {
+          /* the greeting's partial lines, events */
+        }
+      }
+      resolve({ answers, stderr: err });
+    });
+  });
+}
+
+/**
  * Whether KVM works here: /dev/kvm opens and a QEMU with `-accel kvm -cpu host,arch-capabilities=off`
  * starts and reports KVM enabled. (On nested hosts `-cpu host` alone aborts; see the README.)
  */
@@ -79,41 +120,27 @@ export function probeKvm(): Promise<{ usable: boolean; reason: string }> {
     } catch {
       return { usable: false, reason: "/dev/kvm is not accessible" };
     }
-    return new Promise<{ usable: boolean; reason: string }>((resolve) => {
-      const child = spawn(
-        qemuBinary(),
-        [
-          "-accel",
-          "kvm",
-          "-cpu",
-          "host,arch-capabilities=off",
-          "-machine",
-          "q35",
-          "-nodefaults",
-          "-display",
-          "none",
-          "-S",
-          "-qmp",
-          "stdio",
-        ],
-        { stdio: ["pipe", "pipe", "pipe"] },
-      );
-      let out = "";
-      let err = "";
-      const timer = setTimeout(() => child.kill("SIGKILL"), 10_000);
-      child.stdout.on("data", (b: Buffer) => (out += b.toString()));
-      child.stderr.on("data", (b: Buffer) => (err += b.toString()));
-      child.stdin.write('{"execute":"qmp_capabilities"}\n{"execute":"query-kvm"}\n{"execute":"quit"}\n');
-      child.on("error", (e) => resolve({ usable: false, reason: e.message }));
-      child.on("close", () => {
-        clearTimeout(timer);
-        const ok = /"enabled":\s*true/.test(out);
-        resolve({
-          usable: ok,
-          reason: ok ? "KVM works" : `QEMU with KVM failed: ${err.trim().split("\n").pop() ?? ""}`,
-        });
-      });
-    });
+    const r = await askQemu(
+      [
+        "-accel",
+        "kvm",
+        "-cpu",
+        "host,arch-capabilities=off",
+        "-machine",
+        "q35",
+        "-nodefaults",
+        "-display",
+        "none",
+      ],
+      ["query-kvm"],
+    );
+    const ok = (r.answers.get("query-kvm") as { enabled?: boolean } | undefined)?.enabled === true;
+    return {
+      usable: ok,
+      reason: ok
+        ? "KVM works"
+        : `QEMU with KVM failed: ${r.error ?? r.stderr.trim().split("\n").pop() ?? ""}`,
+    };
   })();
   return kvmProbe;
 }
