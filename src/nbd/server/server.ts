@@ -113,12 +113,15 @@ export class NbdServer {
 
   /** Stops listening, lets requests in flight finish and flushes, then closes the backends. */
   async close(): Promise<void> {
-    await Promise.all(this.servers.map((s) => new Promise((r) => s.close(r))));
+    // net.Server.close() calls back only once every connection has ended, so stop accepting first, then
+    // end the connections, then wait for both.
+    const closed = Promise.all(this.servers.map((s) => new Promise((r) => s.close(r))));
     await Promise.race([
       Promise.all([...this.conns].map((c) => c.disconnect())),
       new Promise((r) => setTimeout(r, 10_000).unref()),
     ]);
     for (const c of this.conns) c.close();
+    await closed;
     await Promise.all([...this.exports.values()].map((e) => e.backend.close().catch(() => undefined)));
   }
 }
