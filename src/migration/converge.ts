@@ -5,14 +5,16 @@
  * - `sync`: `copy-mode: write-blocking` from the start (libvirt's --copy-storage-synchronous-writes): every
  *   guest write waits for the destination, so the guest runs at link speed for the whole copy.
  * - `throttle`: background mirror; once a second the copy rate (bytes the destination acknowledged on
- *   QEMU's NBD connection) and the guest's dirty rate (growth of the jobs' length) are measured. The copy
- *   shrinks the remaining data at copy - dirty; when that falls below copy / FACTOR (so READY would take
- *   more than FACTOR times what the link alone needs), the guest's write bandwidth on the migrating disks is
- *   capped (`block_set_io_throttle`, `bps_wr`) at the share of the link that still leaves copy / FACTOR,
- *   stepping lower while the remaining data still shrinks too slowly and back up while it shrinks faster.
- *   A guest that writes less than that share is never capped. The cap is lifted at READY (and set again if
- *   the dirty backlog grows during the RAM phase), and the source gets back exactly the limits it had when
- *   the job ends, however it ends.
+ *   QEMU's NBD connection) and the guest's write rate on the migrating disks (`query-blockstats`) are
+ *   measured. Every guest write counts as new work until READY: one ahead of the copy turns a cheap zero
+ *   region into data without growing QEMU's dirty bitmap. The remaining data must shrink at least at
+ *   copy / FACTOR (READY within FACTOR times what the link alone needs); when the guest writes more than
+ *   the rest, its write bandwidth is capped (`block_set_io_throttle`, `bps_wr`) at that share, stepping
+ *   lower only once its writes obey the cap and the copy still falls short, and back up when there is
+ *   room. A guest that writes less is never capped. At READY the cap is lifted, unless the guest still
+ *   writes at it: then it is halved for the RAM phase (memory shares the link) and kept until the
+ *   switchover; a growing dirty backlog in the RAM phase lowers it further. The source gets back exactly
+ *   the limits it had when the job ends, however it ends.
  * - `auto`: `throttle`, plus switching the jobs to write-blocking after READY where QEMU has
  *   `block-job-change` (8.2 and later), so nothing is left to drain at switchover.
  */
