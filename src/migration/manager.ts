@@ -68,11 +68,13 @@ export class MigrationManager {
     if (path === "nbd" && this.opts.noNbd) {
       throw new UsageError(`this agent runs with --no-nbd and cannot receive disks over NBD`, "E_NO_NBD");
     }
-    if (path === "stream" && !(await probeQemuFeatures()).blockMigration) {
-      throw new UsageError(
-        `this host's QEMU ${(await probeQemuFeatures()).version} cannot receive disks in the migration stream`,
-        "E_NO_STORAGE_PATH",
-      );
+    if (path === "stream") {
+      const qemu = await probeQemuFeatures();
+      if (!qemu.blockMigration)
+        throw new UsageError(
+          `this host's QEMU ${qemu.version} cannot receive disks in the migration stream`,
+          "E_NO_STORAGE_PATH",
+        );
     }
     const m = new IncomingMigration(this.reg, this.log, req, (done) => {
       this.finished.set(done.name, done.describe());

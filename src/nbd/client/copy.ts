@@ -11,7 +11,7 @@ import { UsageError } from "../../errors.js";
 import type { Extent } from "../protocol/codec.js";
 import { STATE_ZERO, TF } from "../protocol/constants.js";
 import { FileBackend } from "../server/backends/file.js";
-import { isZero } from "../server/backends/memory.js";
+import { isZero, writeZeros } from "../zeros.js";
 import { NbdClient, type ClientOptions } from "./client.js";
 import { isNbdUri } from "./uri.js";
 
@@ -29,8 +29,6 @@ export interface Endpoint {
   flush(): Promise<void>;
   close(): Promise<void>;
 }
-
-const ZEROS = Buffer.alloc(4 * 1024 * 1024);
 
 class NbdEndpoint implements Endpoint {
   constructor(
@@ -55,8 +53,7 @@ class NbdEndpoint implements Endpoint {
   async zero(lane: number, offset: number, length: number): Promise<void> {
     const c = this.c(lane);
     if (c.can(TF.SEND_WRITE_ZEROES)) return c.zero(offset, length);
-    for (let at = offset; at < offset + length; at += ZEROS.length)
-      await c.write(ZEROS.subarray(0, Math.min(ZEROS.length, offset + length - at)), at);
+    await writeZeros((z, at) => c.write(z, at), offset, length);
   }
   async extents(lane: number, offset: number, length: number): Promise<Extent[] | undefined> {
     const c = this.c(lane);
@@ -90,8 +87,7 @@ class FileEndpoint implements Endpoint {
   async zero(_l: number, offset: number, length: number): Promise<void> {
     if (this.f.canZero() === "native")
       return this.f.zero(offset, length, { mayTrim: true, fua: false, fastZero: false });
-    for (let at = offset; at < offset + length; at += ZEROS.length)
-      await this.f.pwrite(ZEROS.subarray(0, Math.min(ZEROS.length, offset + length - at)), at, false);
+    await writeZeros((z, at) => this.f.pwrite(z, at, false), offset, length);
   }
   async extents(_l: number, offset: number, length: number): Promise<Extent[] | undefined> {
     return this.f.canExtents() ? this.f.extents(offset, length, false) : undefined;

@@ -47,14 +47,13 @@ import {
   RF_DONE,
   TF,
 } from "../protocol/constants.js";
-import { isZero } from "./backends/memory.js";
+import { isZero, writeZeros } from "../zeros.js";
 import type { Backend } from "./backend.js";
 import type { ExportSpec, NbdServer } from "./server.js";
 
 export type ConnState = "greeting" | "options" | "transmission" | "closed";
 
 const BASE_ALLOCATION_ID = 1;
-const ZEROS = Buffer.alloc(1024 * 1024);
 /** Which command flags each command accepts (others are EINVAL). */
 const ALLOWED_FLAGS: Record<number, number> = {
   [Cmd.READ]: CF.DF,
@@ -394,10 +393,7 @@ export class ServerConnection {
         const fast = (r.flags & CF.FAST_ZERO) !== 0;
         if (b.canZero() === "emulate") {
           if (fast) throw new NbdRequestError(NbdErrno.ENOTSUP, "zeroing would be slow");
-          for (let at = r.offset; at < r.offset + r.length; at += ZEROS.length) {
-            const n = Math.min(ZEROS.length, r.offset + r.length - at);
-            await b.pwrite(ZEROS.subarray(0, n), at, false);
-          }
+          await writeZeros((z, at) => b.pwrite(z, at, false), r.offset, r.length);
           if (fua) await b.flush();
         } else {
           await b.zero(r.offset, r.length, { mayTrim: (r.flags & CF.NO_HOLE) === 0, fua, fastZero: fast });

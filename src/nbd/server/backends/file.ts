@@ -10,9 +10,8 @@ import { NbdRequestError } from "../../errors.js";
 import type { Extent } from "../../protocol/codec.js";
 import { NbdErrno, STATE_HOLE, STATE_ZERO } from "../../protocol/constants.js";
 import { sparse } from "../../native/sparse.js";
+import { writeZeros } from "../../zeros.js";
 import type { Backend, BlockSize, Support, ZeroFlags } from "../backend.js";
-
-const ZEROS = Buffer.alloc(1024 * 1024);
 
 export class FileBackend implements Backend {
   private constructor(
@@ -125,10 +124,7 @@ export class FileBackend implements Backend {
     } catch (err) {
       if ((err as NodeJS.ErrnoException).code !== "EOPNOTSUPP") throw err;
       if (flags.fastZero) throw new NbdRequestError(NbdErrno.ENOTSUP, "this file system cannot zero fast");
-      for (let at = offset; at < offset + length; at += ZEROS.length) {
-        const n = Math.min(ZEROS.length, offset + length - at);
-        await this.pwrite(ZEROS.subarray(0, n), at, false);
-      }
+      await writeZeros((z, at) => this.pwrite(z, at, false), offset, length);
     }
     if (flags.fua) await this.fh.datasync();
   }

@@ -1,6 +1,7 @@
 /** A sparse RAM disk: pages are allocated on first non-zero write and dropped by trim and zero. */
 import type { Extent } from "../../protocol/codec.js";
 import { STATE_HOLE, STATE_ZERO } from "../../protocol/constants.js";
+import { isZero } from "../../zeros.js";
 import type { Backend, BlockSize, Support, ZeroFlags } from "../backend.js";
 
 const PAGE = 64 * 1024;
@@ -58,38 +59,38 @@ export class MemoryBackend implements Backend {
     return this.pages.size * PAGE;
   }
 
-  async pread(buf: Buffer, offset: number): Promise<void> {
-    let done = 0;
-    while (done < buf.length) {
+  /** The pieces of [offset, offset+length) that fall in each page: page index, offset in it, length. */
+  private *spans(
+    offset: number,
+    length: number,
+  ): Generator<{ page: number; within: number; n: number; done: number }> {
+    for (let done = 0; done < length;) {
       const at = offset + done;
       const page = Math.floor(at / PAGE);
       const within = at - page * PAGE;
-      const n = Math.min(PAGE - within, buf.length - done);
-      const p = this.pages.get(page);
-      if (p) p.copy(buf, done, within, within + n);
-      else buf.fill(0, done, done + n);
+      const n = Math.min(PAGE - within, length - done);
+      yield { page, within, n, done };
       done += n;
     }
   }
 
+  async pread(buf: Buffer, offset: number): Promise<void> {
+    for (const { page, within, n, done } of this.spans(offset, buf.length)) {
+      const p = this.pages.get(page);
+      if (p) p.copy(buf, done, within, within + n);
+      else buf.fill(0, done, done + n);
+    }
+  }
+
   async pwrite(buf: Buffer, offset: number): Promise<void> {
-    let done = 0;
-    while (done < buf.length) {
-      const at = offset + done;
-      const page = Math.floor(at / PAGE);
-      const within = at - page * PAGE;
-      const n = Math.min(PAGE - within, buf.length - done);
+    for (const { page, within, n, done } of this.spans(offset, buf.length)) {
       let p = this.pages.get(page);
       if (!p) {
-        if (isZero(buf.subarray(done, done + n))) {
-          done += n;
-          continue;
-        }
+        if (isZero(buf.subarray(done, done + n))) continue;
         p = Buffer.alloc(Math.min(PAGE, this.bytes - page * PAGE));
         this.pages.set(page, p);
       }
       buf.copy(p, within, done, done + n);
-      done += n;
     }
   }
 
@@ -100,17 +101,11 @@ export class MemoryBackend implements Backend {
   }
 
   async zero(offset: number, length: number, _flags: ZeroFlags): Promise<void> {
-    const end = offset + length;
-    for (let at = offset; at < end;) {
-      const page = Math.floor(at / PAGE);
-      const within = at - page * PAGE;
-      const n = Math.min(PAGE - within, end - at);
+    for (const { page, within, n } of this.spans(offset, length)) {
       const p = this.pages.get(page);
-      if (p) {
-        if (within === 0 && n >= p.length) this.pages.delete(page);
-        else p.fill(0, within, within + n);
-      }
-      at += n;
+      if (!p) continue;
+      if (within === 0 && n >= p.length) this.pages.delete(page);
+      else p.fill(0, within, within + n);
     }
   }
 
@@ -137,13 +132,4 @@ export class MemoryBackend implements Backend {
   async close(): Promise<void> {
     this.pages.clear();
   }
-}
-
-const ZERO = Buffer.alloc(PAGE);
-export function isZero(b: Buffer): boolean {
-  for (let at = 0; at < b.length; at += PAGE) {
-    const n = Math.min(PAGE, b.length - at);
-    if (!b.subarray(at, at + n).equals(ZERO.subarray(0, n))) return false;
-  }
-  return true;
 }
