@@ -12,7 +12,13 @@ import { after, before, describe, it } from "node:test";
 import { NbdClient } from "../src/nbd/client/client.js";
 import { copy } from "../src/nbd/client/copy.js";
 import { parseNbdUri } from "../src/nbd/client/uri.js";
+import { MemoryBackend } from "../src/nbd/server/backends/memory.js";
+import { PassThrough } from "../src/nbd/server/backend.js";
+import { errorInjection, requestLog } from "../src/nbd/server/filters.js";
+import { NbdServer } from "../src/nbd/server/server.js";
+import type { Extent } from "../src/nbd/protocol/codec.js";
 import { STATE_HOLE, STATE_ZERO } from "../src/nbd/protocol/constants.js";
+import { isZero } from "../src/nbd/zeros.js";
 import { waitForPort } from "../src/util/net.js";
 import { cli, need } from "./helpers/env.js";
 import { patternImage, run, tmpdir } from "./helpers/nbd.js";
@@ -237,9 +243,65 @@ describe("our NBD client against qemu-nbd and nbdkit", { timeout: 300_000 }, () 
     const back = path.join(dir, "back.raw");
     await copy(mem, back);
     assert.equal(sha(fs.readFileSync(back)), sha(fs.readFileSync(raw)));
+    // A flush only when asked for, as nbdcopy: seen through our own server's request log.
+    const lines: string[] = [];
+    const logged = new NbdServer({
+      exports: [{ name: "m", backend: requestLog((l) => lines.push(l))(new MemoryBackend(64 * MiB)) }],
+    });
+    const at = (await logged.listen({ host: "127.0.0.1", port: 0 })) as net.AddressInfo;
+    // Our server flushes each connection on NBD_CMD_DISC by itself; count once every connection is gone.
+    const flushes = async (flush: boolean) => {
+      const before = lines.filter((l) => l.startsWith("flush")).length;
+      await copy(raw, `nbd://127.0.0.1:${at.port}/m`, { flush });
+      while (logged.connections > 0) await new Promise((r) => setTimeout(r, 10));
+      return lines.filter((l) => l.startsWith("flush")).length - before;
+    };
+    try {
+      const plain = await flushes(false);
+      assert.equal(await flushes(true), plain + 1, "--flush adds one flush: multi-conn makes one enough");
+    } finally {
+      await logged.close();
+    }
     const nul = await copy(src, "null:");
     assert.equal(nul.size, 64 * MiB);
     await assert.rejects(copy(src, "null:", { verify: true }), /null: cannot be read/);
+  });
+
+  it("copies through a server that maps in small pieces, and fails cleanly when the map fails", async () => {
+    // 256 MiB with 1 MiB of data every 32 MiB; the source answers block status one extent of at most
+    // 1 MiB at a time (the protocol allows fewer extents than asked), so the map takes many lookups.
+    const src = new MemoryBackend(256 * MiB);
+    for (let at = 0; at < 256 * MiB; at += 32 * MiB) await src.pwrite(Buffer.alloc(MiB, at / MiB + 1), at);
+    class ShortMap extends PassThrough {
+      override async extents(offset: number, length: number, reqOne: boolean): Promise<Extent[]> {
+        const [first] = await super.extents(offset, Math.min(length, MiB), reqOne);
+        return [first!];
+      }
+    }
+    const dst = new MemoryBackend(256 * MiB);
+    await dst.pwrite(Buffer.alloc(MiB, 0xff), 100 * MiB); // stale data where the source has a hole
+    const failing = errorInjection({ ops: ["extents"], range: { offset: 128 * MiB, length: 128 * MiB } });
+    const server = new NbdServer({
+      exports: [
+        { name: "short", backend: new ShortMap(src) },
+        { name: "failing", backend: failing(src) },
+        { name: "dst", backend: dst },
+      ],
+    });
+    const a = (await server.listen({ host: "127.0.0.1", port: 0 })) as net.AddressInfo;
+    const uri = (name: string) => `nbd://127.0.0.1:${a.port}/${name}`;
+    try {
+      const r = await copy(uri("short"), uri("dst"), { verify: true });
+      assert.equal(r.dataBytes, 8 * MiB, "only the data is read and written");
+      assert.equal(r.zeroBytes, 248 * MiB);
+      const back = Buffer.alloc(MiB);
+      await dst.pread(back, 100 * MiB);
+      assert.ok(isZero(back), "the hole was zeroed on the destination");
+      // Block status fails past 128 MiB: the copy rejects with the server's error, nothing left dangling.
+      await assert.rejects(copy(uri("failing"), uri("dst")), { code: "E_NBD_EIO" });
+    } finally {
+      await server.close();
+    }
   });
 
   it("the CLI: nbd info (--size, --map, --can, --json) and nbd copy", async (t) => {

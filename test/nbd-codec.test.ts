@@ -10,7 +10,6 @@ import {
   decodeInfo,
   decodeInfoRequest,
   decodeMetaContextRequest,
-  decodeOffsetData,
   decodeServerReply,
   encodeBlockStatus,
   encodeChunkHeader,
@@ -31,7 +30,7 @@ import {
   parseGreeting,
   parseOption,
   parseOptionReply,
-  ReplyParser,
+  ReplyDecoder,
   RequestParser,
   type Reply,
   type Request,
@@ -163,14 +162,39 @@ describe("NBD codec", () => {
       encodeChunkHeader(RF_DONE, Chunk.ERROR_OFFSET, 5n, err.length),
       err,
     ]);
-    const lengths = new Map([[1n, 100]]);
-    const parser = new ReplyParser((c) => lengths.get(c) ?? 0);
-    const got: Reply[] = everySplit(bytes, (q) => parser.next(q));
+    // Every split, each piece a buffer the caller reuses (scribbled over) as soon as push returns. The
+    // READ's data must land in the buffer the request named, copied once; the chunk with cookie 3 has none.
+    const runs: Reply[][] = [];
+    const cuts = [
+      ...Array.from({ length: bytes.length + 1 }, (_, i) => [i]),
+      Array.from({ length: bytes.length }, (_, i) => i),
+    ];
+    for (const cut of cuts) {
+      const target = Buffer.alloc(100);
+      const got: Reply[] = [];
+      const dec = new ReplyDecoder(
+        {
+          simpleData: (c) => (c === 1n ? target : undefined),
+          chunkData: (c, o, n) => (c === 3n ? undefined : assert.fail(`chunkData(${c}, ${o}, ${n})`)),
+        },
+        (r) => got.push(r),
+      );
+      let prev = 0;
+      for (const c of [...cut, bytes.length]) {
+        const piece = Buffer.from(bytes.subarray(prev, c));
+        dec.push(piece);
+        piece.fill(0xaa);
+        prev = c;
+      }
+      assert.deepEqual(target, data);
+      runs.push(got);
+    }
+    for (const r of runs) assert.deepEqual(r, runs[0]);
+    const got = runs[0]!;
     assert.equal(got.length, 5);
     assert.deepEqual(got[0], { kind: "simple", cookie: 1n, error: 0, data });
     assert.deepEqual(got[1], { kind: "simple", cookie: 2n, error: 0, data: undefined });
-    const c3 = got[2] as Extract<Reply, { kind: "chunk" }>;
-    assert.deepEqual(decodeOffsetData(c3.payload), { offset: 4096, data });
+    assert.deepEqual(got[2], { kind: "data", cookie: 3n, flags: 0, offset: 4096, data });
     const c4 = got[3] as Extract<Reply, { kind: "chunk" }>;
     assert.equal(c4.flags, RF_DONE);
     assert.deepEqual(decodeBlockStatus(c4.payload).extents, [

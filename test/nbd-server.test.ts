@@ -17,7 +17,7 @@ import {
   encodeRequest,
   parseGreeting,
   parseOptionReply,
-  ReplyParser,
+  ReplyDecoder,
   type Reply,
 } from "../src/nbd/protocol/codec.js";
 import { Cmd, FLAG_C_FIXED_NEWSTYLE, NbdErrno, Opt, Rep } from "../src/nbd/protocol/constants.js";
@@ -344,11 +344,28 @@ h2.shutdown()
           const r = await recv((x) => parseOptionReply(x));
           if (r === "closed" || r.type === Rep.ACK) break;
         }
-        const replies = new ReplyParser(() => 0);
+        // A simple reply to a READ carries data: the decoder must know how long the read was.
+        const readLength = new Map<bigint, number>();
+        const got: Reply[] = [];
+        const replies = new ReplyDecoder(
+          {
+            simpleData: (cookie) => Buffer.alloc(readLength.get(cookie) ?? 0),
+            chunkData: () => undefined,
+          },
+          (r) => got.push(r),
+        );
+        const next = (x: ByteQueue) => {
+          if (x.length) replies.push(x.take(x.length));
+          return got.shift();
+        };
         return {
           s,
-          write: (b: Buffer) => s.write(b),
-          reply: () => recv((x) => replies.next(x)) as Promise<Reply | "closed">,
+          write: (b: Buffer) => {
+            if (b.length >= 28 && b.readUInt16BE(6) === Cmd.READ)
+              readLength.set(b.readBigUInt64BE(8), b.readUInt32BE(24));
+            return s.write(b);
+          },
+          reply: () => recv(next),
           closedSoon: async () => {
             for (let i = 0; i < 100 && !closed; i++) await new Promise((r) => setTimeout(r, 20));
             return closed;

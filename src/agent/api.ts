@@ -11,7 +11,9 @@ import { probeKvm } from "../qemu/launcher.js";
 import type { DomainRegistry } from "./domains.js";
 import { Router, str } from "./http.js";
 
-export const VERSION = "0.1.0";
+import { VERSION } from "../version.js";
+
+export { VERSION };
 
 export interface HostFacts {
   listen: string;

@@ -5,14 +5,18 @@
 process.env.UV_THREADPOOL_SIZE ??= "16";
 import { Command, CommanderError } from "commander";
 import { AgentError, MigrationError, NbdmigError, UsageError } from "../errors.js";
-import { VERSION } from "../agent/api.js";
-import * as daemon from "./verbs/daemon.js";
-import * as define from "./verbs/define.js";
-import * as info from "./verbs/info.js";
-import * as lifecycle from "./verbs/lifecycle.js";
-import * as migrate from "./verbs/migrate.js";
-import * as monitor from "./verbs/monitor.js";
-import * as nbd from "./verbs/nbd.js";
+import { VERSION } from "../version.js";
+
+/** Each verb module registers its commands; loaded only when needed (see below). */
+const VERBS = {
+  daemon: () => import("./verbs/daemon.js"),
+  define: () => import("./verbs/define.js"),
+  lifecycle: () => import("./verbs/lifecycle.js"),
+  info: () => import("./verbs/info.js"),
+  migrate: () => import("./verbs/migrate.js"),
+  monitor: () => import("./verbs/monitor.js"),
+  nbd: () => import("./verbs/nbd.js"),
+};
 
 const program = new Command();
 program
@@ -25,7 +29,10 @@ program
   .configureOutput({ writeErr: (s) => process.stderr.write(s) })
   .showSuggestionAfterError(true);
 
-for (const m of [daemon, define, lifecycle, info, migrate, monitor, nbd]) m.register(program);
+// `nbdmig nbd ...` is a tool of its own (as nbdkit, nbdinfo and nbdcopy are) and often timed: it loads only
+// its module, not the agent and migration code, which saves about 0.1 s of start-up per run.
+const loaders = firstWord(process.argv.slice(2)) === "nbd" ? [VERBS.nbd] : Object.values(VERBS);
+for (const m of await Promise.all(loaders.map((load) => load()))) m.register(program);
 for (const c of program.commands) c.exitOverride();
 
 try {
@@ -60,4 +67,14 @@ function exitCodeFor(err: unknown): number {
   }
   process.stderr.write(`error: ${(err as Error)?.stack ?? String(err)}\n`);
   return 1;
+}
+
+/** The verb: the first word that is neither a global option nor its value. */
+function firstWord(args: string[]): string | undefined {
+  for (let i = 0; i < args.length; i++) {
+    const a = args[i]!;
+    if (a === "-c" || a === "--connect" || a === "--token-file") i++;
+    else if (!a.startsWith("-")) return a;
+  }
+  return undefined;
 }

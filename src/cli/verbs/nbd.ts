@@ -284,6 +284,7 @@ export function register(program: Command): void {
     .option("-R, --requests <n>", "requests in flight per connection", "16")
     .option("--request-size <size>", "bytes per read/write request", "256K")
     .option("--destination-is-zero", "the destination already reads as zeros: skip zeroing holes")
+    .option("--flush", "flush the destination at the end (else the data may still be in its cache)")
     .option("--verify", "compare sha256 of both sides afterwards")
     .option("--json", "print the result as JSON")
     .action(async (src: string, dst: string, o: Record<string, string | boolean | undefined>) => {
@@ -310,6 +311,7 @@ export function register(program: Command): void {
         requests: int(o.requests, "--requests"),
         requestSize: parseSize(String(o.requestSize), "--request-size"),
         destinationIsZero: o.destinationIsZero === true,
+        flush: o.flush === true,
         verify: o.verify === true,
         progress: bar
           ? (done, total) => {

@@ -16,7 +16,6 @@ import {
   decodeErrorChunk,
   decodeInfo,
   decodeMetaContextReply,
-  decodeOffsetData,
   decodeOffsetHole,
   decodeServerReply,
   encodeClientFlags,
@@ -27,7 +26,7 @@ import {
   parseExportNameReply,
   parseGreeting,
   parseOptionReply,
-  ReplyParser,
+  ReplyDecoder,
   type Extent,
   type InfoItem,
   type OptionReply,
@@ -53,6 +52,9 @@ import {
 } from "../protocol/constants.js";
 import { parseNbdUri, type NbdUri } from "./uri.js";
 
+/** The socket's read buffer, one per connection. */
+const READ_BUFFER = 64 * 1024;
+
 export type ClientState =
   "connecting" | "greeting" | "starttls" | "structured" | "meta" | "go" | "transmission" | "closed" | "dead";
 
@@ -70,7 +72,9 @@ interface Pending {
   type: number;
   offset: number;
   length: number;
+  /** A READ's buffer, and how many of its bytes the reply has covered so far. */
   data?: Buffer;
+  filled: number;
   extents?: Extent[];
   error?: NbdRequestError;
   resolve: (v: unknown) => void;
@@ -98,7 +102,7 @@ export class NbdClient {
   private nextCookie = 1n;
   private readonly waiters: (() => void)[] = [];
   private readonly maxInFlight: number;
-  private parser?: ReplyParser;
+  private decoder?: ReplyDecoder;
 
   private constructor(opts: ClientOptions) {
     this.maxInFlight = opts.maxInFlight ?? 64;
@@ -108,7 +112,7 @@ export class NbdClient {
   static async connect(target: string | NbdUri, opts: ClientOptions = {}): Promise<NbdClient> {
     const uri = typeof target === "string" ? parseNbdUri(target) : target;
     const c = new NbdClient(opts);
-    await c.open(uri);
+    await c.open(uri, Boolean(uri.tls || opts.tls));
     try {
       await c.handshake(uri, opts);
     } catch (err) {
@@ -125,7 +129,7 @@ export class NbdClient {
   ): Promise<{ name: string; description: string }[]> {
     const uri = typeof target === "string" ? parseNbdUri(target) : target;
     const c = new NbdClient(opts);
-    await c.open(uri);
+    await c.open(uri, Boolean(uri.tls || opts.tls));
     try {
       await c.greet(uri, opts);
       c.send(encodeOption(Opt.LIST));
@@ -143,12 +147,30 @@ export class NbdClient {
     }
   }
 
-  private open(uri: NbdUri): Promise<void> {
+  private open(uri: NbdUri, tlsWanted: boolean): Promise<void> {
     return new Promise((resolve, reject) => {
+      // Without TLS, the socket reads into buffers of ours: a read's data straight into the request's
+      // buffer while one is being received, everything else into one scratch buffer, from which replies
+      // are copied. No allocation per read. STARTTLS needs a socket that emits 'data'.
+      const scratch = Buffer.allocUnsafe(READ_BUFFER);
+      const onread = tlsWanted
+        ? undefined
+        : {
+            buffer: () => this.decoder?.direct() ?? scratch,
+            callback: (n: number, b: Buffer) => {
+              this.onBytes(b, n, b === scratch ? "transient" : "direct");
+              return true;
+            },
+          };
       const s =
         "path" in uri.transport
-          ? net.connect(uri.transport.path)
-          : net.connect({ host: uri.transport.host, port: uri.transport.port, noDelay: true });
+          ? net.connect({ path: uri.transport.path, ...(onread && { onread }) })
+          : net.connect({
+              host: uri.transport.host,
+              port: uri.transport.port,
+              noDelay: true,
+              ...(onread && { onread }),
+            });
       const where =
         "path" in uri.transport ? uri.transport.path : `${uri.transport.host}:${uri.transport.port}`;
       s.once("connect", () => {
@@ -167,13 +189,29 @@ export class NbdClient {
 
   private attach(s: net.Socket): void {
     this.socket = s;
-    s.on("data", (b: Buffer) => {
-      this.q.push(b);
-      if (this.state === "transmission") this.onReplies();
-      else this.wake?.();
-    });
+    s.on("data", (b: Buffer) => this.onBytes(b, b.length, "kept"));
     s.on("error", (err) => this.fail(new NbdProtocolError(`connection error: ${err.message}`)));
     s.on("close", () => this.fail(new NbdProtocolError("the server closed the connection")));
+  }
+
+  /**
+   * `n` received bytes at the start of `b`: `transient` ones live in a buffer the next read reuses,
+   * `direct` ones were read straight into the buffer the decoder offered.
+   */
+  private onBytes(b: Buffer, n: number, how: "transient" | "direct" | "kept"): void {
+    const bytes = n === b.length ? b : b.subarray(0, n);
+    if (this.decoder) {
+      try {
+        if (how === "direct") this.decoder.advance(n);
+        else this.decoder.push(bytes);
+      } catch (err) {
+        this.fail(err as Error);
+        this.socket.destroy();
+      }
+      return;
+    }
+    this.q.push(how === "kept" ? bytes : Buffer.from(bytes));
+    this.wake?.();
   }
 
   private fail(err: Error): void {
@@ -298,12 +336,30 @@ export class NbdClient {
         break;
       } else throw replyError(r, `opening export '${uri.exportName}'`);
     }
-    this.parser = new ReplyParser((cookie) => {
-      const p = this.pending.get(cookie);
-      return p && p.type === Cmd.READ ? p.length : 0;
-    });
+    this.decoder = new ReplyDecoder(
+      {
+        simpleData: (cookie) => {
+          const p = this.pending.get(cookie);
+          if (p?.type !== Cmd.READ) return undefined;
+          p.filled = p.length;
+          return p.data;
+        },
+        chunkData: (cookie, offset, length) => {
+          const p = this.pending.get(cookie);
+          if (!p) throw new NbdProtocolError(`reply for unknown cookie ${cookie}`);
+          checkRange(p, offset, length);
+          p.filled += length;
+          return p.data!.subarray(offset - p.offset, offset - p.offset + length);
+        },
+      },
+      (r) => this.onReply(r),
+    );
     this.state = "transmission";
-    this.onReplies();
+    // The server sends nothing unasked, but bytes that arrived with the last handshake reply are replies.
+    if (this.q.length) {
+      const rest = this.q.take(this.q.length);
+      this.onBytes(rest, rest.length, "kept");
+    }
   }
 
   private info(i: InfoItem): void {
@@ -332,10 +388,12 @@ export class NbdClient {
 
   // ------------------------------------------------------------ transmission
 
-  private requireTransmission(what: string): void {
+  /** Throws unless in transmission; `type` names the command in the message. */
+  private requireTransmission(type: number): void {
     if (this.state !== "transmission")
       throw (
-        this.failure ?? new NbdProtocolError(`${what} is valid only in transmission, not in '${this.state}'`)
+        this.failure ??
+        new NbdProtocolError(`${cmdName(type)} is valid only in transmission, not in '${this.state}'`)
       );
   }
 
@@ -345,11 +403,12 @@ export class NbdClient {
     offset: number,
     length: number,
     data?: Buffer,
+    into?: Buffer,
   ): Promise<unknown> {
-    this.requireTransmission(cmdName(type));
+    this.requireTransmission(type);
     while (this.pending.size >= this.maxInFlight) {
       await new Promise<void>((r) => this.waiters.push(r));
-      this.requireTransmission("request");
+      this.requireTransmission(type);
     }
     const cookie = this.nextCookie++;
     const result = new Promise((resolve, reject) => {
@@ -357,7 +416,8 @@ export class NbdClient {
         type,
         offset,
         length,
-        data: undefined,
+        data: type === Cmd.READ ? (into ?? Buffer.allocUnsafe(length)) : undefined,
+        filled: 0,
         resolve,
         reject,
       });
@@ -370,19 +430,6 @@ export class NbdClient {
     return result;
   }
 
-  private onReplies(): void {
-    try {
-      for (;;) {
-        const r = this.parser!.next(this.q);
-        if (!r) return;
-        this.onReply(r);
-      }
-    } catch (err) {
-      this.fail(err as Error);
-      this.socket.destroy();
-    }
-  }
-
   private onReply(r: Reply): void {
     const p = this.pending.get(r.cookie);
     if (!p) throw new NbdProtocolError(`reply for unknown cookie ${r.cookie}`);
@@ -393,21 +440,15 @@ export class NbdClient {
           r.error,
           `${cmdName(p.type)} failed: ${ERRNO_NAMES[r.error] ?? r.error}`,
         );
-      else if (p.type === Cmd.READ) p.data = r.data ?? Buffer.alloc(0);
+    } else if (r.kind === "data") {
+      done = (r.flags & RF_DONE) !== 0; // the data is already in p.data
     } else {
       done = (r.flags & RF_DONE) !== 0;
-      if (r.type === Chunk.OFFSET_DATA) {
-        const d = decodeOffsetData(r.payload);
-        checkRange(p, d.offset, d.data.length);
-        // The usual reply is one chunk for the whole read: keep it as it is, no copy.
-        if (!p.data && d.offset === p.offset && d.data.length === p.length) p.data = d.data;
-        else d.data.copy((p.data ??= Buffer.alloc(p.length)), d.offset - p.offset);
-      } else if (r.type === Chunk.OFFSET_HOLE) {
+      if (r.type === Chunk.OFFSET_HOLE) {
         const h = decodeOffsetHole(r.payload);
         checkRange(p, h.offset, h.length);
-        p.data ??= Buffer.alloc(p.length);
-        if (h.offset !== p.offset || h.length !== p.length)
-          p.data.fill(0, h.offset - p.offset, h.offset - p.offset + h.length);
+        p.data!.fill(0, h.offset - p.offset, h.offset - p.offset + h.length);
+        p.filled += h.length;
       } else if (r.type === Chunk.BLOCK_STATUS) {
         const bs = decodeBlockStatus(r.payload);
         if (bs.contextId === this.contexts.get(BASE_ALLOCATION)) p.extents = bs.extents;
@@ -420,6 +461,9 @@ export class NbdClient {
       } else if (r.type !== Chunk.NONE) throw new NbdProtocolError(`unknown reply chunk type ${r.type}`);
     }
     if (!done) return;
+    // A successful read must cover every byte it asked for (overlapping chunks are the server's error too).
+    if (p.type === Cmd.READ && !p.error && p.filled !== p.length)
+      throw new NbdProtocolError(`read reply covered ${p.filled} of ${p.length} bytes`);
     this.pending.delete(r.cookie);
     this.waiters.shift()?.();
     if (p.error) p.reject(p.error);
@@ -427,8 +471,11 @@ export class NbdClient {
       p.resolve(p.type === Cmd.READ ? p.data : p.type === Cmd.BLOCK_STATUS ? (p.extents ?? []) : undefined);
   }
 
-  read(offset: number, length: number, opts: { df?: boolean } = {}): Promise<Buffer> {
-    return this.request(Cmd.READ, opts.df ? CF.DF : 0, offset, length) as Promise<Buffer>;
+  /** Reads into `opts.into` (at least `length` bytes; its first `length` are returned) or a new buffer. */
+  read(offset: number, length: number, opts: { df?: boolean; into?: Buffer } = {}): Promise<Buffer> {
+    const into = opts.into?.subarray(0, length);
+    if (into && into.length < length) return Promise.reject(new RangeError("read: the buffer is too small"));
+    return this.request(Cmd.READ, opts.df ? CF.DF : 0, offset, length, undefined, into) as Promise<Buffer>;
   }
   async write(data: Buffer, offset: number, opts: { fua?: boolean } = {}): Promise<void> {
     await this.request(Cmd.WRITE, opts.fua ? CF.FUA : 0, offset, data.length, data);

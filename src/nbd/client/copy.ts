@@ -20,7 +20,8 @@ export interface Endpoint {
   size: number;
   /** Connections this endpoint spreads requests over. */
   readonly lanes: number;
-  read(lane: number, offset: number, length: number): Promise<Buffer>;
+  /** Reads into `into` when given (the first `length` bytes of it), else into a new buffer. */
+  read(lane: number, offset: number, length: number, into?: Buffer): Promise<Buffer>;
   write(lane: number, data: Buffer, offset: number): Promise<void>;
   /** Writes zeros (as a hole where the endpoint can). */
   zero(lane: number, offset: number, length: number): Promise<void>;
@@ -44,8 +45,8 @@ class NbdEndpoint implements Endpoint {
   private c(lane: number): NbdClient {
     return this.conns[lane % this.conns.length]!;
   }
-  read(lane: number, offset: number, length: number): Promise<Buffer> {
-    return this.c(lane).read(offset, length);
+  read(lane: number, offset: number, length: number, into?: Buffer): Promise<Buffer> {
+    return this.c(lane).read(offset, length, { into });
   }
   write(lane: number, data: Buffer, offset: number): Promise<void> {
     return this.c(lane).write(data, offset);
@@ -60,7 +61,9 @@ class NbdEndpoint implements Endpoint {
     return c.canBlockStatus ? c.blockStatus(offset, length) : undefined;
   }
   async flush(): Promise<void> {
-    await Promise.all(this.conns.filter((c) => c.can(TF.SEND_FLUSH)).map((c) => c.flush()));
+    // Several connections exist only with multi-conn, where one flush covers what every connection wrote.
+    const c = this.conns[0]!;
+    if (c.can(TF.SEND_FLUSH)) await c.flush();
   }
   async close(): Promise<void> {
     await Promise.all(this.conns.map((c) => c.disconnect().catch(() => c.destroy())));
@@ -76,8 +79,8 @@ class FileEndpoint implements Endpoint {
   get size(): number {
     return this.f.size();
   }
-  async read(_l: number, offset: number, length: number): Promise<Buffer> {
-    const b = Buffer.allocUnsafe(length);
+  async read(_l: number, offset: number, length: number, into?: Buffer): Promise<Buffer> {
+    const b = into ? into.subarray(0, length) : Buffer.allocUnsafe(length);
     await this.f.pread(b, offset);
     return b;
   }
@@ -132,9 +135,18 @@ export async function openEndpoint(
       first.destroy();
       throw new UsageError(`${spec} is read-only; it cannot be a copy destination`);
     }
-    const conns = [first];
-    if (first.canMultiConn)
-      for (let i = 1; i < opts.connections; i++) conns.push(await NbdClient.connect(spec, opts.client));
+    // The rest at once: a handshake costs a few round trips, and some servers (qemu-nbd) hold small
+    // handshake replies for the peer's delayed ACK, about 40 ms each.
+    const more = first.canMultiConn ? opts.connections - 1 : 0;
+    const rest = await Promise.allSettled(
+      Array.from({ length: more }, () => NbdClient.connect(spec, opts.client)),
+    );
+    const conns = [first, ...rest.flatMap((r) => (r.status === "fulfilled" ? [r.value] : []))];
+    const failed = rest.find((r) => r.status === "rejected");
+    if (failed) {
+      for (const c of conns) c.destroy();
+      throw failed.reason;
+    }
     return new NbdEndpoint(spec, conns);
   }
   if (role === "destination" && !fs.existsSync(spec)) {
@@ -153,6 +165,11 @@ export interface CopyOptions {
   requestSize?: number;
   /** The destination already reads as zeros: holes need no zero requests. */
   destinationIsZero?: boolean;
+  /**
+   * Flush the destination at the end, as `nbdcopy --flush` does. Without it the data may still sit in the
+   * destination's cache when the copy returns (nbdcopy's default too).
+   */
+  flush?: boolean;
   /** Compare sha256 of both sides afterwards. */
   verify?: boolean;
   progress?: (done: number, total: number) => void;
@@ -175,10 +192,22 @@ export async function copy(src: string, dst: string, opts: CopyOptions = {}): Pr
   const connections = opts.connections ?? 4;
   if (opts.verify && (dst === "null:" || dst === "null://"))
     throw new UsageError("--verify reads the destination back; null: cannot be read");
-  const source = await openEndpoint(src, "source", { connections, client: opts.client });
-  let dest: Endpoint | undefined;
+  // Both ends open at once, unless a destination file to create needs the source's size first.
+  const dstOpts = { connections, client: opts.client };
+  const together = isNbdUri(dst) || dst === "null:" || dst === "null://";
+  const [s, d] = await Promise.allSettled([
+    openEndpoint(src, "source", { connections, client: opts.client }),
+    together ? openEndpoint(dst, "destination", dstOpts) : undefined,
+  ]);
+  if (s.status === "rejected" || d.status === "rejected") {
+    if (s.status === "fulfilled") await s.value.close();
+    if (d.status === "fulfilled") await d.value?.close();
+    throw s.status === "rejected" ? s.reason : (d as PromiseRejectedResult).reason;
+  }
+  const source = s.value;
+  let dest = d.value;
   try {
-    dest = await openEndpoint(dst, "destination", { connections, client: opts.client, size: source.size });
+    dest ??= await openEndpoint(dst, "destination", { ...dstOpts, size: source.size });
     if (dest instanceof NullEndpoint) dest.size = source.size;
     if (dest.size < source.size)
       throw new UsageError(`${dst} (${dest.size} bytes) is smaller than ${src} (${source.size} bytes)`);
@@ -189,12 +218,92 @@ export async function copy(src: string, dst: string, opts: CopyOptions = {}): Pr
   }
 }
 
+/** One piece of work: a request-sized piece of data to read and write, or a run of zeros. */
+interface Work {
+  zero: boolean;
+  offset: number;
+  length: number;
+}
+
+/** The largest zero request sent at once (the protocol allows just under 4 GiB). */
+const MAX_ZERO = 1024 * 1024 * 1024;
+
+/**
+ * The disk's map, read ahead of the workers: block status for up to RANGE bytes at a time, turned into
+ * request-sized data pieces and whole zero runs. One lookup is under way at a time and the next starts
+ * while the workers still have a range's worth of pieces, so they rarely wait for it.
+ */
+class WorkList {
+  private items: Work[] = [];
+  private head = 0;
+  private pos = 0;
+  private lookup?: Promise<void>;
+  private failed?: Error;
+  private lane = 0;
+
+  constructor(
+    private readonly source: Endpoint,
+    private readonly size: number,
+    private readonly reqSize: number,
+    private readonly lowWater: number,
+  ) {}
+
+  async next(): Promise<Work | undefined> {
+    for (;;) {
+      if (this.failed) throw this.failed;
+      if (this.items.length - this.head <= this.lowWater && this.pos < this.size) this.fill();
+      if (this.head < this.items.length) return this.items[this.head++];
+      if (!this.lookup) return undefined;
+      await this.lookup;
+    }
+  }
+
+  private fill(): void {
+    // A failed lookup is kept and thrown to every worker that asks for more (never left unhandled).
+    this.lookup ??= this.map()
+      .catch((e: Error) => void (this.failed = e))
+      .finally(() => (this.lookup = undefined));
+  }
+
+  private async map(): Promise<void> {
+    const start = this.pos;
+    const len = Math.min(RANGE, this.size - start);
+    const ext = (await this.source.extents(this.lane++, start, len)) ?? [];
+    if (this.head > 4096) [this.items, this.head] = [this.items.slice(this.head), 0];
+    let at = start;
+    for (const e of ext) {
+      const n = Math.min(e.length, start + len - at);
+      if (n <= 0) break;
+      this.push((e.flags & STATE_ZERO) !== 0, at, n);
+      at += n;
+    }
+    // A server that answers less than asked (or nothing) leaves the rest to be read as data.
+    if (at === start) {
+      this.push(false, at, len);
+      at += len;
+    }
+    this.pos = at;
+  }
+
+  private push(zero: boolean, offset: number, length: number): void {
+    const step = zero ? MAX_ZERO : this.reqSize;
+    // A hole that continues across a lookup's end joins the last run, if no worker has taken it yet.
+    const last = this.head < this.items.length ? this.items.at(-1) : undefined;
+    if (zero && last?.zero && last.offset + last.length === offset && last.length + length <= step) {
+      last.length += length;
+      return;
+    }
+    for (let at = offset; at < offset + length; at += step)
+      this.items.push({ zero, offset: at, length: Math.min(step, offset + length - at) });
+  }
+}
+
 async function run(source: Endpoint, dest: Endpoint, opts: CopyOptions): Promise<CopyResult> {
   const t0 = Date.now();
   const size = source.size;
   const reqSize = opts.requestSize ?? 256 * 1024;
   const workers = Math.max(source.lanes, dest.lanes) * (opts.requests ?? 16);
-  let nextRange = 0;
+  const work = new WorkList(source, size, reqSize, workers);
   let done = 0;
   let dataBytes = 0;
   let zeroBytes = 0;
@@ -207,39 +316,26 @@ async function run(source: Endpoint, dest: Endpoint, opts: CopyOptions): Promise
     zeroBytes += length;
     advance(length);
   };
-  const data = async (lane: number, offset: number, length: number) => {
-    for (let at = offset; at < offset + length; at += reqSize) {
-      const n = Math.min(reqSize, offset + length - at);
-      const buf = await source.read(lane, at, n);
-      if (isZero(buf)) await zero(lane, at, n);
-      else {
-        await dest.write(lane, buf, at);
-        dataBytes += n;
-        advance(n);
-      }
-    }
-  };
-  // A worker owns a lane and copies one request-sized piece at a time from the range it took.
+  // A worker owns a lane and a buffer: it reads a piece into the buffer and reuses it once the write of
+  // it has been answered.
   const worker = async (lane: number) => {
-    for (;;) {
-      const start = nextRange;
-      if (start >= size) return;
-      const len = Math.min(reqSize * 16, size - start);
-      nextRange += len;
-      const ext = (await source.extents(lane, start, Math.min(len, RANGE))) ?? [{ length: len, flags: 0 }];
-      let at = start;
-      for (const e of ext) {
-        if (at >= start + len) break;
-        const n = Math.min(e.length, start + len - at);
-        if (e.flags & STATE_ZERO) await zero(lane, at, n);
-        else await data(lane, at, n);
-        at += n;
+    const own = Buffer.allocUnsafe(reqSize);
+    for (let w = await work.next(); w; w = await work.next()) {
+      if (w.zero) {
+        await zero(lane, w.offset, w.length);
+        continue;
       }
-      if (at < start + len) await data(lane, at, start + len - at);
+      const buf = await source.read(lane, w.offset, w.length, own);
+      if (isZero(buf)) await zero(lane, w.offset, w.length);
+      else {
+        await dest.write(lane, buf, w.offset);
+        dataBytes += w.length;
+        advance(w.length);
+      }
     }
   };
   await Promise.all(Array.from({ length: workers }, (_, i) => worker(i)));
-  await dest.flush();
+  if (opts.flush) await dest.flush();
   const result: CopyResult = { size, dataBytes, zeroBytes, elapsedMs: Date.now() - t0 };
   if (opts.verify) {
     const [a, b] = await Promise.all([hash(source, size), hash(dest, size)]);

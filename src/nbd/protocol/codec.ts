@@ -402,50 +402,144 @@ export function encodeBlockStatus(contextId: number, extents: Extent[]): Buffer 
   return b;
 }
 
-/** Client side: one reply, simple or a structured chunk. */
+/**
+ * Client side: one reply. `simple` (its data, for a READ, already in the request's buffer), `data` (an
+ * OFFSET_DATA chunk, its data already in place), or any other structured `chunk` with its payload.
+ */
 export type Reply =
   | { kind: "simple"; cookie: bigint; error: number; data?: Buffer }
+  | { kind: "data"; cookie: bigint; flags: number; offset: number; data: Buffer }
   | { kind: "chunk"; cookie: bigint; flags: number; type: number; payload: Buffer };
 
+/** Where read data lands. Both may return undefined: the decoder then allocates. */
+export interface ReplyTargets {
+  /**
+   * The buffer for the data after a successful simple reply: for a READ, as long as the read; undefined or
+   * empty for every other command (a simple reply carries no length of its own).
+   */
+  simpleData(cookie: bigint): Buffer | undefined;
+  /** The buffer for an OFFSET_DATA chunk's `length` bytes at `offset`; throws when the chunk is invalid. */
+  chunkData(cookie: bigint, offset: number, length: number): Buffer | undefined;
+}
+
+const enum RS {
+  Magic,
+  Simple,
+  Chunk,
+  ChunkOffset,
+  Payload,
+}
+
 /**
- * Client side replies. A simple reply to READ carries the read's data with no length of its own, so the
- * parser asks `readLength(cookie)` how many bytes follow (0 for any other command).
+ * Client side replies, decoded as bytes arrive, in any pieces. Read data is copied once, straight from the
+ * received bytes into the buffer `targets` names (the request's own), and nothing keeps a reference to a
+ * pushed buffer: a caller may reuse it as soon as `push` returns.
  */
-export class ReplyParser {
+export class ReplyDecoder {
+  private readonly head = Buffer.alloc(28);
+  private have = 0;
+  private state = RS.Magic;
+  private need = 4;
+  private payload?: Buffer;
+  private filled = 0;
+  private reply?: Reply;
+
   constructor(
-    private readonly readLength: (cookie: bigint) => number,
+    private readonly targets: ReplyTargets,
+    private readonly onReply: (r: Reply) => void,
     private readonly maxChunk = 64 * 1024 * 1024,
   ) {}
 
-  next(q: ByteQueue): Reply | undefined {
-    if (q.length < 4) return undefined;
-    const magic = q.peek(4).readUInt32BE(0);
-    if (magic === SIMPLE_REPLY_MAGIC) {
-      if (q.length < 16) return undefined;
-      const h = q.peek(16);
+  push(b: Buffer): void {
+    let at = 0;
+    while (at < b.length) {
+      if (this.state === RS.Payload) {
+        const p = this.payload!;
+        const n = Math.min(p.length - this.filled, b.length - at);
+        b.copy(p, this.filled, at, at + n);
+        this.filled += n;
+        at += n;
+        if (this.filled === p.length) this.emit();
+        continue;
+      }
+      const n = Math.min(this.need - this.have, b.length - at);
+      b.copy(this.head, this.have, at, at + n);
+      this.have += n;
+      at += n;
+      if (this.have === this.need) this.header();
+    }
+  }
+
+  /**
+   * Where the next received bytes may go directly: the unfilled rest of the data being received, when
+   * large enough to be worth its own read. The caller reads into it and reports the count to `advance`.
+   */
+  direct(min = 64 * 1024): Buffer | undefined {
+    if (this.state !== RS.Payload || this.payload!.length - this.filled < min) return undefined;
+    return this.payload!.subarray(this.filled);
+  }
+
+  /** `n` bytes were received straight into the buffer `direct` returned. */
+  advance(n: number): void {
+    if (this.state !== RS.Payload || this.filled + n > this.payload!.length)
+      throw new RangeError("advance: no payload is being received directly");
+    this.filled += n;
+    if (this.filled === this.payload!.length) this.emit();
+  }
+
+  private header(): void {
+    const h = this.head;
+    if (this.state === RS.Magic) {
+      const magic = h.readUInt32BE(0);
+      if (magic === SIMPLE_REPLY_MAGIC) [this.state, this.need] = [RS.Simple, 16];
+      else if (magic === STRUCTURED_REPLY_MAGIC) [this.state, this.need] = [RS.Chunk, 20];
+      else throw new NbdProtocolError(`bad reply magic 0x${magic.toString(16)}`);
+      return;
+    }
+    if (this.state === RS.Simple) {
       const cookie = h.readBigUInt64BE(8);
       const error = h.readUInt32BE(4);
-      const dataLen = error === 0 ? this.readLength(cookie) : 0;
-      if (q.length < 16 + dataLen) return undefined;
-      q.skip(16);
-      return { kind: "simple", cookie, error, data: dataLen ? q.take(dataLen) : undefined };
+      const data = error === 0 ? this.targets.simpleData(cookie) : undefined;
+      this.reply = { kind: "simple", cookie, error, data: data?.length ? data : undefined };
+      return this.expect(data?.length ? data : undefined);
     }
-    if (magic === STRUCTURED_REPLY_MAGIC) {
-      if (q.length < 20) return undefined;
-      const h = q.peek(20);
-      const len = h.readUInt32BE(16);
-      if (len > this.maxChunk) throw new NbdProtocolError(`reply chunk of ${len} bytes is too long`);
-      if (q.length < 20 + len) return undefined;
-      q.skip(20);
-      return {
-        kind: "chunk",
-        flags: h.readUInt16BE(4),
-        type: h.readUInt16BE(6),
-        cookie: h.readBigUInt64BE(8),
-        payload: q.take(len),
-      };
+    const len = h.readUInt32BE(16);
+    if (len > this.maxChunk) throw new NbdProtocolError(`reply chunk of ${len} bytes is too long`);
+    const flags = h.readUInt16BE(4);
+    const type = h.readUInt16BE(6);
+    const cookie = h.readBigUInt64BE(8);
+    if (this.state === RS.Chunk && type === Chunk.OFFSET_DATA) {
+      if (len < 9) throw new NbdProtocolError("OFFSET_DATA chunk: too short");
+      [this.state, this.need] = [RS.ChunkOffset, 28];
+      return;
     }
-    throw new NbdProtocolError(`bad reply magic 0x${magic.toString(16)}`);
+    if (this.state === RS.ChunkOffset) {
+      const offset = u64(h, 20);
+      if (offset === undefined) throw new NbdProtocolError("OFFSET_DATA chunk: offset out of range");
+      const data = this.targets.chunkData(cookie, offset, len - 8) ?? Buffer.allocUnsafe(len - 8);
+      this.reply = { kind: "data", cookie, flags, offset, data };
+      return this.expect(data);
+    }
+    const payload = Buffer.allocUnsafe(len);
+    this.reply = { kind: "chunk", cookie, flags, type, payload };
+    this.expect(payload.length ? payload : undefined);
+  }
+
+  private expect(payload: Buffer | undefined): void {
+    this.have = 0;
+    if (!payload) return this.emit();
+    this.payload = payload;
+    this.filled = 0;
+    this.state = RS.Payload;
+  }
+
+  private emit(): void {
+    const r = this.reply!;
+    this.reply = this.payload = undefined;
+    this.state = RS.Magic;
+    this.need = 4;
+    this.have = 0;
+    this.onReply(r);
   }
 }
 
