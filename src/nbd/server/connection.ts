@@ -374,9 +374,15 @@ export class ServerConnection {
     const fua = (r.flags & CF.FUA) !== 0;
     switch (r.type) {
       case Cmd.READ: {
-        const buf = Buffer.allocUnsafe(r.length);
-        await b.pread(buf, r.offset);
-        this.sendRead(r, buf);
+        const pool = this.server.buffers;
+        const buf = pool.get(r.length);
+        try {
+          await b.pread(buf, r.offset);
+        } catch (err) {
+          pool.put(buf);
+          throw err;
+        }
+        this.sendRead(r, buf, () => pool.put(buf));
         return;
       }
       case Cmd.WRITE:
@@ -421,9 +427,10 @@ export class ServerConnection {
     this.write([encodeSimpleReply(0, r.cookie)]);
   }
 
-  private sendRead(r: Request, buf: Buffer): void {
+  /** Replies with `buf`; `done` runs once the socket no longer needs it. */
+  private sendRead(r: Request, buf: Buffer, done: () => void): void {
     if (!this.structured) {
-      this.write([encodeSimpleReply(0, r.cookie), buf]);
+      this.write([encodeSimpleReply(0, r.cookie), buf], done);
       return;
     }
     // A read of nothing but zeros travels as a hole (12 bytes), unless the client forbade fragments (DF
@@ -431,11 +438,12 @@ export class ServerConnection {
     if (r.length >= 4096 && isZero(buf)) {
       const p = encodeOffsetHole(r.offset, r.length);
       this.write([encodeChunkHeader(RF_DONE, Chunk.OFFSET_HOLE, r.cookie, p.length), p]);
+      done();
       return;
     }
     const off = Buffer.alloc(8);
     off.writeBigUInt64BE(BigInt(r.offset));
-    this.write([encodeChunkHeader(RF_DONE, Chunk.OFFSET_DATA, r.cookie, 8 + buf.length), off, buf]);
+    this.write([encodeChunkHeader(RF_DONE, Chunk.OFFSET_DATA, r.cookie, 8 + buf.length), off, buf], done);
   }
 
   private sendError(r: Request, errno: number, message: string): void {
@@ -446,13 +454,19 @@ export class ServerConnection {
     } else this.write([encodeSimpleReply(errno, r.cookie)]);
   }
 
-  /** One reply as one write, so replies to concurrent requests never interleave. */
-  private write(parts: Buffer[]): void {
-    if (this.state === "closed" || this.socket.destroyed) return;
+  /**
+   * One reply as one write, so replies to concurrent requests never interleave. `done` runs when the
+   * socket has handed the bytes to the kernel (or failed): only then may the parts be reused.
+   */
+  private write(parts: Buffer[], done?: () => void): void {
+    if (this.state === "closed" || this.socket.destroyed) {
+      done?.();
+      return;
+    }
     // Corked writes go out together, in order, without copying the data into one buffer. Writes are
     // synchronous here, so no other reply can slip between the parts.
     this.socket.cork();
-    for (const p of parts) this.socket.write(p);
+    parts.forEach((p, i) => this.socket.write(p, i === parts.length - 1 ? done : undefined));
     this.socket.uncork();
   }
 

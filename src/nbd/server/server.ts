@@ -8,6 +8,7 @@ import tls from "node:tls";
 import { UsageError } from "../../errors.js";
 import { DEFAULT_MAX_PAYLOAD } from "../protocol/constants.js";
 import type { Backend } from "./backend.js";
+import { BufferPool } from "./buffers.js";
 import { ServerConnection } from "./connection.js";
 
 export interface ExportSpec {
@@ -48,6 +49,8 @@ export class NbdServer {
   private readonly servers: net.Server[] = [];
   private readonly defaultName?: string;
   readonly log: (line: string) => void;
+  /** Read buffers, shared by every connection. */
+  readonly buffers = new BufferPool();
 
   constructor(opts: ServerOptions) {
     if (opts.exports.length === 0) throw new UsageError("an NBD server needs at least one export");

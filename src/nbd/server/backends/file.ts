@@ -82,24 +82,34 @@ export class FileBackend implements Backend {
     return undefined;
   }
 
-  async pread(buf: Buffer, offset: number): Promise<void> {
-    let done = 0;
-    while (done < buf.length) {
-      const { bytesRead } = await this.fh.read(buf, done, buf.length - done, offset + done);
-      if (bytesRead === 0) {
-        buf.fill(0, done);
-        return;
-      }
-      done += bytesRead;
-    }
+  // Reads and writes use the callback API on the descriptor: one request per call, without the promise
+  // wrappers FileHandle adds to each (measurably cheaper at thousands of requests per second).
+  pread(buf: Buffer, offset: number): Promise<void> {
+    const fd = this.fh.fd;
+    return new Promise((resolve, reject) => {
+      const step = (done: number) =>
+        fs.read(fd, buf, done, buf.length - done, offset + done, (err, n) => {
+          if (err) reject(err);
+          else if (n === 0)
+            resolve(void buf.fill(0, done)); // past the end of a file that shrank
+          else if (done + n < buf.length) step(done + n);
+          else resolve();
+        });
+      step(0);
+    });
   }
 
   async pwrite(buf: Buffer, offset: number, fua: boolean): Promise<void> {
-    let done = 0;
-    while (done < buf.length) {
-      const { bytesWritten } = await this.fh.write(buf, done, buf.length - done, offset + done);
-      done += bytesWritten;
-    }
+    const fd = this.fh.fd;
+    await new Promise<void>((resolve, reject) => {
+      const step = (done: number) =>
+        fs.write(fd, buf, done, buf.length - done, offset + done, (err, n) => {
+          if (err) reject(err);
+          else if (done + n < buf.length) step(done + n);
+          else resolve();
+        });
+      step(0);
+    });
     if (fua) await this.fh.datasync();
   }
 
