@@ -544,13 +544,6 @@ export class ReplyDecoder {
 }
 
 /** Decoders for structured reply payloads. */
-export function decodeOffsetData(p: Buffer): { offset: number; data: Buffer } {
-  if (p.length < 9) throw new NbdProtocolError("OFFSET_DATA chunk: too short");
-  const offset = u64(p, 0);
-  if (offset === undefined) throw new NbdProtocolError("OFFSET_DATA chunk: offset out of range");
-  return { offset, data: p.subarray(8) };
-}
-
 export function decodeOffsetHole(p: Buffer): { offset: number; length: number } {
   if (p.length !== 12) throw new NbdProtocolError("OFFSET_HOLE chunk: wrong length");
   const offset = u64(p, 0);
