@@ -120,8 +120,26 @@ h.shutdown()
   );
 }
 
-export async function nbdBench(runs: number): Promise<{ servers: NbdServerRow[]; copies: NbdCopyRow[] }> {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "nbdmig-bench-nbd-"));
+/**
+ * Where the images live: tmpfs when it has room, so that the figures measure the NBD implementations and
+ * not the disk (a shared virtual disk varied by 3x between runs here).
+ */
+function imageDir(): { dir: string; where: string } {
+  const need = 4 * GiB;
+  try {
+    const st = fs.statfsSync("/dev/shm");
+    if (st.bavail * st.bsize >= need)
+      return { dir: fs.mkdtempSync("/dev/shm/nbdmig-bench-nbd-"), where: "tmpfs" };
+  } catch {
+    // no /dev/shm: use the disk
+  }
+  return { dir: fs.mkdtempSync(path.join(os.tmpdir(), "nbdmig-bench-nbd-")), where: "disk" };
+}
+
+export async function nbdBench(
+  runs: number,
+): Promise<{ servers: NbdServerRow[]; copies: NbdCopyRow[]; where: string }> {
+  const { dir, where } = imageDir();
   try {
     const data = path.join(dir, "data.img");
     execFileSync("sh", ["-c", `head -c 1G /dev/urandom > ${data}`]);
@@ -135,8 +153,6 @@ export async function nbdBench(runs: number): Promise<{ servers: NbdServerRow[];
     );
     for (let r = 0; r < runs; r++) {
       for (const kind of kinds) {
-        process.stderr.write(`nbd bench: round ${r + 1}/${runs}: ${kind} server
-`);
         const got = m.get(kind)!;
         const ro = await start(kind, data, true);
         got.reads.push(GiB / MiB / timed("nbdcopy", ["--connections=4", "--requests=16", ro.uri, "null:"]));
@@ -151,6 +167,10 @@ export async function nbdBench(runs: number): Promise<{ servers: NbdServerRow[];
           GiB / MiB / timed("nbdcopy", ["--connections=4", "--requests=16", "--flush", data, rw.uri]),
         );
         await rw.stop();
+        process.stderr.write(
+          `nbd bench: round ${r + 1}/${runs}: ${kind} server: read ${got.reads.at(-1)!.toFixed(0)} MiB/s, ` +
+            `write ${got.writes.at(-1)!.toFixed(0)} MiB/s, latency ${got.lat.at(-1)!.toFixed(0)} us\n`,
+        );
       }
     }
     const servers: NbdServerRow[] = kinds.map((kind) => {
@@ -180,7 +200,6 @@ export async function nbdBench(runs: number): Promise<{ servers: NbdServerRow[];
       const bytes = new Map(tools.map((t) => [t, [] as number[]]));
       for (let r = 0; r < runs; r++) {
         for (const tool of tools) {
-          process.stderr.write(`nbd bench: round ${r + 1}/${runs}: ${tool}: ${what}\n`);
           const src = await start("qemu-nbd", file, true);
           const target = path.join(dir, "copy-target.img");
           fs.rmSync(target, { force: true });
@@ -188,14 +207,13 @@ export async function nbdBench(runs: number): Promise<{ servers: NbdServerRow[];
           execFileSync("sync");
           const dst = await start("qemu-nbd", target);
           const lo0 = loBytes();
-          secs
-            .get(tool)!
-            .push(
-              tool === "nbdcopy"
-                ? timed("nbdcopy", ["--connections=4", "--requests=16", src.uri, dst.uri])
-                : timed(process.execPath, [cli, "nbd", "copy", "-C", "4", "-R", "16", src.uri, dst.uri]),
-            );
+          const t =
+            tool === "nbdcopy"
+              ? timed("nbdcopy", ["--connections=4", "--requests=16", src.uri, dst.uri])
+              : timed(process.execPath, [cli, "nbd", "copy", "-C", "4", "-R", "16", src.uri, dst.uri]);
+          secs.get(tool)!.push(t);
           bytes.get(tool)!.push((loBytes() - lo0) / MiB);
+          process.stderr.write(`nbd bench: round ${r + 1}/${runs}: ${tool}: ${what}: ${t.toFixed(2)} s\n`);
           await src.stop();
           await dst.stop();
         }
@@ -203,7 +221,7 @@ export async function nbdBench(runs: number): Promise<{ servers: NbdServerRow[];
       for (const tool of tools)
         copies.push({ what, tool, seconds: median(secs.get(tool)!), loopbackMiB: median(bytes.get(tool)!) });
     }
-    return { servers, copies };
+    return { servers, copies, where };
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
   }

@@ -94,9 +94,9 @@ default never completes (aborted at 180 s); --copy-storage-synchronous-writes 49
 }
 
 if (!only || only === "nbd") {
-  const { servers, copies } = await nbdBench(runs);
+  const { servers, copies, where } = await nbdBench(runs);
   console.log(
-    `\nNBD servers on loopback, same 1 GiB file of random data (medians of ${runs}); throughput by nbdcopy with 4 connections x 16 requests, latency by libnbd (nbdsh), serial 4 KiB random reads\n`,
+    `\nNBD servers on loopback, same 1 GiB file of random data on ${where} (medians of ${runs}); throughput by nbdcopy with 4 connections x 16 requests, latency by libnbd (nbdsh), serial 4 KiB random reads\n`,
   );
   console.log(
     table(
@@ -105,7 +105,7 @@ if (!only || only === "nbd") {
     ),
   );
   console.log(
-    `\nCopy engines between the same two qemu-nbd servers (4 connections x 16 requests, medians of ${runs})\n`,
+    `\nCopy engines between the same two qemu-nbd servers, images on ${where} (4 connections x 16 requests, medians of ${runs})\n`,
   );
   console.log(
     table(

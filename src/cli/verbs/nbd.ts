@@ -4,7 +4,6 @@
  */
 import fs from "node:fs";
 import path from "node:path";
-import cliProgress from "cli-progress";
 import type { Command } from "commander";
 import { UsageError } from "../../errors.js";
 import { NbdClient } from "../../nbd/client/client.js";
@@ -294,7 +293,9 @@ export function register(program: Command): void {
           throw new UsageError(`${flag} takes a positive whole number, not '${v}'`);
         return n;
       };
-      const bar = o.progress
+      // Loaded only for a bar: every millisecond of start-up counts against short copies.
+      const cliProgress = o.progress ? (await import("cli-progress")).default : undefined;
+      const bar = cliProgress
         ? new cliProgress.SingleBar(
             {
               format: " copy |{bar}| {percentage}% {value}/{total} MiB",
