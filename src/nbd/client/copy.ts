@@ -225,13 +225,16 @@ interface Work {
   length: number;
 }
 
-/** The largest zero request sent at once (the protocol allows just under 4 GiB). */
-const MAX_ZERO = 1024 * 1024 * 1024;
+/**
+ * The largest zero request sent at once. The protocol allows just under 4 GiB, but nbdcopy never sends
+ * more than its 128 MiB work unit, so no server needs to take more from us either.
+ */
+const MAX_ZERO = 128 * 1024 * 1024;
 
 /**
  * The disk's map, read ahead of the workers: block status for up to RANGE bytes at a time, turned into
- * request-sized data pieces and whole zero runs. One lookup is under way at a time and the next starts
- * while the workers still have a range's worth of pieces, so they rarely wait for it.
+ * request-sized data pieces and zero runs. One lookup is under way at a time; the next starts once no
+ * more pieces are left than there are workers, so they rarely wait for it.
  */
 class WorkList {
   private items: Work[] = [];
