@@ -16,8 +16,29 @@ import { MemoryBackend } from "../src/nbd/server/backends/memory.js";
 import { PassThrough } from "../src/nbd/server/backend.js";
 import { errorInjection, requestLog } from "../src/nbd/server/filters.js";
 import { NbdServer } from "../src/nbd/server/server.js";
-import type { Extent } from "../src/nbd/protocol/codec.js";
-import { STATE_HOLE, STATE_ZERO } from "../src/nbd/protocol/constants.js";
+import { ByteQueue } from "../src/nbd/protocol/bytes.js";
+import {
+  encodeChunkHeader,
+  encodeGreeting,
+  encodeInfo,
+  encodeOptionReply,
+  parseClientFlags,
+  parseOption,
+  RequestParser,
+  type Extent,
+} from "../src/nbd/protocol/codec.js";
+import {
+  Chunk,
+  Cmd,
+  FLAG_FIXED_NEWSTYLE,
+  FLAG_NO_ZEROES,
+  Info,
+  Opt,
+  Rep,
+  RF_DONE,
+  STATE_HOLE,
+  STATE_ZERO,
+} from "../src/nbd/protocol/constants.js";
 import { isZero } from "../src/nbd/zeros.js";
 import { waitForPort } from "../src/util/net.js";
 import { cli, need } from "./helpers/env.js";
@@ -265,6 +286,78 @@ describe("our NBD client against qemu-nbd and nbdkit", { timeout: 300_000 }, () 
     const nul = await copy(src, "null:");
     assert.equal(nul.size, 64 * MiB);
     await assert.rejects(copy(src, "null:", { verify: true }), /null: cannot be read/);
+  });
+
+  it("refuses a lying server: data outside the read, reads left uncovered, unknown cookies", async () => {
+    /**
+     * A hand-written server: a plain handshake (structured replies on, no meta contexts, a 1 MiB export),
+     * then every READ answered by `lie(cookie, offset, length)`.
+     */
+    async function liar(lie: (cookie: bigint, offset: number, length: number) => Buffer[]) {
+      const srv = net.createServer((s) => {
+        const q = new ByteQueue();
+        let stage: "flags" | "options" | "transmission" = "flags";
+        const parser = new RequestParser(1 << 20);
+        s.on("error", () => undefined);
+        s.write(encodeGreeting(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES));
+        s.on("data", (b: Buffer) => {
+          q.push(b);
+          if (stage === "flags") {
+            if (parseClientFlags(q) === undefined) return;
+            stage = "options";
+          }
+          // Every option is acknowledged (so: structured replies, no meta contexts); GO opens the export.
+          for (let o = stage === "options" ? parseOption(q, 4096) : undefined; o; o = parseOption(q, 4096)) {
+            if (o.option !== Opt.GO) {
+              s.write(encodeOptionReply(o.option, Rep.ACK));
+              continue;
+            }
+            s.write(
+              encodeOptionReply(Opt.GO, Rep.INFO, encodeInfo({ type: Info.EXPORT, size: MiB, flags: 1 })),
+            );
+            s.write(encodeOptionReply(Opt.GO, Rep.ACK));
+            stage = "transmission";
+            break;
+          }
+          if (stage !== "transmission") return;
+          for (let r = parser.next(q); r; r = parser.next(q))
+            if (r.type === Cmd.READ) for (const part of lie(r.cookie, r.offset, r.length)) s.write(part);
+        });
+      });
+      await new Promise<void>((r) => srv.listen(0, "127.0.0.1", r));
+      return { uri: `nbd://127.0.0.1:${(srv.address() as net.AddressInfo).port}/`, srv };
+    }
+    const data = (cookie: bigint, offset: number, bytes: Buffer, flags = RF_DONE) => {
+      const off = Buffer.alloc(8);
+      off.writeBigUInt64BE(BigInt(offset));
+      return [encodeChunkHeader(flags, Chunk.OFFSET_DATA, cookie, 8 + bytes.length), off, bytes];
+    };
+    const cases: [string, (c: bigint, o: number, n: number) => Buffer[], RegExp][] = [
+      ["data past the read", (c, o, n) => data(c, o + 1, Buffer.alloc(n)), /outside the request/],
+      ["half of the read", (c, o, n) => data(c, o, Buffer.alloc(n / 2)), /covered 2048 of 4096 bytes/],
+      [
+        "the same half twice",
+        (c, o, n) => [...data(c, o, Buffer.alloc(n / 2), 0), ...data(c, o, Buffer.alloc(n / 2))],
+        /overlap/,
+      ],
+      ["an unknown cookie", (c, o, n) => data(c + 1000n, o, Buffer.alloc(n)), /unknown cookie/],
+    ];
+    for (const [what, lie, message] of cases) {
+      const { uri, srv } = await liar(lie);
+      try {
+        const c = await NbdClient.connect(uri);
+        await assert.rejects(c.read(0, 4096), (e: Error & { code?: string }) => {
+          assert.equal(e.code, "E_NBD_PROTOCOL", what);
+          assert.match(e.message, message, what);
+          return true;
+        });
+        // The connection is dead: later calls fail at once with the same kind of error.
+        await assert.rejects(c.read(0, 4096), { code: "E_NBD_PROTOCOL" });
+        c.destroy();
+      } finally {
+        srv.close();
+      }
+    }
   });
 
   it("copies through a server that maps in small pieces, and fails cleanly when the map fails", async () => {

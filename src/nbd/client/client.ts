@@ -72,9 +72,10 @@ interface Pending {
   type: number;
   offset: number;
   length: number;
-  /** A READ's buffer, and how many of its bytes the reply has covered so far. */
+  /** A READ's buffer, how many of its bytes the reply has covered so far, and which. */
   data?: Buffer;
   filled: number;
+  covered?: [number, number][];
   extents?: Extent[];
   error?: NbdRequestError;
   resolve: (v: unknown) => void;
@@ -348,8 +349,7 @@ export class NbdClient {
         chunkData: (cookie, offset, length) => {
           const p = this.pending.get(cookie);
           if (!p) throw new NbdProtocolError(`reply for unknown cookie ${cookie}`);
-          checkRange(p, offset, length);
-          p.filled += length;
+          cover(p, offset, length);
           return p.data!.subarray(offset - p.offset, offset - p.offset + length);
         },
       },
@@ -455,9 +455,8 @@ export class NbdClient {
       done = (r.flags & RF_DONE) !== 0;
       if (r.type === Chunk.OFFSET_HOLE) {
         const h = decodeOffsetHole(r.payload);
-        checkRange(p, h.offset, h.length);
+        cover(p, h.offset, h.length);
         p.data!.fill(0, h.offset - p.offset, h.offset - p.offset + h.length);
-        p.filled += h.length;
       } else if (r.type === Chunk.BLOCK_STATUS) {
         const bs = decodeBlockStatus(r.payload);
         if (bs.contextId === this.contexts.get(BASE_ALLOCATION)) p.extents = bs.extents;
@@ -533,9 +532,20 @@ function cmdName(t: number): string {
   return Object.entries(Cmd).find(([, v]) => v === t)?.[0] ?? `command ${t}`;
 }
 
-function checkRange(p: Pending, offset: number, length: number): void {
+/**
+ * A structured chunk covers [offset, offset+length) of a READ: inside the request and over no byte an
+ * earlier chunk covered (the spec forbids overlaps; a liar could otherwise leave bytes unwritten while the
+ * count of covered bytes still adds up).
+ */
+function cover(p: Pending, offset: number, length: number): void {
   if (p.type !== Cmd.READ || offset < p.offset || offset + length > p.offset + p.length)
     throw new NbdProtocolError("read reply chunk outside the request");
+  const start = offset - p.offset;
+  const end = start + length;
+  for (const [a, b] of (p.covered ??= []))
+    if (start < b && a < end) throw new NbdProtocolError("read reply chunks overlap");
+  p.covered.push([start, end]);
+  p.filled += length;
 }
 
 function replyError(r: OptionReply, what: string): NbdHandshakeError {
