@@ -15,12 +15,12 @@ import {
   jobOf,
   makeImage,
   migrateInBackground,
+  MIGRATION_TOOLS,
   nbdmig,
   startGuest,
 } from "./helpers/migration.js";
 import { waitFor } from "./helpers/wait.js";
 
-const TOOLS = ["qemu-system-x86_64", "qemu-img", "qemu-io", "ip", "nsenter", "busybox", "ss", "tc"];
 const MiB = 1024 * 1024;
 
 interface Job {
@@ -34,7 +34,7 @@ describe("storage convergence under a guest writing faster than the link", { tim
   let guest: { kernel: string; initrd: string };
 
   before(async () => {
-    if (!available(TOOLS, true)) return;
+    if (!available(MIGRATION_TOOLS, true)) return;
     guest = testGuest();
     // 200 Mbit/s (about 24 MiB/s) against a guest writing as fast as it can (30-40 MiB/s under TCG here).
     tb = await Testbed.up({ rate: "200mbit" });
@@ -66,7 +66,7 @@ describe("storage convergence under a guest writing faster than the link", { tim
 
   for (const mode of ["auto", "throttle"] as const) {
     it(`completes with --storage-converge ${mode}, data identical, and no cap left on the destination`, async (t) => {
-      if (!need(t, TOOLS, true)) return;
+      if (!need(t, MIGRATION_TOOLS, true)) return;
       const name = `conv-${mode}`;
       await fastWriter(name);
       const r = nbdmig(tb!, "a", [
@@ -98,7 +98,7 @@ describe("storage convergence under a guest writing faster than the link", { tim
   }
 
   it("gives the source back exactly its limits after domjobabort mid-throttle, keeping its own <iotune>", async (t) => {
-    if (!need(t, TOOLS, true)) return;
+    if (!need(t, MIGRATION_TOOLS, true)) return;
     const own = 200 * MiB;
     const pid = await fastWriter("conv-abort", own);
     assert.deepEqual(
@@ -136,7 +136,7 @@ describe("storage convergence under a guest writing faster than the link", { tim
   });
 
   it("keeps a domain's own <iotune> limit through a throttled migration", async (t) => {
-    if (!need(t, TOOLS, true)) return;
+    if (!need(t, MIGRATION_TOOLS, true)) return;
     const own = 200 * MiB;
     await fastWriter("conv-own", own);
     const r = nbdmig(tb!, "a", [
@@ -162,7 +162,7 @@ describe("storage convergence under a guest writing faster than the link", { tim
   });
 
   it("--storage-converge none never converges on its own; --timeout suspends the guest so it does", async (t) => {
-    if (!need(t, TOOLS, true)) return;
+    if (!need(t, MIGRATION_TOOLS, true)) return;
     await fastWriter("conv-timeout");
     const r = nbdmig(tb!, "a", [
       "migrate",
@@ -187,7 +187,7 @@ describe("storage convergence under a guest writing faster than the link", { tim
   });
 
   it("explains a bad --storage-converge", async (t) => {
-    if (!need(t, TOOLS, true)) return;
+    if (!need(t, MIGRATION_TOOLS, true)) return;
     const r = nbdmig(tb!, "a", [
       "migrate",
       "--live",

@@ -15,6 +15,7 @@ import {
   jobOf,
   makeImage,
   migrateInBackground,
+  MIGRATION_TOOLS,
   nbdmig,
   ok,
   startGuest,
@@ -22,7 +23,6 @@ import {
 import { guestXml } from "./helpers/guest-xml.js";
 import { waitFor } from "./helpers/wait.js";
 
-const TOOLS = ["qemu-system-x86_64", "qemu-img", "qemu-io", "ip", "nsenter", "busybox", "ss", "tc"];
 const NAME = "victim";
 const IMAGES = ["victim.qcow2"];
 
@@ -32,7 +32,7 @@ describe("failed migrations leave the source running and the destination clean",
   let pid = 0;
 
   before(async () => {
-    if (!available(TOOLS, true)) return;
+    if (!available(MIGRATION_TOOLS, true)) return;
     guest = testGuest();
     // Fast failure detection for the tests: the source gives up on a silent peer after 4 s, a prepared
     // destination on a silent source after 6 s (defaults 10 s and 20 s).
@@ -75,7 +75,7 @@ describe("failed migrations leave the source running and the destination clean",
   }
 
   it("destination agent killed during the mirror", async (t) => {
-    if (!need(t, TOOLS, true)) return;
+    if (!need(t, MIGRATION_TOOLS, true)) return;
     const run = migrate();
     await inMirror();
     await tb!.b.killAgent("SIGKILL");
@@ -88,7 +88,7 @@ describe("failed migrations leave the source running and the destination clean",
   });
 
   it("destination QEMU killed during the mirror", async (t) => {
-    if (!need(t, TOOLS, true)) return;
+    if (!need(t, MIGRATION_TOOLS, true)) return;
     const run = migrate();
     await inMirror();
     for (const p of tb!.b.qemuPids()) process.kill(p, "SIGKILL");
@@ -101,7 +101,7 @@ describe("failed migrations leave the source running and the destination clean",
   });
 
   it("migration link down during the mirror", async (t) => {
-    if (!need(t, TOOLS, true)) return;
+    if (!need(t, MIGRATION_TOOLS, true)) return;
     const run = migrate();
     await inMirror();
     tb!.setLink(false);
@@ -116,7 +116,7 @@ describe("failed migrations leave the source running and the destination clean",
   });
 
   it("domjobabort during the mirror", async (t) => {
-    if (!need(t, TOOLS, true)) return;
+    if (!need(t, MIGRATION_TOOLS, true)) return;
     const run = migrate();
     await inMirror();
     ok(tb!, "a", ["domjobabort", NAME]);
@@ -130,7 +130,7 @@ describe("failed migrations leave the source running and the destination clean",
   });
 
   it("domjobabort during the RAM phase", async (t) => {
-    if (!need(t, TOOLS, true)) return;
+    if (!need(t, MIGRATION_TOOLS, true)) return;
     const run = migrate();
     await waitFor("the RAM phase", async () => (await job())?.phase === "perform:memory", 120_000, 100);
     ok(tb!, "a", ["domjobabort", NAME]);
@@ -140,7 +140,7 @@ describe("failed migrations leave the source running and the destination clean",
   });
 
   it("not enough space on the destination", async (t) => {
-    if (!need(t, TOOLS, true)) return;
+    if (!need(t, MIGRATION_TOOLS, true)) return;
     const nsMount = (...args: string[]) =>
       execFileSync("nsenter", ["-t", String(tb!.b.agentPid), "-m", "--", ...args]);
     nsMount("mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", "/var/lib/nbdmig/images");
@@ -165,7 +165,7 @@ describe("failed migrations leave the source running and the destination clean",
   });
 
   it("a domain of the same name already defined on the destination", async (t) => {
-    if (!need(t, TOOLS, true)) return;
+    if (!need(t, MIGRATION_TOOLS, true)) return;
     fs.writeFileSync(
       `${tb!.b.dir}/other.xml`,
       guestXml({
@@ -193,7 +193,7 @@ describe("failed migrations leave the source running and the destination clean",
   });
 
   it("a bad or unreachable destination URI", async (t) => {
-    if (!need(t, TOOLS, true)) return;
+    if (!need(t, MIGRATION_TOOLS, true)) return;
     const bad = nbdmig(tb!, "a", ["migrate", "--live", "--copy-storage-all", NAME, "qemu+ssh://b/system"]);
     assert.equal(bad.status, 2);
     assert.match(bad.stderr, /'qemu\+ssh:\/\/b\/system' is not an agent URI; use nbdmig:\/\/HOST:PORT/);
@@ -213,7 +213,7 @@ describe("failed migrations leave the source running and the destination clean",
   });
 
   it("after all that, the same guest migrates", async (t) => {
-    if (!need(t, TOOLS, true)) return;
+    if (!need(t, MIGRATION_TOOLS, true)) return;
     tb!.setRate(undefined);
     ok(tb!, "a", ["migrate", "--live", "--copy-storage-all", "--suspend", NAME, tb!.b.uri]);
     assert.match(ok(tb!, "b", ["dominfo", NAME]), /State:\s+paused/);

@@ -1,9 +1,9 @@
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
-import { createHash } from "node:crypto";
 import fs from "node:fs";
 import { after, afterEach, before, describe, it } from "node:test";
 import { Testbed } from "../src/testbed/testbed.js";
+import { sha256File } from "../src/util/hash.js";
 import { imageInfo } from "../src/qemu/img.js";
 import { available, need, testGuest } from "./helpers/env.js";
 import {
@@ -14,14 +14,13 @@ import {
   IMG,
   jobOf,
   migrateInBackground,
+  MIGRATION_TOOLS,
   nbdmig,
   ok,
   startGuest,
 } from "./helpers/migration.js";
 import { waitFor } from "./helpers/wait.js";
 
-const TOOLS = ["qemu-system-x86_64", "qemu-img", "qemu-io", "ip", "nsenter", "busybox", "ss", "tc"];
-const sha = (f: string) => createHash("sha256").update(fs.readFileSync(f)).digest("hex");
 const MiB = 1024 * 1024;
 
 describe("live migration with --copy-storage-inc", { timeout: 900_000 }, () => {
@@ -29,7 +28,7 @@ describe("live migration with --copy-storage-inc", { timeout: 900_000 }, () => {
   let guest: { kernel: string; initrd: string };
 
   before(async () => {
-    if (!available(TOOLS, true)) return;
+    if (!available(MIGRATION_TOOLS, true)) return;
     guest = testGuest();
     tb = await Testbed.up();
   });
@@ -86,12 +85,12 @@ describe("live migration with --copy-storage-inc", { timeout: 900_000 }, () => {
   };
 
   it("copies only the overlay of a two-level chain, with writes before and during the migration", async (t) => {
-    if (!need(t, TOOLS, true)) return;
+    if (!need(t, MIGRATION_TOOLS, true)) return;
     const b0 = base("two-base.qcow2", 384);
     const top = overlay("two-top.qcow2", b0);
     qemuIo(top, "write -P 0x33 100M 8M");
     qemuIo(top, "write -z 80M 4M"); // zeros over non-zero base data, outside the guest writer's 64 MiB
-    const baseSha = sha(`${tb!.b.imagesDir}/two-base.qcow2`);
+    const baseSha = await sha256File(`${tb!.b.imagesDir}/two-base.qcow2`);
     await startGuest(
       tb!,
       { name: "inc2", rate: 10, span: 64, disks: [{ target: "vda", source: `${IMG}/two-top.qcow2` }] },
@@ -138,14 +137,14 @@ describe("live migration with --copy-storage-inc", { timeout: 900_000 }, () => {
     );
     ok(tb!, "b", ["destroy", "inc2"]);
     assert.equal(
-      sha(`${tb!.b.imagesDir}/two-base.qcow2`),
+      await sha256File(`${tb!.b.imagesDir}/two-base.qcow2`),
       baseSha,
       "the destination's base was never written",
     );
   });
 
   it("handles a three-level chain", async (t) => {
-    if (!need(t, TOOLS, true)) return;
+    if (!need(t, MIGRATION_TOOLS, true)) return;
     const b0 = base("three-b0.qcow2", 32);
     const b1 = base("three-b1.qcow2", 16, b0);
     const top = overlay("three-top.qcow2", b1);
@@ -172,7 +171,7 @@ describe("live migration with --copy-storage-inc", { timeout: 900_000 }, () => {
   });
 
   it("copies a disk without a backing chain whole, and says so", async (t) => {
-    if (!need(t, TOOLS, true)) return;
+    if (!need(t, MIGRATION_TOOLS, true)) return;
     execFileSync("qemu-img", ["create", "-q", "-f", "qcow2", `${tb!.a.imagesDir}/flat.qcow2`, "128M"]);
     qemuIo(`${IMG}/flat.qcow2`, "write -P 0x55 0 16M");
     await startGuest(tb!, { name: "flat", disks: [{ target: "vda", source: `${IMG}/flat.qcow2` }] }, guest);
@@ -195,7 +194,7 @@ describe("live migration with --copy-storage-inc", { timeout: 900_000 }, () => {
   });
 
   it("refuses a missing or different base before creating anything", async (t) => {
-    if (!need(t, TOOLS, true)) return;
+    if (!need(t, MIGRATION_TOOLS, true)) return;
     const b0 = base("ref-base.qcow2", 8);
     overlay("ref-top.qcow2", b0);
     const pid = await startGuest(
@@ -240,12 +239,12 @@ describe("live migration with --copy-storage-inc", { timeout: 900_000 }, () => {
   });
 
   it("removes the overlay it created when the copy is aborted, and never writes the base", async (t) => {
-    if (!need(t, TOOLS, true)) return;
+    if (!need(t, MIGRATION_TOOLS, true)) return;
     const b0 = base("ab-base.qcow2", 8);
     const top = overlay("ab-top.qcow2", b0);
     execFileSync("sh", ["-c", `head -c 96M /dev/urandom > ${tb!.dir}/r.bin`]);
     qemuIo(top, `write -s ${tb!.dir}/r.bin 100M 96M`);
-    const baseSha = sha(`${tb!.b.imagesDir}/ab-base.qcow2`);
+    const baseSha = await sha256File(`${tb!.b.imagesDir}/ab-base.qcow2`);
     const pid = await startGuest(
       tb!,
       { name: "ab", disks: [{ target: "vda", source: `${IMG}/ab-top.qcow2` }] },
@@ -268,7 +267,7 @@ describe("live migration with --copy-storage-inc", { timeout: 900_000 }, () => {
     assert.equal((await run.done).status, 1);
     await assertSourceIntact(tb!, "ab", pid, false);
     await assertDestClean(tb!, "ab", ["ab-top.qcow2"]);
-    assert.equal(sha(`${tb!.b.imagesDir}/ab-base.qcow2`), baseSha);
+    assert.equal(await sha256File(`${tb!.b.imagesDir}/ab-base.qcow2`), baseSha);
     ok(tb!, "a", ["destroy", "ab"]);
   });
 });

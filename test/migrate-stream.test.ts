@@ -4,10 +4,10 @@
  */
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
-import { createHash } from "node:crypto";
 import fs from "node:fs";
 import { after, afterEach, before, describe, it } from "node:test";
 import { Testbed } from "../src/testbed/testbed.js";
+import { sha256File } from "../src/util/hash.js";
 import { available, need, testGuest } from "./helpers/env.js";
 import {
   assertDestClean,
@@ -18,14 +18,13 @@ import {
   jobOf,
   makeImage,
   migrateInBackground,
+  MIGRATION_TOOLS,
   nbdmig,
   ok,
   startGuest,
 } from "./helpers/migration.js";
 import { waitFor } from "./helpers/wait.js";
 
-const TOOLS = ["qemu-system-x86_64", "qemu-img", "qemu-io", "ip", "nsenter", "busybox", "ss", "tc"];
-const sha = (f: string) => createHash("sha256").update(fs.readFileSync(f)).digest("hex");
 const MiB = 1024 * 1024;
 
 interface StreamJob {
@@ -42,7 +41,7 @@ describe(
     let guest: { kernel: string; initrd: string };
 
     before(async () => {
-      if (!available(TOOLS, true)) return;
+      if (!available(MIGRATION_TOOLS, true)) return;
       guest = testGuest();
       tb = await Testbed.up({ agentArgs: { b: ["--no-nbd"] } });
     });
@@ -53,14 +52,14 @@ describe(
       execFileSync(tb![h].execPrefix()[0]!, [...tb![h].execPrefix().slice(1), ...argv], { encoding: "utf8" });
 
     it("--copy-storage-all: a writing guest arrives whole; read-only shared disks and the cdrom are not sent", async (t) => {
-      if (!need(t, TOOLS, true)) return;
+      if (!need(t, MIGRATION_TOOLS, true)) return;
       makeImage(tb!, "a", { name: "s-sys.qcow2", size: "1G", fillMiB: 128 });
       makeImage(tb!, "a", { name: "s-data.raw", format: "raw", size: "256M", fillMiB: 64 });
       for (const h of ["a", "b"] as const) {
         makeImage(tb!, h, { name: "s-shared.raw", format: "raw", size: "64M", fillMiB: 8 });
         makeImage(tb!, h, { name: "s-seed.iso", format: "raw", size: "4M", fillMiB: 4 });
       }
-      const sharedBefore = sha(`${tb!.b.imagesDir}/s-shared.raw`);
+      const sharedBefore = await sha256File(`${tb!.b.imagesDir}/s-shared.raw`);
       await startGuest(
         tb!,
         {
@@ -100,7 +99,11 @@ describe(
           img,
         );
       }
-      assert.equal(sha(`${tb!.b.imagesDir}/s-shared.raw`), sharedBefore, "the shared disk is untouched");
+      assert.equal(
+        await sha256File(`${tb!.b.imagesDir}/s-shared.raw`),
+        sharedBefore,
+        "the shared disk is untouched",
+      );
       const job = JSON.parse(ok(tb!, "a", ["domjobinfo", "st1", "--completed", "--json"])) as StreamJob;
       assert.equal(job.storagePath, "stream");
       // QEMU's total is the size of every disk its block migration iterates: exactly the two selected ones.
@@ -116,7 +119,7 @@ describe(
     });
 
     it("--copy-storage-inc: only the overlay travels; the destination's base is never written", async (t) => {
-      if (!need(t, TOOLS, true)) return;
+      if (!need(t, MIGRATION_TOOLS, true)) return;
       const base = `${IMG}/s-base.qcow2`;
       inHost("a", ["qemu-img", "create", "-q", "-f", "qcow2", base, "1G"]);
       execFileSync("sh", ["-c", `head -c 256M /dev/urandom > ${tb!.dir}/base.bin`]);
@@ -125,7 +128,7 @@ describe(
       const top = `${IMG}/s-top.qcow2`;
       inHost("a", ["qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", top]);
       inHost("a", ["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 300M 8M", "-c", "write -z 100M 4M", top]);
-      const baseSha = sha(`${tb!.b.imagesDir}/s-base.qcow2`);
+      const baseSha = await sha256File(`${tb!.b.imagesDir}/s-base.qcow2`);
       await startGuest(
         tb!,
         { name: "st2", rate: 10, span: 64, disks: [{ target: "vda", source: top }] },
@@ -161,7 +164,7 @@ describe(
         top,
       ]);
       assert.doesNotMatch(check, /Pattern verification failed/);
-      assert.equal(sha(`${tb!.b.imagesDir}/s-base.qcow2`), baseSha, "the base is never written");
+      assert.equal(await sha256File(`${tb!.b.imagesDir}/s-base.qcow2`), baseSha, "the base is never written");
       // The overlay (8 MiB + the guest's writes) and the RAM, not the 256 MiB base.
       assert.ok(sent < 200 * MiB, `sent ${(sent / MiB).toFixed(0)} MiB`);
       t.diagnostic(`incremental in the stream: ${(sent / MiB).toFixed(0)} MiB over the link, base 256 MiB`);
@@ -169,7 +172,7 @@ describe(
     });
 
     it("refuses in Begin, before anything is created, when a writable disk would be sent that must not be", async (t) => {
-      if (!need(t, TOOLS, true)) return;
+      if (!need(t, MIGRATION_TOOLS, true)) return;
       makeImage(tb!, "a", { name: "s-r1.qcow2", size: "256M", fillMiB: 8 });
       for (const h of ["a", "b"] as const)
         makeImage(tb!, h, { name: "s-rw-shared.raw", format: "raw", size: "16M", fillMiB: 1 });
@@ -199,7 +202,7 @@ describe(
     });
 
     it("refuses in Begin when the domain runs with the blockdev disk layout", async (t) => {
-      if (!need(t, TOOLS, true)) return;
+      if (!need(t, MIGRATION_TOOLS, true)) return;
       await tb!.a.killAgent("SIGTERM");
       await tb!.a.startAgent(["--disk-layout", "blockdev"]);
       try {
@@ -225,7 +228,7 @@ describe(
     });
 
     it("rolls back when the destination QEMU dies during the in-stream copy", async (t) => {
-      if (!need(t, TOOLS, true)) return;
+      if (!need(t, MIGRATION_TOOLS, true)) return;
       makeImage(tb!, "a", { name: "s-rb.qcow2", size: "1G", fillMiB: 256 });
       const pid = await startGuest(
         tb!,

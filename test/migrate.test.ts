@@ -1,9 +1,9 @@
 import assert from "node:assert/strict";
 import { execFileSync, spawn } from "node:child_process";
-import { createHash } from "node:crypto";
 import fs from "node:fs";
 import { after, before, describe, it } from "node:test";
 import { Testbed } from "../src/testbed/testbed.js";
+import { sha256File } from "../src/util/hash.js";
 import { imageInfo } from "../src/qemu/img.js";
 import { available, cliPath, need, testGuest } from "./helpers/env.js";
 import {
@@ -12,21 +12,19 @@ import {
   guestWritten,
   IMG,
   makeImage,
+  MIGRATION_TOOLS,
   nbdmig,
   ok,
   startGuest,
 } from "./helpers/migration.js";
 import { waitFor } from "./helpers/wait.js";
 
-const TOOLS = ["qemu-system-x86_64", "qemu-img", "qemu-io", "ip", "nsenter", "busybox", "ss"];
-const sha = (f: string) => createHash("sha256").update(fs.readFileSync(f)).digest("hex");
-
 describe("live migration with --copy-storage-all", { timeout: 900_000 }, () => {
   let tb: Testbed | undefined;
   let guest: { kernel: string; initrd: string };
 
   before(async () => {
-    if (!available(TOOLS, true)) return;
+    if (!available(MIGRATION_TOOLS, true)) return;
     guest = testGuest();
     // The source runs the -blockdev layout and the destination the default (-drive where QEMU has block
     // migration), so the NBD path is tested with both layouts and across them; other suites use the default.
@@ -35,7 +33,7 @@ describe("live migration with --copy-storage-all", { timeout: 900_000 }, () => {
   after(async () => tb?.down());
 
   it("moves a writing guest with every local disk, leaving shared and read-only disks alone", async (t) => {
-    if (!need(t, TOOLS, true)) return;
+    if (!need(t, MIGRATION_TOOLS, true)) return;
     makeImage(tb!, "a", { name: "sys.qcow2", size: "1G", fillMiB: 128 });
     makeImage(tb!, "a", { name: "data.raw", format: "raw", size: "256M", fillMiB: 64 });
     // The shared disk and the cdrom exist on both hosts, as shared storage would.
@@ -43,7 +41,10 @@ describe("live migration with --copy-storage-all", { timeout: 900_000 }, () => {
       makeImage(tb!, h, { name: "shared.raw", format: "raw", size: "64M", fillMiB: 8 });
       makeImage(tb!, h, { name: "seed.iso", format: "raw", size: "4M", fillMiB: 4 });
     }
-    const before = { shared: sha(`${tb!.b.imagesDir}/shared.raw`), iso: sha(`${tb!.b.imagesDir}/seed.iso`) };
+    const before = {
+      shared: await sha256File(`${tb!.b.imagesDir}/shared.raw`),
+      iso: await sha256File(`${tb!.b.imagesDir}/seed.iso`),
+    };
     await startGuest(
       tb!,
       {
@@ -98,8 +99,12 @@ describe("live migration with --copy-storage-all", { timeout: 900_000 }, () => {
       "Images are identical.",
     );
     assert.equal((await imageInfo(`${tb!.b.imagesDir}/sys.qcow2`)).format, "qcow2");
-    assert.equal(sha(`${tb!.b.imagesDir}/shared.raw`), before.shared, "the shareable disk was not copied");
-    assert.equal(sha(`${tb!.b.imagesDir}/seed.iso`), before.iso, "the cdrom was not copied");
+    assert.equal(
+      await sha256File(`${tb!.b.imagesDir}/shared.raw`),
+      before.shared,
+      "the shareable disk was not copied",
+    );
+    assert.equal(await sha256File(`${tb!.b.imagesDir}/seed.iso`), before.iso, "the cdrom was not copied");
     assert.deepEqual(fs.readdirSync(tb!.b.imagesDir).sort(), [
       "data.raw",
       "seed.iso",
@@ -132,7 +137,7 @@ describe("live migration with --copy-storage-all", { timeout: 900_000 }, () => {
   });
 
   it("carries writes made during the bulk copy, after READY and during the RAM phase", async (t) => {
-    if (!need(t, TOOLS, true)) return;
+    if (!need(t, MIGRATION_TOOLS, true)) return;
     makeImage(tb!, "a", { name: "x-sys.qcow2", size: "64M" });
     makeImage(tb!, "a", { name: "x-data.qcow2", size: "512M", fillMiB: 48 });
     await startGuest(
@@ -226,7 +231,7 @@ describe("live migration with --copy-storage-all", { timeout: 900_000 }, () => {
   });
 
   it("keeps a sparse 8 GiB disk sparse and sends about its allocation", async (t) => {
-    if (!need(t, TOOLS, true)) return;
+    if (!need(t, MIGRATION_TOOLS, true)) return;
     makeImage(tb!, "a", { name: "s-sys.qcow2", size: "64M" });
     makeImage(tb!, "a", { name: "sparse.qcow2", size: "8G", fillMiB: 100 });
     await startGuest(
@@ -276,7 +281,7 @@ describe("live migration with --copy-storage-all", { timeout: 900_000 }, () => {
   });
 
   it("copies exactly the disks --migrate-disks names, and explains bad selections", async (t) => {
-    if (!need(t, TOOLS, true)) return;
+    if (!need(t, MIGRATION_TOOLS, true)) return;
     makeImage(tb!, "a", { name: "sel-a.qcow2", size: "64M", fillMiB: 8 });
     makeImage(tb!, "a", { name: "sel-b.qcow2", size: "64M", fillMiB: 8 });
     makeImage(tb!, "a", { name: "sel-shared.raw", format: "raw", size: "16M" });

@@ -47,6 +47,21 @@ import { patternImage, run, tmpdir } from "./helpers/nbd.js";
 const TOOLS = ["qemu-nbd", "nbdkit", "nbdcopy", "qemu-img", "qemu-io"];
 const MiB = 1024 * 1024;
 const sha = (b: Buffer) => createHash("sha256").update(b).digest("hex");
+/** qemu-nbd's arguments for one writable export "d" on 127.0.0.1, up to 8 connections, persistent. */
+const qemuNbd = (format: string, file: string) => (port: number) => [
+  "-f",
+  format,
+  "-p",
+  String(port),
+  "-b",
+  "127.0.0.1",
+  "-x",
+  "d",
+  "-t",
+  "-e",
+  "8",
+  file,
+];
 
 /** A free TCP port. */
 async function freePort(): Promise<number> {
@@ -105,34 +120,8 @@ describe("our NBD client against qemu-nbd and nbdkit", { timeout: 300_000 }, () 
     ]);
     await run("qemu-img", ["convert", "-O", "qcow2", raw, qcow]);
     const s = {
-      "qemu-nbd raw": await serve("qemu-nbd", (p) => [
-        "-f",
-        "raw",
-        "-p",
-        String(p),
-        "-b",
-        "127.0.0.1",
-        "-x",
-        "d",
-        "-t",
-        "-e",
-        "8",
-        path.join(dir, "w.raw"),
-      ]),
-      "qemu-nbd qcow2": await serve("qemu-nbd", (p) => [
-        "-f",
-        "qcow2",
-        "-p",
-        String(p),
-        "-b",
-        "127.0.0.1",
-        "-x",
-        "d",
-        "-t",
-        "-e",
-        "8",
-        qcow,
-      ]),
+      "qemu-nbd raw": await serve("qemu-nbd", qemuNbd("raw", path.join(dir, "w.raw"))),
+      "qemu-nbd qcow2": await serve("qemu-nbd", qemuNbd("qcow2", qcow)),
       "nbdkit memory": await serve("nbdkit", (p) => [
         "-f",
         "-p",

@@ -7,6 +7,18 @@ import { cli, cliPath, type CliResult } from "./env.js";
 import { guestXml, type GuestDisk, type GuestSpec } from "./guest-xml.js";
 import { waitFor } from "./wait.js";
 
+/** What a two-host migration test needs on the machine (in CI these must exist: see need()). */
+export const MIGRATION_TOOLS = [
+  "qemu-system-x86_64",
+  "qemu-img",
+  "qemu-io",
+  "ip",
+  "nsenter",
+  "busybox",
+  "ss",
+  "tc",
+];
+
 export const IMG = "/var/lib/nbdmig/images";
 
 export interface ImageSpec {
