@@ -147,6 +147,11 @@ export async function nbdBench(
     // just made (or of the last run's target) lands on whichever server is measured next.
     execFileSync("sync");
     // Rounds, each measuring every server in turn, so that drift on a shared machine touches all alike.
+    // Every server overwrites the same 1 GiB target, whose pages exist from the start. A fresh file per
+    // run made each server pay for allocating (on this VM: first touching) a gigabyte of tmpfs pages, which
+    // added up to 2 s to some runs and swamped the servers' own differences.
+    const target = path.join(dir, "target.img");
+    fs.copyFileSync(data, target);
     const kinds = ["nbdmig", "qemu-nbd", "nbdkit"];
     const m = new Map(
       kinds.map((k) => [k, { reads: [] as number[], writes: [] as number[], lat: [] as number[] }]),
@@ -158,9 +163,6 @@ export async function nbdBench(
         got.reads.push(GiB / MiB / timed("nbdcopy", ["--connections=4", "--requests=16", ro.uri, "null:"]));
         got.lat.push(latencyUs(ro.uri));
         await ro.stop();
-        const target = path.join(dir, "target.img");
-        fs.rmSync(target, { force: true });
-        execFileSync("fallocate", ["-l", "1G", target]);
         execFileSync("sync");
         const rw = await start(kind, target);
         got.writes.push(

@@ -121,6 +121,32 @@ describe("NBD codec", () => {
     );
   });
 
+  it("a write's payload lands in the buffer the allocator gives, at every split", () => {
+    const w = randomBytes(300);
+    const bytes = Buffer.concat([
+      encodeRequest({ flags: 0, type: Cmd.WRITE, cookie: 4n, offset: 0, length: w.length }),
+      w,
+      encodeRequest({ flags: 0, type: Cmd.READ, cookie: 5n, offset: 0, length: 1 }),
+    ]);
+    const given: Buffer[] = [];
+    const reqs = everySplit(
+      bytes,
+      () => {
+        const p = new RequestParser(1024, (n) => {
+          const b = Buffer.alloc(n, 0xee);
+          given.push(b);
+          return b;
+        });
+        return (q: ByteQueue) => p.next(q);
+      },
+      true,
+    );
+    assert.ok(given.includes(reqs[0]!.data!), "the payload is the allocator's buffer, not a copy of it");
+    assert.ok(reqs[0]!.data!.equals(w));
+    assert.equal(reqs[1]!.cookie, 5n);
+    assert.ok(given.every((b) => b.equals(w)));
+  });
+
   it("an oversized write is skipped, not fatal, and the next request parses", () => {
     const big = randomBytes(3000);
     const bytes = Buffer.concat([

@@ -40,6 +40,20 @@ export class ByteQueue {
     return out;
   }
 
+  /** Consumes `out.length` bytes (out.length <= length) by copying them into `out`. */
+  takeInto(out: Buffer): Buffer {
+    const n = out.length;
+    let copied = 0;
+    while (copied < n) {
+      const c = this.chunks[0]!;
+      const take = Math.min(n - copied, c.length - this.head);
+      c.copy(out, copied, this.head, this.head + take);
+      copied += take;
+      this.skip(take);
+    }
+    return out;
+  }
+
   /** Drops up to `n` bytes; returns how many were dropped. */
   skip(n: number): number {
     let left = Math.min(n, this.length);

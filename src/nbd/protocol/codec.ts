@@ -312,7 +312,14 @@ export class RequestParser {
   private pending?: Request;
   private skipping = 0;
 
-  constructor(private readonly maxPayload: number) {}
+  /**
+   * `alloc` gives the buffer a write's payload is copied into (a pool's, say); without it the payload is
+   * a fresh buffer, or a view of the received bytes when they arrived in one piece.
+   */
+  constructor(
+    private readonly maxPayload: number,
+    private readonly alloc?: (length: number) => Buffer,
+  ) {}
 
   next(q: ByteQueue): Request | undefined {
     if (this.skipping > 0) {
@@ -346,7 +353,7 @@ export class RequestParser {
     }
     const r = this.pending;
     if (q.length < r.length) return undefined;
-    r.data = q.take(r.length);
+    r.data = this.alloc ? q.takeInto(this.alloc(r.length)) : q.take(r.length);
     this.pending = undefined;
     return r;
   }

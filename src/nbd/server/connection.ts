@@ -302,7 +302,8 @@ export class ServerConnection {
     this.exp = e;
     this.backend = e.backend;
     this.flags = this.transmissionFlags(e.backend);
-    this.parser = new RequestParser(this.server.maxPayload);
+    const pool = this.server.buffers;
+    this.parser = new RequestParser(this.server.maxPayload, (n) => pool.get(n));
     this.state = "transmission";
     this.server.log(`client entered transmission on export '${e.name}'`);
   }
@@ -387,7 +388,11 @@ export class ServerConnection {
         return;
       }
       case Cmd.WRITE:
-        await b.pwrite(r.data!, r.offset, fua && b.canFua() === "native");
+        try {
+          await b.pwrite(r.data!, r.offset, fua && b.canFua() === "native");
+        } finally {
+          this.server.buffers.put(r.data!);
+        }
         if (fua && b.canFua() === "emulate") await b.flush();
         break;
       case Cmd.FLUSH:

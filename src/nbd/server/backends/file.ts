@@ -14,6 +14,13 @@ import { writeZeros } from "../../zeros.js";
 import type { Backend, BlockSize, Support, ZeroFlags } from "../backend.js";
 
 export class FileBackend implements Backend {
+  // Writes go to the kernel one at a time. Buffered writes to one file take its inode lock in turn anyway;
+  // issued from several pool threads at once, the waiting threads spin on that lock (perf shows
+  // rwsem_spin_on_owner) and take CPU from the copy. Measured on tmpfs, 1 GiB from nbdcopy over 4
+  // connections, 5 runs each: 0.92-1.27 s with a pool of one thread, 1.08-1.91 s with four.
+  private writing = false;
+  private readonly waiting: (() => void)[] = [];
+
   private constructor(
     private readonly fh: FileHandle,
     private readonly path: string,
@@ -100,15 +107,20 @@ export class FileBackend implements Backend {
   }
 
   async pwrite(buf: Buffer, offset: number, fua: boolean): Promise<void> {
-    const fd = this.fh.fd;
     await new Promise<void>((resolve, reject) => {
-      const step = (done: number) =>
-        fs.write(fd, buf, done, buf.length - done, offset + done, (err, n) => {
+      const run = () =>
+        writeAll(this.fh.fd, buf, offset, (err) => {
+          const next = this.waiting.shift();
+          if (next) next();
+          else this.writing = false;
           if (err) reject(err);
-          else if (done + n < buf.length) step(done + n);
           else resolve();
         });
-      step(0);
+      if (this.writing) this.waiting.push(run);
+      else {
+        this.writing = true;
+        run();
+      }
     });
     if (fua) await this.fh.datasync();
   }
@@ -165,6 +177,17 @@ export class FileBackend implements Backend {
   async close(): Promise<void> {
     await this.fh.close();
   }
+}
+
+/** Writes all of `buf` at `offset`, however many calls that takes. */
+function writeAll(fd: number, buf: Buffer, offset: number, cb: (err: Error | null) => void): void {
+  const step = (done: number) =>
+    fs.write(fd, buf, done, buf.length - done, offset + done, (err, n) => {
+      if (err) cb(err);
+      else if (done + n < buf.length) step(done + n);
+      else cb(null);
+    });
+  step(0);
 }
 
 /** A block device's size from sysfs (stat reports 0 for it). */
