@@ -203,11 +203,15 @@ export async function nbdBench(
       for (let r = 0; r < runs; r++) {
         for (const tool of tools) {
           const src = await start("qemu-nbd", file, true);
-          const target = path.join(dir, "copy-target.img");
-          fs.rmSync(target, { force: true });
-          execFileSync("truncate", ["-s", String(fs.statSync(file).size), target]);
+          // The dense copy overwrites the target the server benchmark wrote (pages already there, as
+          // above); the sparse copy goes to a fresh sparse file, so that its holes stay holes.
+          const into = file === sparse ? path.join(dir, "copy-target.img") : target;
+          if (into !== target) {
+            fs.rmSync(into, { force: true });
+            execFileSync("truncate", ["-s", String(fs.statSync(file).size), into]);
+          }
           execFileSync("sync");
-          const dst = await start("qemu-nbd", target);
+          const dst = await start("qemu-nbd", into);
           const lo0 = loBytes();
           const t =
             tool === "nbdcopy"

@@ -2,6 +2,7 @@
 import assert from "node:assert/strict";
 import { randomBytes, randomInt } from "node:crypto";
 import { describe, it } from "node:test";
+import { ALIGN, alignedBuffer, alignedEnd } from "../src/nbd/aligned.js";
 import { NbdProtocolError } from "../src/nbd/errors.js";
 import { ByteQueue } from "../src/nbd/protocol/bytes.js";
 import {
@@ -353,6 +354,48 @@ describe("NBD codec", () => {
       }
       assert.deepEqual(got, expected, `round ${round}`);
     }
+  });
+
+  it("offers a read's buffer so that the bulk of it is received aligned", () => {
+    const cookie = 7n;
+    const into = alignedBuffer(4096 + ALIGN);
+    const data = randomBytes(4096);
+    const got: Reply[] = [];
+    // The reply's data goes to an offset in the buffer that is 3 bytes short of an aligned point.
+    const target = into.subarray(ALIGN - 3, ALIGN - 3 + data.length);
+    const dec = new ReplyDecoder({ simpleData: () => target, chunkData: () => target }, (r) => got.push(r));
+    const off = Buffer.alloc(8);
+    dec.push(Buffer.concat([encodeChunkHeader(RF_DONE, Chunk.OFFSET_DATA, cookie, 8 + data.length), off]));
+    const first = dec.direct(1)!;
+    assert.equal(first.length, 3, "only up to the aligned point");
+    data.copy(first, 0, 0, 3);
+    dec.advance(3);
+    const rest = dec.direct(1)!;
+    assert.equal(rest.byteOffset % ALIGN, 0);
+    assert.equal(rest.length, data.length - 3);
+    data.copy(rest, 0, 3);
+    dec.advance(rest.length);
+    assert.equal(got.length, 1);
+    assert.ok(target.equals(data));
+  });
+
+  it("aligned buffers start on a page of their own memory and do not overlap", () => {
+    const bufs = [1, 4096, 5000, 256 * 1024, 8 * 1024 * 1024].map((n) => alignedBuffer(n));
+    bufs.forEach((b, i) => {
+      assert.equal(b.byteOffset % 4096, 0);
+      assert.equal(b.buffer.byteLength % 65536, 0, "carved from WebAssembly memory");
+      b.fill(i + 1);
+    });
+    bufs.forEach((b, i) =>
+      assert.ok(
+        b.every((x) => x === i + 1),
+        `buffer ${i} kept its bytes`,
+      ),
+    );
+    const odd = alignedBuffer(100).subarray(10);
+    assert.equal(alignedEnd(odd), ALIGN - 10);
+    assert.equal(alignedEnd(alignedBuffer(100)), 100);
+    assert.equal(alignedEnd(alignedBuffer(100).subarray(10, 20)), 10);
   });
 
   it("refuses malformed input with a protocol error", () => {

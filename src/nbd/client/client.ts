@@ -9,6 +9,7 @@ import fs from "node:fs";
 import net from "node:net";
 import path from "node:path";
 import tls from "node:tls";
+import { alignedBuffer } from "../aligned.js";
 import { NbdHandshakeError, NbdProtocolError, NbdRequestError } from "../errors.js";
 import { ByteQueue } from "../protocol/bytes.js";
 import {
@@ -54,6 +55,11 @@ import { parseNbdUri, type NbdUri } from "./uri.js";
 
 /** The socket's read buffer, one per connection. */
 const READ_BUFFER = 64 * 1024;
+
+/** A buffer for a read's data when the caller gave none: aligned when large enough to matter. */
+function newReadBuffer(length: number): Buffer {
+  return length >= READ_BUFFER ? alignedBuffer(length) : Buffer.allocUnsafe(length);
+}
 
 export type ClientState =
   "connecting" | "greeting" | "starttls" | "structured" | "meta" | "go" | "transmission" | "closed" | "dead";
@@ -154,7 +160,7 @@ export class NbdClient {
       // Without TLS, the socket reads into buffers of ours: a read's data straight into the request's
       // buffer while one is being received, everything else into one scratch buffer, from which replies
       // are copied. No allocation per read. STARTTLS needs a socket that emits 'data'.
-      const scratch = Buffer.allocUnsafe(READ_BUFFER);
+      const scratch = alignedBuffer(READ_BUFFER);
       const onread = tlsWanted
         ? undefined
         : {
@@ -417,7 +423,7 @@ export class NbdClient {
         type,
         offset,
         length,
-        data: type === Cmd.READ ? (into ?? Buffer.allocUnsafe(length)) : undefined,
+        data: type === Cmd.READ ? (into ?? newReadBuffer(length)) : undefined,
         filled: 0,
         resolve,
         reject,

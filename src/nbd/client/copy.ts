@@ -11,6 +11,7 @@ import { UsageError } from "../../errors.js";
 import type { Extent } from "../protocol/codec.js";
 import { STATE_ZERO, TF } from "../protocol/constants.js";
 import { FileBackend } from "../server/backends/file.js";
+import { alignedBuffer } from "../aligned.js";
 import { isZero, writeZeros } from "../zeros.js";
 import { NbdClient, type ClientOptions } from "./client.js";
 import { isNbdUri } from "./uri.js";
@@ -80,7 +81,7 @@ class FileEndpoint implements Endpoint {
     return this.f.size();
   }
   async read(_l: number, offset: number, length: number, into?: Buffer): Promise<Buffer> {
-    const b = into ? into.subarray(0, length) : Buffer.allocUnsafe(length);
+    const b = into ? into.subarray(0, length) : alignedBuffer(length);
     await this.f.pread(b, offset);
     return b;
   }
@@ -322,7 +323,7 @@ async function run(source: Endpoint, dest: Endpoint, opts: CopyOptions): Promise
   // A worker owns a lane and a buffer: it reads a piece into the buffer and reuses it once the write of
   // it has been answered.
   const worker = async (lane: number) => {
-    const own = Buffer.allocUnsafe(reqSize);
+    const own = alignedBuffer(reqSize);
     for (let w = await work.next(); w; w = await work.next()) {
       if (w.zero) {
         await zero(lane, w.offset, w.length);

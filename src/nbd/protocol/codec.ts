@@ -3,6 +3,7 @@
  * message or undefined when more bytes are needed. A malformed message throws NbdProtocolError; the
  * connection layer decides what that means (disconnect, mostly).
  */
+import { alignedEnd } from "../aligned.js";
 import { NbdProtocolError } from "../errors.js";
 import { ByteQueue, u64 } from "./bytes.js";
 import {
@@ -483,7 +484,9 @@ export class ReplyDecoder {
    */
   direct(min = 64 * 1024): Buffer | undefined {
     if (this.state !== RS.Payload || this.payload!.length - this.filled < min) return undefined;
-    return this.payload!.subarray(this.filled);
+    // Filled only up to the next aligned point when short of one, so that the bulk lands aligned.
+    const rest = this.payload!.subarray(this.filled);
+    return rest.subarray(0, alignedEnd(rest));
   }
 
   /** `n` bytes were received straight into the buffer `direct` returned. */

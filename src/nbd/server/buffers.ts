@@ -1,3 +1,5 @@
+import { alignedBuffer } from "../aligned.js";
+
 /**
  * Read buffers reused across requests. A fresh 256 KiB buffer per read costs an mmap, page faults and
  * garbage collection; the server instead takes one from here and gives it back once the reply has been
@@ -12,7 +14,7 @@ export class BufferPool {
 
   get(length: number): Buffer {
     const b = this.free.get(length)?.pop();
-    if (!b) return Buffer.allocUnsafeSlow(length);
+    if (!b) return alignedBuffer(length);
     this.pooled -= length;
     return b;
   }
