@@ -39,6 +39,7 @@ import {
   STATE_HOLE,
   STATE_ZERO,
 } from "../src/nbd/protocol/constants.js";
+import { quickAck, tcp, tcpLoadError } from "../src/nbd/native/tcp.js";
 import { isZero } from "../src/nbd/zeros.js";
 import { waitForPort } from "../src/util/net.js";
 import { cli, need } from "./helpers/env.js";
@@ -102,6 +103,34 @@ describe("NBD URIs", () => {
     assert.throws(() => parseNbdUri("nbd+unix:///vda"), /needs \?socket=PATH/);
     assert.throws(() => parseNbdUri("http://x/y"), /unknown scheme 'http'/);
     assert.throws(() => parseNbdUri("not a uri"), /is not an NBD URI/);
+  });
+});
+
+describe("the TCP helper", () => {
+  it("is built and loaded (CI builds it; elsewhere it may be missing), and acks at once on TCP only", async (t) => {
+    if (process.env.CI !== "true" && !tcp) return t.skip(`not loaded: ${tcpLoadError}`);
+    assert.ok(tcp, `the native TCP helper did not load: ${tcpLoadError}`);
+    const dir = tmpdir("tcp");
+    const srv = net.createServer((s) => s.end());
+    const sock = path.join(dir, "s.sock");
+    try {
+      await new Promise<void>((r) => srv.listen(0, "127.0.0.1", r));
+      const port = (srv.address() as net.AddressInfo).port;
+      const overTcp = net.connect({ host: "127.0.0.1", port });
+      await new Promise((r) => overTcp.once("connect", r));
+      assert.equal(quickAck(overTcp), true);
+      overTcp.destroy();
+      const unixSrv = net.createServer((s) => s.end());
+      await new Promise<void>((r) => unixSrv.listen(sock, r));
+      const overUnix = net.connect({ path: sock });
+      await new Promise((r) => overUnix.once("connect", r));
+      assert.equal(quickAck(overUnix), false, "a Unix socket has no TCP_QUICKACK");
+      overUnix.destroy();
+      await new Promise((r) => unixSrv.close(r));
+    } finally {
+      await new Promise((r) => srv.close(r));
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
   });
 });
 
