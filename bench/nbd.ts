@@ -29,9 +29,24 @@ export interface NbdCopyRow {
   loopbackMiB: number;
 }
 
-let port = 20000 + Math.floor(Math.random() * 20000);
+// Below Linux's ephemeral range (32768 up), so that no client connection of this run holds the port.
+let port = 20000 + Math.floor(Math.random() * 10000);
 
+/** Starts a server on a fresh port; a server that exits at once is retried once on the next port. */
 async function start(
+  kind: string,
+  file: string,
+  readonly = false,
+): Promise<{ uri: string; stop: () => Promise<void> }> {
+  try {
+    return await startOnce(kind, file, readonly);
+  } catch (err) {
+    process.stderr.write(`nbd bench: ${(err as Error).message}; retrying on another port\n`);
+    return startOnce(kind, file, readonly);
+  }
+}
+
+async function startOnce(
   kind: string,
   file: string,
   readonly = false,
@@ -42,7 +57,7 @@ async function start(
     proc = spawn(
       process.execPath,
       [cli, "nbd", "serve", "-p", String(p), ...(readonly ? ["-r"] : []), `d=${file}`],
-      { stdio: "ignore" },
+      { stdio: ["ignore", "ignore", "pipe"] },
     );
   else if (kind === "qemu-nbd")
     proc = spawn(
@@ -63,15 +78,22 @@ async function start(
         ...(readonly ? ["-r"] : []),
         file,
       ],
-      { stdio: "ignore" },
+      { stdio: ["ignore", "ignore", "pipe"] },
     );
   else
     proc = spawn(
       "nbdkit",
       ["-f", "-p", String(p), "-i", "127.0.0.1", "--exportname=d", ...(readonly ? ["-r"] : []), "file", file],
-      { stdio: "ignore" },
+      { stdio: ["ignore", "ignore", "pipe"] },
     );
-  await waitForPort(p, { alive: () => proc.exitCode === null, what: kind });
+  let stderr = "";
+  proc.stderr!.on("data", (b: Buffer) => (stderr = (stderr + b.toString()).slice(-2000)));
+  try {
+    await waitForPort(p, { alive: () => proc.exitCode === null, what: `${kind} on port ${p}` });
+  } catch (err) {
+    proc.kill("SIGKILL");
+    throw new Error(`${(err as Error).message}: ${stderr.trim() || "(nothing on stderr)"}`, { cause: err });
+  }
   return {
     uri: `nbd://127.0.0.1:${p}/d`,
     stop: async () => {

@@ -415,6 +415,45 @@ describe("our NBD client against qemu-nbd and nbdkit", { timeout: 300_000 }, () 
     }
   });
 
+  it("maps a sparse disk in lookups that grow over holes, and copies it exactly", async () => {
+    // 16 GiB of holes with 1 MiB of data at 5 GiB: lookups start at 64 MiB and double while they find
+    // little data, so the map takes a handful of lookups rather than 256.
+    const size = 16 * 1024 * MiB;
+    const src = new MemoryBackend(size);
+    await src.pwrite(Buffer.alloc(MiB, 0x5a), 5 * 1024 * MiB);
+    const lookups: number[] = [];
+    class Counted extends PassThrough {
+      override extents(offset: number, length: number, reqOne: boolean): Promise<Extent[]> {
+        lookups.push(length);
+        return super.extents(offset, length, reqOne);
+      }
+    }
+    const dst = new MemoryBackend(size);
+    const server = new NbdServer({
+      exports: [
+        { name: "src", backend: new Counted(src) },
+        { name: "dst", backend: dst },
+      ],
+    });
+    const a = (await server.listen({ host: "127.0.0.1", port: 0 })) as net.AddressInfo;
+    try {
+      const r = await copy(`nbd://127.0.0.1:${a.port}/src`, `nbd://127.0.0.1:${a.port}/dst`);
+      assert.equal(r.dataBytes, MiB);
+      assert.equal(r.zeroBytes, size - MiB);
+      assert.equal(lookups[0], 64 * MiB);
+      // Each lookup at least as long as the one before, but the last, which ends at the end of the disk.
+      const grow = lookups.slice(0, -1).every((n, i) => i === 0 || n >= lookups[i - 1]!);
+      assert.ok(grow, `lookups grow: ${lookups}`);
+      assert.equal(Math.max(...lookups), 2048 * MiB, "up to 2 GiB");
+      assert.ok(lookups.length < 20, `${lookups.length} lookups`);
+      const back = Buffer.alloc(MiB);
+      await dst.pread(back, 5 * 1024 * MiB);
+      assert.ok(back.every((b) => b === 0x5a));
+    } finally {
+      await server.close();
+    }
+  });
+
   it("the CLI: nbd info (--size, --map, --can, --json) and nbd copy", async (t) => {
     if (!need(t, TOOLS)) return;
     const src = `${servers["qemu-nbd qcow2"]}/d`;

@@ -40,7 +40,7 @@ export class ByteQueue {
     return out;
   }
 
-  /** Consumes `out.length` bytes (out.length <= length) by copying them into `out`. */
+  /** Consumes `out.length` bytes, which must not exceed `length`, by copying them into `out`. */
   takeInto(out: Buffer): Buffer {
     const n = out.length;
     let copied = 0;

@@ -1,10 +1,11 @@
 import { alignedBuffer } from "../aligned.js";
 
 /**
- * Read buffers reused across requests. A fresh 256 KiB buffer per read costs an mmap, page faults and
- * garbage collection; the server instead takes one from here and gives it back once the reply has been
- * handed to the socket. Backends fill every byte of a read buffer (the Backend contract), so no data of
- * an earlier read survives into a reply.
+ * Buffers for reads and for write payloads, reused across requests and aligned to a page (../aligned.ts).
+ * A fresh 256 KiB buffer per request costs an mmap, page faults and garbage collection; the server instead
+ * takes one from here and gives it back once the reply has been handed to the socket, or the write has
+ * reached the backend. Every byte of a buffer is overwritten before use (backends fill a read buffer
+ * completely, the Backend contract; a payload is copied in whole), so no data of an earlier request leaks.
  */
 export class BufferPool {
   private readonly free = new Map<number, Buffer[]>();
