@@ -9,7 +9,7 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 inc=$(node -p 'require("path").resolve(process.execPath, "../../include/node")')
 mkdir -p "$here/dist/native"
 if ! command -v gcc >/dev/null || [ ! -f "$inc/node_api.h" ]; then
-  echo "build-native: no gcc or no Node headers in $inc; the file backend will emulate holes" >&2
+  echo "build-native: no gcc or no Node headers in $inc; the file backend will emulate holes and the NBD client will not ask for quick ACKs" >&2
   rm -f "$here"/dist/native/*.node
   exit 0
 fi

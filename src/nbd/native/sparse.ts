@@ -1,10 +1,8 @@
 /**
- * Loads the sparse-file helper built by scripts/build-native.sh. When it cannot load, `sparse` is undefined
- * and `sparseLoadError` says why; the file backend then emulates (every range is data, zeros are written).
+ * The sparse-file helper. When it cannot load, `sparse` is undefined and `sparseLoadError` says why; the
+ * file backend then emulates (every range is data, zeros are written).
  */
-import { createRequire } from "node:module";
-import path from "node:path";
-import { fileURLToPath } from "node:url";
+import { loadNative } from "./load.js";
 
 export interface SparseOps {
   /** The next data (hole=0) or hole (hole=1) at or after offset, or -1 when there is none. */
@@ -13,19 +11,6 @@ export interface SparseOps {
   zeroRange(fd: number, offset: number, length: number): void;
 }
 
-// dist/src/nbd/native/sparse.js -> dist/native/sparse.node
-const addon = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../../../native/sparse.node");
-
-export let sparseLoadError: string | undefined;
-export const sparse: SparseOps | undefined = (() => {
-  if (process.env.NBDMIG_NO_NATIVE) {
-    sparseLoadError = "disabled by NBDMIG_NO_NATIVE";
-    return undefined;
-  }
-  try {
-    return createRequire(import.meta.url)(addon) as SparseOps;
-  } catch (err) {
-    sparseLoadError = `${addon}: ${(err as Error).message.split("\n")[0]}`;
-    return undefined;
-  }
-})();
+const loaded = loadNative<SparseOps>("sparse");
+export const sparse: SparseOps | undefined = loaded.addon;
+export const sparseLoadError: string | undefined = loaded.error;

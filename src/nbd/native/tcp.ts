@@ -1,32 +1,17 @@
 /**
- * Loads the TCP helper built by scripts/build-native.sh. Without it `quickAck` does nothing: connections
- * still work, only the handshake with some servers takes longer (see the client).
+ * The TCP helper. Without it `quickAck` does nothing: connections still work, only the handshake with some
+ * servers takes longer (see the client).
  */
-import { createRequire } from "node:module";
 import type { Socket } from "node:net";
-import path from "node:path";
-import { fileURLToPath } from "node:url";
+import { loadNative } from "./load.js";
 
 interface TcpOps {
   quickAck(fd: number): boolean;
 }
 
-// dist/src/nbd/native/tcp.js -> dist/native/tcp.node
-const addon = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../../../native/tcp.node");
-
-export let tcpLoadError: string | undefined;
-export const tcp: TcpOps | undefined = (() => {
-  if (process.env.NBDMIG_NO_NATIVE) {
-    tcpLoadError = "disabled by NBDMIG_NO_NATIVE";
-    return undefined;
-  }
-  try {
-    return createRequire(import.meta.url)(addon) as TcpOps;
-  } catch (err) {
-    tcpLoadError = `${addon}: ${(err as Error).message.split("\n")[0]}`;
-    return undefined;
-  }
-})();
+const loaded = loadNative<TcpOps>("tcp");
+export const tcp: TcpOps | undefined = loaded.addon;
+export const tcpLoadError: string | undefined = loaded.error;
 
 /**
  * Asks the kernel to acknowledge what arrives on `socket` at once rather than after its delayed-ACK timer
