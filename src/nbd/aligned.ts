@@ -1,13 +1,13 @@
 /**
  * Buffers that start on a page boundary, for the data of reads and writes.
  *
- * Node's large Buffers come from malloc and start 16 bytes past a page boundary. On this project's CI
- * machines (AMD EPYC) the kernel copies into such a buffer about four times slower than into one aligned to
- * 64 bytes: 1 GiB read from tmpfs in 256 KiB preads took 0.53 s into a Node Buffer, 0.13 s into an aligned
- * one. Socket receives gain less (3 GiB over loopback: 1.41-1.57 s aligned, 1.82-1.92 s not). Where the data
- * comes from does not matter. Node cannot allocate aligned memory, but WebAssembly memory always starts on
- * a page: buffers are carved from slabs of it. A slab is freed by the garbage collector once no buffer
- * carved from it is referenced.
+ * Node's Buffers come from malloc, which aligns them to 16 bytes only; the 256 KiB ones start 16 bytes
+ * past a page. On this project's CI machines (AMD EPYC) the kernel copies into such a buffer about four
+ * times slower than into one aligned to 64 bytes: 1 GiB read from tmpfs in 256 KiB preads took 0.53 s into
+ * a Node Buffer, 0.13 s into an aligned one. Socket receives gain less (3 GiB over loopback: 1.41-1.57 s
+ * aligned, 1.82-1.92 s not). Where the data comes from does not matter. Node cannot allocate aligned
+ * memory, but WebAssembly memory always starts on a page: buffers are carved from slabs of it. A slab is
+ * freed by the garbage collector once no buffer carved from it is referenced.
  */
 
 /** The alignment every buffer here has, and the one `alignedEnd` aims for. */
