@@ -120,13 +120,18 @@ class NullEndpoint implements Endpoint {
   async close(): Promise<void> {}
 }
 
+/** `null:` (or `null://`), the destination that discards, as nbdcopy names it. */
+function isNull(spec: string): boolean {
+  return spec === "null:" || spec === "null://";
+}
+
 /** Opens an endpoint: `connections` NBD connections when the server allows multi-conn, else one. */
 export async function openEndpoint(
   spec: string,
   role: "source" | "destination",
   opts: { connections: number; client?: ClientOptions; size?: number },
 ): Promise<Endpoint> {
-  if (spec === "null:" || spec === "null://") {
+  if (isNull(spec)) {
     if (role === "source") throw new UsageError("null: can only be a destination");
     return new NullEndpoint(opts.size ?? 0);
   }
@@ -136,8 +141,7 @@ export async function openEndpoint(
       first.destroy();
       throw new UsageError(`${spec} is read-only; it cannot be a copy destination`);
     }
-    // The rest at once: a handshake costs a few round trips, and some servers (qemu-nbd) hold small
-    // handshake replies for the peer's delayed ACK, about 40 ms each.
+    // The rest at once: each handshake costs several round trips.
     const more = first.canMultiConn ? opts.connections - 1 : 0;
     const rest = await Promise.allSettled(
       Array.from({ length: more }, () => NbdClient.connect(spec, opts.client)),
@@ -198,11 +202,11 @@ const RANGE_MAX = 2 * 1024 * 1024 * 1024;
 
 export async function copy(src: string, dst: string, opts: CopyOptions = {}): Promise<CopyResult> {
   const connections = opts.connections ?? 4;
-  if (opts.verify && (dst === "null:" || dst === "null://"))
+  if (opts.verify && isNull(dst))
     throw new UsageError("--verify reads the destination back; null: cannot be read");
   // Both ends open at once, unless a destination file to create needs the source's size first.
   const dstOpts = { connections, client: opts.client };
-  const together = isNbdUri(dst) || dst === "null:" || dst === "null://";
+  const together = isNbdUri(dst) || isNull(dst);
   const [s, d] = await Promise.allSettled([
     openEndpoint(src, "source", { connections, client: opts.client }),
     together ? openEndpoint(dst, "destination", dstOpts) : undefined,

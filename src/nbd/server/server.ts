@@ -49,7 +49,7 @@ export class NbdServer {
   private readonly servers: net.Server[] = [];
   private readonly defaultName?: string;
   readonly log: (line: string) => void;
-  /** Read buffers, shared by every connection. */
+  /** Buffers for reads and write payloads, shared by every connection. */
   readonly buffers = new BufferPool();
 
   constructor(opts: ServerOptions) {
