@@ -4,8 +4,18 @@
  * /var/lib/nbdmig names a different directory, as on real hosts. A management veth per host lets the
  * root namespace (tests, the demo) reach each agent's API. Everything is torn down by PID and name, also
  * after a crashed run (stale test beds whose owner died are reaped on the next start).
+ *
+ * The VM network: each host has a bridge `br0` (no address), the two bridges are joined by a second veth
+ * pair (`TestHost.bridgeLink` on each side), and a client namespace (`Testbed.clientNetns`, 10.77.0.100/24)
+ * hangs off host a's br0 (`Testbed.clientLink`). A guest tapped into br0 on either host with an address from
+ * `guestAddress(10..99)` is reachable from the client, so a test can watch it across a migration:
+ * - `tb.clientArgv(["curl", ...])`: argv that runs a command in the client namespace;
+ * - `tb.clientGet(url)`: one HTTP GET from the client (curl), never throws: `{ status: 0, error }` when
+ *   unreachable;
+ * - `host.bridgeFdb()`: where br0 in that host believes each MAC lives (`dev`, the port; learned entries
+ *   move from a's tap to `bridgeLink` when a guest moves to b); `host.bridgePorts()`: br0's ports.
  */
-import { execFileSync, spawn, spawnSync } from "node:child_process";
+import { execFile, execFileSync, spawn, spawnSync } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import fs from "node:fs";
 import path from "node:path";
@@ -15,8 +25,31 @@ import { AgentClient, readToken } from "../agent/client.js";
 
 export const HOST_ROOT = "/var/lib/nbdmig";
 export const AGENT_PORT = 7800;
+/** The bridge in each host that guests' taps join. */
+export const BRIDGE = "br0";
+/** The client's address on the guest network (a /24). */
+export const CLIENT_ADDR = "10.77.0.100";
+export const GUEST_PREFIX_LEN = 24;
 const TB_BASE = "/tmp/nbdmig-testbed";
 const cliPath = fileURLToPath(new URL("../cli/main.js", import.meta.url));
+
+/** A guest's address on the guest network, 10.77.0.N for N in 10..99 (add `/${GUEST_PREFIX_LEN}` for nbdmig.ip). */
+export function guestAddress(n: number): string {
+  if (!Number.isInteger(n) || n < 10 || n > 99)
+    throw new Error(`guest addresses are 10.77.0.10-99, not .${n}`);
+  return `10.77.0.${n}`;
+}
+
+/** One entry of a bridge's forwarding database. */
+export interface FdbEntry {
+  mac: string;
+  /** The bridge port. */
+  dev: string;
+  /** "br0" for the bridge's entries; absent for the port device's own ("self") ones, e.g. multicast. */
+  master?: string;
+  /** "permanent" for a port's own addresses; absent for a learned one. */
+  state?: string;
+}
 
 export interface TestbedOptions {
   /** tbf rate for the link between the hosts, e.g. "1gbit" or "200mbit"; unshaped when absent. */
@@ -156,6 +189,44 @@ export class TestHost {
       .map((l) => Number(l.trim().split(/\s+/)[3]!.split(":").pop()));
   }
 
+  /** This host's end of the veth pair that joins the two hosts' bridges. */
+  get bridgeLink(): string {
+    return `${this.tb.id}j${this.name}`;
+  }
+
+  /** br0's forwarding database in this host (`bridge fdb show br br0`), entries on its ports only. */
+  bridgeFdb(): FdbEntry[] {
+    const out = execFileSync(
+      "ip",
+      ["netns", "exec", this.netns, "bridge", "-j", "fdb", "show", "br", BRIDGE],
+      {
+        encoding: "utf8",
+      },
+    );
+    const entries = JSON.parse(out || "[]") as {
+      mac: string;
+      ifname: string;
+      master?: string;
+      state?: string;
+    }[];
+    return entries
+      .filter((e) => e.ifname !== BRIDGE)
+      .map((e) => ({
+        mac: e.mac,
+        dev: e.ifname,
+        ...(e.master ? { master: e.master } : {}),
+        ...(e.state ? { state: e.state } : {}),
+      }));
+  }
+
+  /** Names of br0's ports in this host (taps, the bridge link, the client link on host a). */
+  bridgePorts(): string[] {
+    const out = execFileSync("ip", ["-n", this.netns, "-j", "link", "show", "master", BRIDGE], {
+      encoding: "utf8",
+    });
+    return (JSON.parse(out || "[]") as { ifname: string }[]).map((l) => l.ifname);
+  }
+
   /** QEMU processes running in this host. */
   qemuPids(): number[] {
     return this.pids().filter((p) => {
@@ -189,9 +260,48 @@ export class Testbed {
   get tokenFile(): string {
     return path.join(this.dir, "token");
   }
+  /** The client network namespace, on host a's br0 with CLIENT_ADDR. */
+  get clientNetns(): string {
+    return `${this.id}-c`;
+  }
+  /** Host a's end of the client's veth (a port of a's br0). */
+  get clientLink(): string {
+    return `${this.id}ca`;
+  }
+  /** argv that runs `argv` in the client namespace (network only; the root filesystem). */
+  clientArgv(argv: string[]): string[] {
+    return ["nsenter", `--net=/run/netns/${this.clientNetns}`, "--", ...argv];
+  }
+  /**
+   * GET `url` from the client with curl: the status (0 when no HTTP answer came, `error` then says why) and
+   * the body. Asynchronous, so that a test can poll a guest while it drives a migration.
+   */
+  clientGet(url: string, timeoutMs = 5000): Promise<{ status: number; body: string; error?: string }> {
+    const argv = this.clientArgv([
+      "curl",
+      "-sS",
+      "--max-time",
+      String(timeoutMs / 1000),
+      "-o",
+      "-",
+      "-w",
+      "\n%{http_code}",
+      url,
+    ]);
+    return new Promise((resolve) => {
+      execFile(argv[0]!, argv.slice(1), { encoding: "utf8" }, (err, stdout, stderr) => {
+        const cut = stdout.lastIndexOf("\n");
+        const status = Number(stdout.slice(cut + 1)) || 0;
+        const body = cut >= 0 ? stdout.slice(0, cut) : "";
+        if (status === 0)
+          resolve({ status, body, error: stderr.trim() || (err ? String(err) : "no answer") });
+        else resolve({ status, body });
+      });
+    });
+  }
 
   static async up(opts: TestbedOptions = {}): Promise<Testbed> {
-    requireTools(["ip", "nsenter", "unshare", "tc", "mount"]);
+    requireTools(["ip", "nsenter", "unshare", "tc", "mount", "bridge"]);
     if (process.getuid?.() !== 0) throw new Error("the test bed needs root (network and mount namespaces)");
     reapStale();
     const tb = new Testbed(opts);
@@ -260,6 +370,21 @@ export class Testbed {
         ]);
       }
     }
+    // The guest network: a bridge per host, the bridges joined, the client on a's bridge.
+    for (const h of this.hosts) {
+      inNs(h, "link", "add", BRIDGE, "type", "bridge");
+      inNs(h, "link", "set", BRIDGE, "up");
+    }
+    const veth = (dev: string, ns: string, peer: string, peerNs: string) =>
+      ip("link", "add", dev, "netns", ns, "type", "veth", "peer", "name", peer, "netns", peerNs);
+    veth(a.bridgeLink, a.netns, b.bridgeLink, b.netns);
+    for (const h of this.hosts) inNs(h, "link", "set", h.bridgeLink, "master", BRIDGE, "up");
+    ip("netns", "add", this.clientNetns);
+    veth(this.clientLink, a.netns, "eth0", this.clientNetns);
+    inNs(a, "link", "set", this.clientLink, "master", BRIDGE, "up");
+    ip("-n", this.clientNetns, "addr", "add", `${CLIENT_ADDR}/${GUEST_PREFIX_LEN}`, "dev", "eth0");
+    ip("-n", this.clientNetns, "link", "set", "eth0", "up");
+    ip("-n", this.clientNetns, "link", "set", "lo", "up");
     // Management links from the root namespace.
     for (const h of this.hosts) {
       const rootDev = `${this.id}m${h.name}`;
@@ -330,7 +455,12 @@ export class Testbed {
 }
 
 function teardown(id: string, dir: string): void {
-  for (const h of ["a", "b"]) {
+  // The guest network's veths go with their namespaces; deleting them first also frees them when a process
+  // that outlived the kill still holds a namespace.
+  for (const dev of [`${id}ja`, `${id}ca`]) {
+    spawnSync("ip", ["-n", `${id}-a`, "link", "del", dev], { stdio: "ignore" });
+  }
+  for (const h of ["a", "b", "c"]) {
     const ns = `${id}-${h}`;
     let pids: number[] = [];
     try {
@@ -362,6 +492,7 @@ function teardown(id: string, dir: string): void {
     } catch {
       /* gone */
     }
+    if (h === "c") continue;
     try {
       execFileSync("ip", ["link", "del", `${id}m${h}`], { stdio: "ignore" });
     } catch {
@@ -371,10 +502,17 @@ function teardown(id: string, dir: string): void {
   if (!process.env.NBDMIG_KEEP_TESTBED) fs.rmSync(dir, { recursive: true, force: true });
 }
 
+/** Whether `pid` still runs; a zombie does not (the agent stays one until its parent, maybe us, reaps it). */
 function alive(pid: number): boolean {
   try {
     process.kill(pid, 0);
-    return true;
+  } catch {
+    return false;
+  }
+  try {
+    const stat = fs.readFileSync(`/proc/${pid}/stat`, "utf8");
+    // "PID (COMM) STATE ...", and COMM may itself hold ") ".
+    return stat[stat.lastIndexOf(")") + 2] !== "Z";
   } catch {
     return false;
   }
@@ -404,7 +542,7 @@ export function reapStale(all = false): string[] {
   // Namespaces left without a directory.
   try {
     for (const line of execFileSync("ip", ["netns", "list"], { encoding: "utf8" }).split("\n")) {
-      const m = /^(nbm[0-9a-f]{6})-[ab]\b/.exec(line);
+      const m = /^(nbm[0-9a-f]{6})-[abc]\b/.exec(line);
       if (m && !ids.includes(m[1]!) && !reaped.includes(m[1]!)) {
         teardown(m[1]!, path.join(TB_BASE, m[1]!));
         reaped.push(m[1]!);
