@@ -3,12 +3,17 @@ import fs from "node:fs";
 import path from "node:path";
 import { describe, it } from "node:test";
 import { DomainXmlError } from "../src/errors.js";
-import { buildQemuArgs } from "../src/domain/qemu-args.js";
+import { buildQemuArgs, type HostResources } from "../src/domain/qemu-args.js";
 import { domainToXml, parseDomainXml } from "../src/domain/xml.js";
 import { isMigratableDisk } from "../src/domain/model.js";
 import { repoRoot } from "./helpers/env.js";
 
 const realistic = fs.readFileSync(path.join(repoRoot, "test/fixtures/virsh-dumpxml.xml"), "utf8");
+const testHost: HostResources = {
+  nics: [{ kind: "user" }],
+  channelSocket: (n) => `/run/web01.${n}.sock`,
+  consoleLog: (p) => `/log/web01.console${p}.log`,
+};
 
 describe("domain XML", () => {
   it("accepts what virsh dumpxml prints for an ordinary guest, with warnings for what it ignores", () => {
@@ -34,21 +39,38 @@ describe("domain XML", () => {
     assert.equal(def.disks[1]!.iotune?.write_bytes_sec, 104857600);
     assert.equal(def.disks[1]!.serial, "DATA01");
     assert.equal(def.disks[1]!.detectZeroes, "unmap");
-    assert.deepEqual(def.interfaces, [{ type: "user", mac: "52:54:00:6b:3c:58", model: "virtio" }]);
+    assert.deepEqual(def.interfaces, [
+      { type: "user", mac: "52:54:00:6b:3c:58", model: "virtio", linkDown: false },
+    ]);
+    // Guest-visible devices are honoured, not ignored.
+    assert.deepEqual(def.channels, [{ type: "unix", name: "org.qemu.guest_agent.0" }]);
+    assert.deepEqual(
+      def.inputs.map((i) => `${i.type}/${i.bus}`),
+      ["tablet/usb", "mouse/ps2", "keyboard/ps2"],
+    );
+    assert.deepEqual(def.graphics, [{ type: "vnc", autoport: true, port: 5900, listen: "127.0.0.1" }]);
+    assert.deepEqual(def.videos, [{ model: "virtio", heads: 1, primary: true }]);
+    assert.deepEqual(def.memballoon, {});
+    assert.deepEqual(def.rngs, [{ backend: { model: "random", device: "/dev/urandom" } }]);
+    assert.deepEqual(
+      def.controllers.map((c) => `${c.type}/${c.index}/${c.model ?? ""}`),
+      ["usb/0/qemu-xhci", "pci/0/pcie-root", "scsi/0/virtio-scsi", "sata/0/", "virtio-serial/0/"],
+    );
+    assert.deepEqual(def.clock, {
+      offset: "utc",
+      timers: [
+        { name: "rtc", tickpolicy: "catchup" },
+        { name: "pit", tickpolicy: "delay" },
+        { name: "hpet", present: false },
+      ],
+    });
+    assert.deepEqual(def.pm, { suspendToMem: false, suspendToDisk: false });
+    assert.deepEqual(def.features, { acpi: true, apic: true, pae: false, vmport: "off" });
     assert.deepEqual(
       def.disks.filter(isMigratableDisk).map((d) => d.target),
       ["vda", "vdb"],
     );
-    for (const w of [
-      "devices/controller",
-      "devices/graphics",
-      "devices/video",
-      "devices/memballoon",
-      "devices/channel",
-      "domain/cpu",
-      "domain/clock",
-      "domain/seclabel",
-    ]) {
+    for (const w of ["domain/cpu", "domain/resource", "domain/seclabel"]) {
       assert.ok(
         warnings.some((x) => x.includes(w)),
         `a warning mentions ${w}: ${warnings.join("; ")}`,
@@ -129,8 +151,17 @@ describe("domain XML", () => {
     ],
     [
       "bad bus",
-      base(ok.replace("bus='virtio'", "bus='ide'")),
-      /target\/@bus: 'ide' is not supported; allowed: virtio, scsi, sata/,
+      base(ok.replace("bus='virtio'", "bus='usb'")),
+      /target\/@bus: 'usb' is not supported; allowed: virtio, scsi, sata, ide/,
+    ],
+    [
+      "IDE on q35",
+      base(
+        disk("<source file='/i/a.raw'/><target dev='hda' bus='ide'/>"),
+        "",
+        "<type arch='x86_64' machine='q35'>hvm</type>",
+      ),
+      /a q35 machine has no IDE bus; use bus='sata'/,
     ],
     [
       "target does not fit bus",
@@ -145,9 +176,47 @@ describe("domain XML", () => {
       /a disk \(not a cdrom\) needs a <source>/,
     ],
     [
-      "bridge interface",
-      base("<interface type='bridge'><source bridge='br0'/></interface>"),
-      /interface type 'bridge' is not supported; use type='user'/,
+      "unmanaged tap interface",
+      base("<interface type='ethernet'><target dev='tap9'/></interface>"),
+      /interface\/@type: an unmanaged tap \(type='ethernet'\) cannot be recreated on the destination; use type='bridge'/,
+    ],
+    [
+      "bridge interface without a bridge",
+      base("<interface type='bridge'><model type='virtio'/></interface>"),
+      /interface\/source\/@bridge: a type='bridge' interface needs <source bridge='...'\/>/,
+    ],
+    [
+      "Open vSwitch port",
+      base("<interface type='bridge'><source bridge='ovsbr0'/><virtualport type='openvswitch'/></interface>"),
+      /interface\/virtualport: <virtualport> \(Open vSwitch or 802.1Qbh\) is not supported/,
+    ],
+    [
+      "macvtap not in bridge mode",
+      base("<interface type='direct'><source dev='eth0' mode='vepa'/></interface>"),
+      /interface\/source\/@mode: macvtap mode 'vepa' is not supported; use mode='bridge'/,
+    ],
+    [
+      "a TPM passed through from the host",
+      base("<tpm model='tpm-crb'><backend type='passthrough'><device path='/dev/tpm0'/></backend></tpm>"),
+      /tpm\/backend\/@type: a host TPM \(passthrough\) cannot be migrated; use <backend type='emulator'/,
+    ],
+    [
+      "an unknown device",
+      base("<frobnicator/>"),
+      /devices\/frobnicator: device <frobnicator> is not supported; remove it/,
+    ],
+    [
+      "two devices at one PCI address",
+      base(
+        "<memballoon model='virtio'><address type='pci' bus='0x00' slot='0x05'/></memballoon>" +
+          "<rng model='virtio'><backend model='random'>/dev/urandom</backend><address type='pci' bus='0x00' slot='0x05'/></rng>",
+      ),
+      /PCI address bus 0 slot 5 function 0 is also used by/,
+    ],
+    [
+      "a secondary cirrus card",
+      base("<video><model type='vga' primary='yes'/></video><video><model type='cirrus'/></video>"),
+      /a secondary 'cirrus' card is not supported/,
     ],
     [
       "bad mac",
@@ -155,13 +224,14 @@ describe("domain XML", () => {
       /mac\/@address: 'zz' is not a MAC address/,
     ],
     [
-      "UEFI loader",
-      base(
-        "",
-        "",
-        "<type>hvm</type><loader readonly='yes' type='pflash'>/usr/share/OVMF/OVMF_CODE.fd</loader>",
-      ),
-      /os\/loader: UEFI firmware/,
+      "a relative UEFI loader",
+      base("", "", "<type>hvm</type><loader readonly='yes' type='pflash'>OVMF_CODE.fd</loader>"),
+      /os\/loader: 'OVMF_CODE.fd' must be an absolute path/,
+    ],
+    [
+      "firmware features without firmware='efi'",
+      base("", "", "<type>hvm</type><firmware><feature enabled='no' name='secure-boot'/></firmware>"),
+      /os\/firmware: <firmware> features are for <os firmware='efi'>/,
     ],
     ["non-hvm os", base("", "", "<type>linux</type>"), /os\/type: 'linux' is not supported; only 'hvm'/],
     ["bad uuid", base("", "<uuid>not-a-uuid</uuid>"), /domain\/uuid: 'not-a-uuid' is not a UUID/],
@@ -202,7 +272,12 @@ describe("domain XML", () => {
 
   it("builds -blockdev nodes named after the target and the right devices", () => {
     const { def } = parseDomainXml(realistic);
-    const args = buildQemuArgs(def, { accel: "tcg", qmpSocket: "/run/q.sock", serialLog: "/log/s.log" });
+    const args = buildQemuArgs(def, {
+      accel: "tcg",
+      qmpSocket: "/run/q.sock",
+      serialLog: "/log/s.log",
+      host: testHost,
+    });
     const blockdevs = args.flatMap((a, i) =>
       args[i - 1] === "-blockdev" ? [JSON.parse(a) as Record<string, unknown>] : [],
     );
@@ -228,7 +303,13 @@ describe("domain XML", () => {
     );
     assert.equal(args[args.indexOf("-cpu") + 1], "qemu64");
     assert.ok(!args.includes("-incoming"));
-    const incoming = buildQemuArgs(def, { accel: "kvm", qmpSocket: "/q", serialLog: "/s", incoming: true });
+    const incoming = buildQemuArgs(def, {
+      accel: "kvm",
+      qmpSocket: "/q",
+      serialLog: "/s",
+      incoming: true,
+      host: testHost,
+    });
     assert.deepEqual(incoming.slice(-3), ["-S", "-incoming", "defer"]);
     assert.equal(incoming[incoming.indexOf("-cpu") + 1], "host,arch-capabilities=off");
   });
@@ -236,7 +317,13 @@ describe("domain XML", () => {
   it("the drive layout gives the same nodes a named BlockBackend, with commas in paths escaped", () => {
     const { def } = parseDomainXml(realistic);
     def.disks[0]!.source = "/images/web,01.qcow2";
-    const args = buildQemuArgs(def, { accel: "tcg", qmpSocket: "/q", serialLog: "/s", layout: "drive" });
+    const args = buildQemuArgs(def, {
+      accel: "tcg",
+      qmpSocket: "/q",
+      serialLog: "/s",
+      layout: "drive",
+      host: testHost,
+    });
     assert.ok(!args.includes("-blockdev"));
     const drives = args.flatMap((a, i) => (args[i - 1] === "-drive" ? [a] : []));
     const vda = drives.find((d) => d.includes("id=drive-vda,"))!;

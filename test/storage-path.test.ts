@@ -27,7 +27,14 @@ describe("storage path", () => {
     stream,
     diskLayout: "drive",
   });
-  const src: QemuFeatures = { version: "7.2.22", nbdServer: true, blockMigration: true };
+  const src: QemuFeatures = {
+    version: "7.2.22",
+    nbdServer: true,
+    blockMigration: true,
+    machines: [],
+    devices: [],
+    spice: true,
+  };
   const refusal = (fn: () => unknown, re: RegExp) =>
     assert.throws(fn, (e: unknown) => {
       assert.ok(e instanceof MigrationError);

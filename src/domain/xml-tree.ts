@@ -1,4 +1,5 @@
 /** A minimal element tree over fast-xml-parser's ordered output, with location-aware errors. */
+import { randomBytes } from "node:crypto";
 import { XMLParser, XMLValidator } from "fast-xml-parser";
 import { DomainXmlError } from "../errors.js";
 
@@ -112,4 +113,27 @@ export function escapeXml(s: string): string {
     .replace(/>/g, "&gt;")
     .replace(/"/g, "&quot;")
     .replace(/'/g, "&apos;");
+}
+
+/** A whole number in decimal or, as libvirt writes PCI addresses and ports, 0x-hex. */
+export function parseInteger(text: string, where: string, min: number, max: number): number {
+  if (!/^(\d+|0x[0-9a-f]+)$/i.test(text)) throw new DomainXmlError(where, `'${text}' is not a whole number`);
+  const n = Number(text);
+  if (n < min || n > max) throw new DomainXmlError(where, `${n} is out of range (${min}..${max})`);
+  return n;
+}
+
+/** An on/off or yes/no attribute; `dflt` when absent. */
+export function parseSwitch(el: XmlElement, name: string, dflt?: boolean): boolean | undefined {
+  const v = attr(el, name);
+  if (v === undefined) return dflt;
+  if (v === "on" || v === "yes") return true;
+  if (v === "off" || v === "no") return false;
+  throw new DomainXmlError(`${el.path}/@${name}`, `'${v}' is not valid; use yes/no (or on/off)`);
+}
+
+/** A locally administered address in QEMU's 52:54:00 range, as libvirt generates them. */
+export function generateMac(): string {
+  const b = randomBytes(3);
+  return `52:54:00:${[...b].map((x) => x.toString(16).padStart(2, "0")).join(":")}`;
 }

@@ -1,33 +1,31 @@
 /**
- * libvirt domain XML <-> DomainDef. Accepts what `virsh dumpxml` prints for an ordinary guest: what a
- * headless QEMU can honour is honoured, what does not change the guest or the migration is ignored with a
- * warning, and what would change either is rejected with an error naming the element.
+ * libvirt domain XML <-> DomainDef. Accepts what `virsh dumpxml` prints for an ordinary guest. What the
+ * guest can see is honoured; host-side tuning (CPU pinning, NUMA placement, security labels...) is ignored
+ * with a warning; what nbdmig cannot honour (passthrough, shared filesystems...) is an error naming the
+ * element and saying what to do. Like libvirt, parsing adds the devices libvirt adds itself (a USB
+ * controller, a memory balloon, a virtio-serial controller for channels, a MAC address), so that the
+ * definition written back says exactly what the guest gets.
+ *
+ * This module is pure: what depends on the host (is the machine type known to this QEMU, which firmware
+ * file `firmware='efi'` means) is decided by `resolveForHost` in resolve.ts.
  */
 import { randomUUID } from "node:crypto";
 import { DomainXmlError } from "../errors.js";
-import type {
-  BackingStore,
-  CacheMode,
-  DiskBus,
-  DiskDef,
-  DiskFormat,
-  DomainDef,
-  InterfaceDef,
-  IoTune,
-  LifecycleAction,
-  SerialDef,
-} from "./model.js";
+import type { DomainDef, FirmwareDef, HypervFeature, LifecycleAction } from "./model.js";
+import { parseDevices } from "./xml-devices.js";
 import {
   attr,
   child,
   children,
-  escapeXml,
   oneOf,
+  parseInteger,
+  parseSwitch,
   parseXml,
-  requireAttr,
   requireChild,
   type XmlElement,
 } from "./xml-tree.js";
+
+export { domainToXml } from "./xml-out.js";
 
 export interface ParsedDomain {
   def: DomainDef;
@@ -36,7 +34,6 @@ export interface ParsedDomain {
 
 const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$/;
 const UUID_RE = /^[0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{12}$/i;
-const MAC_RE = /^[0-9a-f]{2}(:[0-9a-f]{2}){5}$/i;
 
 /** libvirt's memory units, as factors to bytes. */
 const UNITS: Record<string, number> = {
@@ -56,12 +53,8 @@ const UNITS: Record<string, number> = {
   TiB: 1024 ** 4,
 };
 
-/** Top-level elements ignored with a warning: they do not change what the guest sees or what moves. */
+/** Top-level elements ignored with a warning: host-side tuning that the guest does not see. */
 const IGNORED_TOP = new Set([
-  "cpu",
-  "clock",
-  "pm",
-  "seclabel",
   "resource",
   "iothreads",
   "blkiotune",
@@ -69,43 +62,43 @@ const IGNORED_TOP = new Set([
   "memoryBacking",
   "numatune",
   "cputune",
-  "sysinfo",
+  "seclabel",
   "keywrap",
-  "launchSecurity",
   "perf",
   "idmap",
-  "genid",
+  "maxMemory",
+  "vcpus",
+  "iothreadids",
+  "throttlegroups",
+  "defaultiothread",
 ]);
-const SILENT_TOP = new Set(["metadata"]);
-const IGNORED_DEVICES = new Set([
-  "emulator",
-  "controller",
-  "memballoon",
-  "input",
-  "graphics",
-  "video",
-  "channel",
-  "sound",
-  "audio",
-  "rng",
-  "redirdev",
-  "watchdog",
-  "panic",
-  "hub",
-  "parallel",
-]);
-/** Devices that would change what the guest sees or what migration must move. */
-const REJECTED_DEVICES: Record<string, string> = {
-  hostdev: "host device passthrough cannot be live-migrated; remove the <hostdev> element",
-  filesystem: "shared filesystems (virtiofs/9p) are not supported; remove the <filesystem> element",
-  tpm: "TPM state is not migrated by nbdmig; remove the <tpm> element",
-  shmem: "shared memory devices cannot be migrated; remove the <shmem> element",
-  smartcard: "smartcard passthrough is not supported; remove the <smartcard> element",
-  memory: "memory hotplug modules are not supported; remove the <memory> device",
-  iommu: "a virtual IOMMU is not supported; remove the <iommu> element",
-  vsock: "vsock devices are not supported; remove the <vsock> element",
-  lease: "disk leases are not supported; remove the <lease> element",
+/** Top-level elements the guest sees that nbdmig cannot give it. */
+const REJECTED_TOP: Record<string, string> = {
+  launchSecurity: "memory encryption (SEV/TDX) guests cannot be migrated by nbdmig; remove <launchSecurity>",
+  sysinfo:
+    "custom SMBIOS tables (<sysinfo>) are not supported; remove <sysinfo> (and <smbios> in <os>) to use QEMU's defaults",
+  genid: "the VM generation ID (<genid>) is not supported; remove the <genid> element",
 };
+const KNOWN_TOP = new Set([
+  "name",
+  "uuid",
+  "title",
+  "description",
+  "metadata",
+  "memory",
+  "currentMemory",
+  "vcpu",
+  "cpu",
+  "os",
+  "features",
+  "clock",
+  "pm",
+  "on_poweroff",
+  "on_reboot",
+  "on_crash",
+  "on_lockfailure",
+  "devices",
+]);
 
 export function parseDomainXml(xml: string): ParsedDomain {
   const root = parseXml(xml, "domain");
@@ -130,18 +123,20 @@ export function parseDomainXml(xml: string): ParsedDomain {
   if (currentMemoryKiB > memoryKiB) {
     throw new DomainXmlError("domain/currentMemory", "must not exceed <memory>");
   }
-  if (currentMemoryKiB !== memoryKiB) {
-    warnings.push("domain/currentMemory: the balloon is not used; the guest gets the full <memory>");
-  }
 
   const vcpuEl = child(root, "vcpu");
-  const vcpus = vcpuEl ? parsePositiveInt(vcpuEl.text, vcpuEl.path, 1, 255) : 1;
-  if (vcpuEl && attr(vcpuEl, "current") !== undefined) {
+  const vcpus = vcpuEl ? parseInteger(vcpuEl.text, vcpuEl.path, 1, 255) : 1;
+  if (vcpuEl && attr(vcpuEl, "current") !== undefined && attr(vcpuEl, "current") !== String(vcpus)) {
     warnings.push("domain/vcpu/@current: vCPU hotplug is not supported; all vCPUs are online");
   }
+  if (vcpuEl && attr(vcpuEl, "cpuset") !== undefined)
+    warnings.push("domain/vcpu/@cpuset: host CPU pinning is ignored");
 
-  const os = parseOs(requireChild(root, "os"), warnings);
-  const features = child(root, "features")?.children.map((c) => c.name) ?? [];
+  for (const el of root.children) {
+    if (REJECTED_TOP[el.name]) throw new DomainXmlError(`domain/${el.name}`, REJECTED_TOP[el.name]!);
+    if (IGNORED_TOP.has(el.name)) warnings.push(`domain/${el.name}: ignored (host-side tuning)`);
+    else if (!KNOWN_TOP.has(el.name)) warnings.push(`domain/${el.name}: unknown element ignored`);
+  }
 
   const lifecycle = (el: string, dflt: LifecycleAction): LifecycleAction => {
     const e = child(root, el);
@@ -160,49 +155,8 @@ export function parseDomainXml(xml: string): ParsedDomain {
     return e.text as LifecycleAction;
   };
 
-  const disks: DiskDef[] = [];
-  const interfaces: InterfaceDef[] = [];
-  const serials: SerialDef[] = [];
-  let console = false;
-  const devices = child(root, "devices");
-  for (const dev of devices?.children ?? []) {
-    if (dev.name === "disk") disks.push(parseDisk(dev, warnings));
-    else if (dev.name === "interface") interfaces.push(parseInterface(dev));
-    else if (dev.name === "serial") serials.push(parseSerial(dev, warnings));
-    else if (dev.name === "console") console = true;
-    else if (REJECTED_DEVICES[dev.name]) throw new DomainXmlError(dev.path, REJECTED_DEVICES[dev.name]!);
-    else if (IGNORED_DEVICES.has(dev.name))
-      warnings.push(`${dev.path}: ignored (not needed by a headless QEMU)`);
-    else warnings.push(`${dev.path}: unknown device ignored`);
-  }
-  checkDisks(disks);
-  if (serials.length > 1) warnings.push("domain/devices/serial: only the first serial port is connected");
-
-  for (const el of root.children) {
-    if (IGNORED_TOP.has(el.name)) warnings.push(`domain/${el.name}: ignored`);
-    else if (
-      !SILENT_TOP.has(el.name) &&
-      ![
-        "name",
-        "uuid",
-        "title",
-        "description",
-        "memory",
-        "currentMemory",
-        "vcpu",
-        "os",
-        "features",
-        "on_poweroff",
-        "on_reboot",
-        "on_crash",
-        "devices",
-      ].includes(el.name)
-    ) {
-      warnings.push(`domain/${el.name}: unknown element ignored`);
-    }
-  }
-
-  const def: DomainDef = {
+  const os = parseOs(requireChild(root, "os"), warnings);
+  const partial = {
     type,
     name,
     uuid,
@@ -211,29 +165,34 @@ export function parseDomainXml(xml: string): ParsedDomain {
     memoryKiB,
     currentMemoryKiB,
     vcpus,
+    cpu: parseCpu(child(root, "cpu"), vcpus, warnings),
     os,
-    features,
+    features: parseFeatures(child(root, "features"), warnings),
+    clock: parseClock(child(root, "clock"), warnings),
+    pm: parsePm(child(root, "pm")),
     onPoweroff: lifecycle("on_poweroff", "destroy"),
     onReboot: lifecycle("on_reboot", "restart"),
     onCrash: lifecycle("on_crash", "destroy"),
-    disks,
-    interfaces,
-    serials,
-    console,
   };
+  const devices = parseDevices(child(root, "devices"), partial, warnings);
+  const def = dropUndefined({ ...partial, ...devices } as DomainDef);
   return { def, warnings };
+}
+
+/** Removes keys whose value is undefined, so that equal definitions compare equal however they were made. */
+function dropUndefined<T>(v: T): T {
+  if (Array.isArray(v)) return v.map(dropUndefined) as T;
+  if (v !== null && typeof v === "object") {
+    const out: Record<string, unknown> = {};
+    for (const [k, x] of Object.entries(v)) if (x !== undefined) out[k] = dropUndefined(x);
+    return out as T;
+  }
+  return v;
 }
 
 function normaliseUuid(u: string): string {
   const h = u.replace(/-/g, "").toLowerCase();
   return `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20)}`;
-}
-
-function parsePositiveInt(text: string, where: string, min: number, max: number): number {
-  if (!/^\d+$/.test(text)) throw new DomainXmlError(where, `'${text}' is not a whole number`);
-  const n = Number(text);
-  if (n < min || n > max) throw new DomainXmlError(where, `${n} is out of range (${min}..${max})`);
-  return n;
 }
 
 function parseMemory(el: XmlElement): number {
@@ -252,6 +211,38 @@ function parseMemory(el: XmlElement): number {
   return kib;
 }
 
+function parseCpu(el: XmlElement | undefined, vcpus: number, warnings: string[]): DomainDef["cpu"] {
+  if (!el) return undefined;
+  if (child(el, "numa")) {
+    throw new DomainXmlError(
+      `${el.path}/numa`,
+      "guest NUMA topology is not supported; remove the <numa> element",
+    );
+  }
+  const mode = attr(el, "mode");
+  if (mode !== undefined || child(el, "model") || child(el, "feature")) {
+    warnings.push(
+      `${el.path}: the CPU model is chosen by nbdmig so that every host can run the guest (KVM: host, TCG: qemu64); mode/model/features ignored`,
+    );
+  }
+  const topo = child(el, "topology");
+  if (!topo) return {};
+  const n = (a: string, d: number) => {
+    const v = attr(topo, a);
+    return v === undefined ? d : parseInteger(v, `${topo.path}/@${a}`, 1, 255);
+  };
+  const t = { sockets: n("sockets", 1), dies: n("dies", 1), cores: n("cores", 1), threads: n("threads", 1) };
+  if (t.sockets * t.dies * t.cores * t.threads !== vcpus) {
+    throw new DomainXmlError(
+      topo.path,
+      `sockets × dies × cores × threads = ${t.sockets * t.dies * t.cores * t.threads}, but <vcpu> is ${vcpus}; make them agree`,
+    );
+  }
+  return { topology: t };
+}
+
+const MACHINE_RE = /^[a-z0-9][a-z0-9._-]*$/i;
+
 function parseOs(el: XmlElement, warnings: string[]): DomainDef["os"] {
   const typeEl = requireChild(el, "type");
   if (typeEl.text !== "hvm") {
@@ -264,23 +255,29 @@ function parseOs(el: XmlElement, warnings: string[]): DomainDef["os"] {
   if (arch !== "x86_64")
     throw new DomainXmlError(`${typeEl.path}/@arch`, `'${arch}' is not supported; allowed: x86_64`);
   const machine = attr(typeEl, "machine");
-  if (machine !== undefined && !/^(pc|q35|pc-(q35|i440fx)-[0-9.]+)$/.test(machine)) {
-    throw new DomainXmlError(
-      `${typeEl.path}/@machine`,
-      `'${machine}' is not supported; use pc, q35, or a versioned pc-q35-X.Y / pc-i440fx-X.Y`,
-    );
-  }
-  const loader = child(el, "loader");
-  if (loader) {
-    throw new DomainXmlError(
-      loader.path,
-      "UEFI firmware (<loader>/<nvram>) is not supported; remove them to boot with the default BIOS",
-    );
+  if (machine !== undefined && !MACHINE_RE.test(machine)) {
+    throw new DomainXmlError(`${typeEl.path}/@machine`, `'${machine}' is not a machine type name`);
   }
   const boot: DomainDef["os"]["boot"] = [];
   for (const b of children(el, "boot")) boot.push(oneOf(b, "dev", ["hd", "cdrom", "network"] as const));
+  if (children(el, "boot").some((b) => attr(b, "dev") === "fd"))
+    throw new DomainXmlError(`${el.path}/boot`, "floppy boot is not supported");
+  let bootmenu: DomainDef["os"]["bootmenu"];
+  const bm = child(el, "bootmenu");
+  if (bm) {
+    const timeout = attr(bm, "timeout");
+    bootmenu = {
+      enable: parseSwitch(bm, "enable", false)!,
+      timeoutMs: timeout !== undefined ? parseInteger(timeout, `${bm.path}/@timeout`, 0, 65535) : undefined,
+    };
+  }
   for (const c of el.children) {
-    if (["bootmenu", "smbios", "bios", "acpi"].includes(c.name)) warnings.push(`${c.path}: ignored`);
+    if (c.name === "smbios")
+      throw new DomainXmlError(c.path, "custom SMBIOS modes are not supported; remove <smbios>");
+    if (c.name === "bios" || c.name === "acpi" || c.name === "initarg" || c.name === "init")
+      warnings.push(`${c.path}: ignored`);
+    if (c.name === "dtb")
+      throw new DomainXmlError(c.path, "a device tree is not used on x86_64; remove <dtb>");
   }
   const kernel = child(el, "kernel")?.text || undefined;
   const initrd = child(el, "initrd")?.text || undefined;
@@ -288,345 +285,204 @@ function parseOs(el: XmlElement, warnings: string[]): DomainDef["os"] {
   if ((initrd || cmdline) && !kernel) {
     throw new DomainXmlError(`${el.path}/kernel`, "<initrd> and <cmdline> need a <kernel>");
   }
-  return { arch, machine, kernel, initrd, cmdline, boot };
-}
-
-function parseDisk(el: XmlElement, warnings: string[]): DiskDef {
-  const type = attr(el, "type");
-  if (type !== "file" && type !== "block") {
-    throw new DomainXmlError(
-      `${el.path}/@type`,
-      `disk type '${type ?? ""}' is not supported; allowed: file, block (network and volume disks cannot be copied by nbdmig)`,
-    );
-  }
-  const device = oneOf(el, "device", ["disk", "cdrom"] as const, "disk");
-  const targetEl = requireChild(el, "target");
-  const target = requireAttr(targetEl, "dev");
-  const where = `${el.path}[target=${target}]`;
-  rebase(el, el.path, where);
-  const driver = child(el, "driver");
-  let format: DiskFormat = "raw";
-  let cache: CacheMode | undefined;
-  let discard: DiskDef["discard"];
-  let detectZeroes: DiskDef["detectZeroes"];
-  if (driver) {
-    const name = attr(driver, "name") ?? "qemu";
-    if (name !== "qemu")
-      throw new DomainXmlError(`${where}/driver/@name`, `'${name}' is not supported; allowed: qemu`);
-    format = oneOf(driver, "type", ["raw", "qcow2"] as const, "raw");
-    cache =
-      attr(driver, "cache") !== undefined
-        ? oneOf(driver, "cache", [
-            "default",
-            "none",
-            "writethrough",
-            "writeback",
-            "directsync",
-            "unsafe",
-          ] as const)
-        : undefined;
-    discard =
-      attr(driver, "discard") !== undefined
-        ? oneOf(driver, "discard", ["unmap", "ignore"] as const)
-        : undefined;
-    detectZeroes =
-      attr(driver, "detect_zeroes") !== undefined
-        ? oneOf(driver, "detect_zeroes", ["off", "on", "unmap"] as const)
-        : undefined;
-    for (const a of Object.keys(driver.attrs)) {
-      if (!["name", "type", "cache", "discard", "detect_zeroes"].includes(a))
-        warnings.push(`${where}/driver/@${a}: ignored`);
-    }
-  }
-  const sourceEl = child(el, "source");
-  const source = sourceEl ? (type === "file" ? attr(sourceEl, "file") : attr(sourceEl, "dev")) : undefined;
-  if (sourceEl && source === undefined) {
-    throw new DomainXmlError(
-      `${where}/source/@${type === "file" ? "file" : "dev"}`,
-      `a ${type} disk names its source in '${type === "file" ? "file" : "dev"}'`,
-    );
-  }
-  if (source !== undefined && !source.startsWith("/")) {
-    throw new DomainXmlError(`${where}/source`, `'${source}' must be an absolute path`);
-  }
-  if (source === undefined && device === "disk") {
-    throw new DomainXmlError(`${where}/source`, "a disk (not a cdrom) needs a <source>");
-  }
-  const bus = oneOf(
-    targetEl,
-    "bus",
-    ["virtio", "scsi", "sata"] as const,
-    target.startsWith("vd") ? "virtio" : undefined,
-  );
-  const prefix = bus === "virtio" ? "vd" : "sd";
-  if (!new RegExp(`^${prefix}[a-z]{1,2}$`).test(target)) {
-    throw new DomainXmlError(
-      `${where}/target/@dev`,
-      `'${target}' does not fit bus '${bus}'; use ${prefix}a, ${prefix}b, ...`,
-    );
-  }
-  if (bus === "virtio" && device === "cdrom") {
-    throw new DomainXmlError(
-      `${where}/target/@bus`,
-      "a cdrom cannot be on the virtio bus; use bus='sata' or 'scsi'",
-    );
-  }
-  const bootEl = child(el, "boot");
-  const disk: DiskDef = {
-    type,
-    device,
-    format,
-    cache,
-    discard,
-    detectZeroes,
-    source,
-    backingChain: parseBackingChain(el, where),
-    target,
-    bus: bus as DiskBus,
-    readonly: child(el, "readonly") !== undefined || device === "cdrom",
-    shareable: child(el, "shareable") !== undefined,
-    serial: child(el, "serial")?.text || undefined,
-    bootOrder: bootEl
-      ? parsePositiveInt(requireAttr(bootEl, "order"), `${where}/boot/@order`, 1, 999)
-      : undefined,
-    iotune: parseIoTune(child(el, "iotune"), where),
+  return {
+    arch,
+    machine,
+    kernel,
+    initrd,
+    cmdline,
+    boot,
+    bootmenu,
+    firmware: parseFirmware(el),
   };
+}
+
+function parseFirmware(os: XmlElement): FirmwareDef {
+  const fw: FirmwareDef = {};
+  const auto = attr(os, "firmware");
+  if (auto !== undefined) fw.auto = oneOf(os, "firmware", ["efi", "bios"] as const);
+  const feats = child(os, "firmware");
+  if (feats) {
+    if (fw.auto !== "efi") {
+      throw new DomainXmlError(
+        feats.path,
+        "<firmware> features are for <os firmware='efi'>; add it or remove them",
+      );
+    }
+    fw.features = {};
+    for (const f of children(feats, "feature")) {
+      const name = attr(f, "name");
+      const on = parseSwitch(f, "enabled");
+      if (on === undefined) throw new DomainXmlError(`${f.path}/@enabled`, "missing; use yes or no");
+      if (name === "secure-boot") fw.features.secureBoot = on;
+      else if (name === "enrolled-keys") fw.features.enrolledKeys = on;
+      else
+        throw new DomainXmlError(
+          `${f.path}/@name`,
+          `firmware feature '${name ?? ""}' is not supported; allowed: secure-boot, enrolled-keys`,
+        );
+    }
+  }
+  const loader = child(os, "loader");
+  if (loader) {
+    const type = oneOf(loader, "type", ["pflash", "rom"] as const, "pflash");
+    const secure = parseSwitch(loader, "secure", false)!;
+    if (loader.text) {
+      if (!loader.text.startsWith("/"))
+        throw new DomainXmlError(loader.path, `'${loader.text}' must be an absolute path`);
+      const format = oneOf(loader, "format", ["raw", "qcow2"] as const, "raw");
+      fw.loader = {
+        path: loader.text,
+        readonly: parseSwitch(loader, "readonly", type === "rom")!,
+        type,
+        secure,
+        ...(format === "qcow2" ? { format } : {}),
+      };
+      if (format === "qcow2" && type === "rom")
+        throw new DomainXmlError(`${loader.path}/@format`, "a ROM firmware is a raw image");
+      if (fw.loader.type === "pflash" && !fw.loader.readonly) {
+        throw new DomainXmlError(
+          `${loader.path}/@readonly`,
+          "a writable firmware image is not supported; use readonly='yes' with a separate <nvram>",
+        );
+      }
+    } else if (fw.auto === "efi") {
+      // `<loader secure='yes'/>` without a path: a hint for the automatic choice, as libvirt takes it.
+      if (secure) fw.features = { ...fw.features, secureBoot: fw.features?.secureBoot ?? true };
+    } else {
+      throw new DomainXmlError(
+        loader.path,
+        "<loader> needs the firmware's path (or use <os firmware='efi'>)",
+      );
+    }
+    if (parseSwitch(loader, "stateless", false))
+      throw new DomainXmlError(`${loader.path}/@stateless`, "stateless firmware is not supported");
+  }
+  const nvram = child(os, "nvram");
+  if (nvram) {
+    if (!fw.loader && fw.auto !== "efi") {
+      throw new DomainXmlError(nvram.path, "<nvram> needs a <loader> (or <os firmware='efi'>)");
+    }
+    if (nvram.children.length > 0 || attr(nvram, "type") !== undefined) {
+      throw new DomainXmlError(nvram.path, "only a local NVRAM file is supported; give its path as the text");
+    }
+    const template = attr(nvram, "template");
+    if (nvram.text && !nvram.text.startsWith("/"))
+      throw new DomainXmlError(nvram.path, `'${nvram.text}' must be an absolute path`);
+    if (template !== undefined && !template.startsWith("/"))
+      throw new DomainXmlError(`${nvram.path}/@template`, `'${template}' must be an absolute path`);
+    const format = oneOf(nvram, "format", ["raw", "qcow2"] as const, "raw");
+    const tformat = oneOf(nvram, "templateFormat", ["raw", "qcow2"] as const, format);
+    if (tformat !== format)
+      throw new DomainXmlError(
+        `${nvram.path}/@templateFormat`,
+        "the NVRAM and its template must have the same format",
+      );
+    if (nvram.text || template)
+      fw.nvram = { path: nvram.text, template, ...(format === "qcow2" ? { format } : {}) };
+  }
+  if (fw.loader?.type === "rom" && fw.nvram)
+    throw new DomainXmlError(nvram!.path, "a ROM firmware (<loader type='rom'>) has no NVRAM");
+  return fw;
+}
+
+function parseFeatures(el: XmlElement | undefined, warnings: string[]): DomainDef["features"] {
+  const f: DomainDef["features"] = { acpi: false, apic: false, pae: false };
+  if (!el) return f;
   for (const c of el.children) {
-    if (["address", "alias"].includes(c.name)) continue;
-    if (
-      ![
-        "driver",
-        "source",
-        "target",
-        "readonly",
-        "shareable",
-        "serial",
-        "boot",
-        "iotune",
-        "backingStore",
-      ].includes(c.name)
-    ) {
-      warnings.push(`${where}/${c.name}: ignored`);
+    switch (c.name) {
+      case "acpi":
+      case "apic":
+      case "pae":
+        f[c.name] = true;
+        break;
+      case "vmport":
+      case "smm": {
+        const on = parseSwitch(c, "state", true)!;
+        f[c.name] = on ? "on" : "off";
+        break;
+      }
+      case "hyperv":
+        f.hyperv = parseHyperv(c);
+        break;
+      case "kvm":
+        for (const k of c.children) {
+          if (k.name === "hidden") f.kvmHidden = parseSwitch(k, "state", true);
+          else warnings.push(`${k.path}: ignored`);
+        }
+        break;
+      case "vmcoreinfo":
+      case "ioapic":
+      case "msrs":
+      case "pmu":
+      case "pvspinlock":
+      case "privnet":
+      case "hap":
+      case "viridian":
+        warnings.push(`${c.path}: ignored (a host-side or hypervisor tuning)`);
+        break;
+      default:
+        warnings.push(`${c.path}: unknown feature ignored`);
     }
   }
-  return disk;
+  return f;
 }
 
-/** Renames an element's path (and its children's) so errors say which disk, e.g. disk[target=vdb]. */
-function rebase(el: XmlElement, from: string, to: string): void {
-  el.path = to + el.path.slice(from.length);
-  for (const c of el.children) rebase(c, from, to);
-}
-
-function parseBackingChain(disk: XmlElement, where: string): BackingStore[] {
-  const chain: BackingStore[] = [];
-  let cur = child(disk, "backingStore");
-  let path = `${where}/backingStore`;
-  while (cur && cur.children.length > 0) {
-    const type = oneOf(cur, "type", ["file", "block"] as const);
-    const fmt = child(cur, "format");
-    const format = fmt ? oneOf(fmt, "type", ["raw", "qcow2"] as const) : "raw";
-    const src = requireChild(cur, "source");
-    const source = type === "file" ? attr(src, "file") : attr(src, "dev");
-    if (!source) throw new DomainXmlError(`${path}/source`, "missing the backing file's path");
-    chain.push({ type, format, source });
-    cur = child(cur, "backingStore");
-    path += "/backingStore";
+function parseHyperv(el: XmlElement): HypervFeature[] {
+  const mode = attr(el, "mode") ?? "custom";
+  if (mode !== "custom") {
+    throw new DomainXmlError(
+      `${el.path}/@mode`,
+      `hyperv mode '${mode}' is not supported (the features must be the same on every host); list them with mode='custom'`,
+    );
   }
-  return chain;
-}
-
-const IOTUNE_KEYS = [
-  "total_bytes_sec",
-  "read_bytes_sec",
-  "write_bytes_sec",
-  "total_iops_sec",
-  "read_iops_sec",
-  "write_iops_sec",
-] as const;
-
-function parseIoTune(el: XmlElement | undefined, where: string): IoTune | undefined {
-  if (!el) return undefined;
-  const t: IoTune = {};
+  const out: HypervFeature[] = [];
   for (const c of el.children) {
-    if (!(IOTUNE_KEYS as readonly string[]).includes(c.name)) {
-      throw new DomainXmlError(
-        `${where}/iotune/${c.name}`,
-        `not supported; allowed: ${IOTUNE_KEYS.join(", ")}`,
-      );
-    }
-    t[c.name as keyof IoTune] = parsePositiveInt(
-      c.text,
-      `${where}/iotune/${c.name}`,
-      0,
-      Number.MAX_SAFE_INTEGER,
-    );
+    const state = parseSwitch(c, "state", true)! ? "on" : "off";
+    const value =
+      c.name === "spinlocks" ? attr(c, "retries") : c.name === "vendor_id" ? attr(c, "value") : undefined;
+    out.push({ name: c.name, state, ...(value !== undefined ? { value } : {}) });
+    if (c.name === "stimer" && child(c, "direct"))
+      out.push({
+        name: "stimer-direct",
+        state: parseSwitch(child(c, "direct")!, "state", true) ? "on" : "off",
+      });
   }
-  if (t.total_bytes_sec && (t.read_bytes_sec || t.write_bytes_sec)) {
-    throw new DomainXmlError(
-      `${where}/iotune`,
-      "total_bytes_sec cannot be combined with read_bytes_sec or write_bytes_sec",
-    );
-  }
-  if (t.total_iops_sec && (t.read_iops_sec || t.write_iops_sec)) {
-    throw new DomainXmlError(
-      `${where}/iotune`,
-      "total_iops_sec cannot be combined with read_iops_sec or write_iops_sec",
-    );
-  }
-  return t;
-}
-
-function checkDisks(disks: DiskDef[]): void {
-  const seen = new Set<string>();
-  for (const d of disks) {
-    if (seen.has(d.target)) {
-      throw new DomainXmlError(
-        `domain/devices/disk[target=${d.target}]`,
-        `target '${d.target}' is used twice`,
-      );
-    }
-    seen.add(d.target);
-  }
-  const sata = disks.filter((d) => d.bus === "sata");
-  for (const d of sata) {
-    if (diskIndex(d.target) > 5) {
-      throw new DomainXmlError(
-        `domain/devices/disk[target=${d.target}]/target`,
-        "SATA has 6 ports (sda..sdf)",
-      );
-    }
-  }
-}
-
-/** sda -> 0, sdb -> 1, ..., sdz -> 25, sdaa -> 26. */
-export function diskIndex(target: string): number {
-  const letters = target.slice(2);
-  let n = 0;
-  for (const ch of letters) n = n * 26 + (ch.charCodeAt(0) - 96);
-  return n - 1;
-}
-
-function parseInterface(el: XmlElement): InterfaceDef {
-  const type = attr(el, "type");
-  if (type !== "user") {
-    throw new DomainXmlError(
-      `${el.path}/@type`,
-      `interface type '${type ?? ""}' is not supported; use type='user' (QEMU's user-mode network) or remove the interface`,
-    );
-  }
-  const macEl = child(el, "mac");
-  const mac = macEl ? requireAttr(macEl, "address") : undefined;
-  if (mac !== undefined && !MAC_RE.test(mac))
-    throw new DomainXmlError(`${el.path}/mac/@address`, `'${mac}' is not a MAC address`);
-  const modelEl = child(el, "model");
-  const model = modelEl
-    ? oneOf(modelEl, "type", ["virtio", "e1000", "e1000e", "rtl8139"] as const)
-    : "virtio";
-  return { type: "user", mac: mac?.toLowerCase(), model };
-}
-
-function parseSerial(el: XmlElement, warnings: string[]): SerialDef {
-  const type = attr(el, "type") ?? "pty";
-  const target = child(el, "target");
-  const port =
-    target && attr(target, "port") !== undefined
-      ? parsePositiveInt(attr(target, "port")!, `${el.path}/target/@port`, 0, 3)
-      : 0;
-  if (type !== "pty" && type !== "file") {
-    warnings.push(`${el.path}: serial type '${type}' is served as a log file (see 'nbdmig console')`);
-  }
-  return { type, port };
-}
-
-// ---------------------------------------------------------------------------------------------------------
-
-/** The domain as libvirt-style XML. */
-export function domainToXml(def: DomainDef): string {
-  const e = escapeXml;
-  const out: string[] = [];
-  out.push(`<domain type='${def.type}'>`);
-  out.push(`  <name>${e(def.name)}</name>`);
-  out.push(`  <uuid>${def.uuid}</uuid>`);
-  if (def.title) out.push(`  <title>${e(def.title)}</title>`);
-  if (def.description) out.push(`  <description>${e(def.description)}</description>`);
-  out.push(`  <memory unit='KiB'>${def.memoryKiB}</memory>`);
-  out.push(`  <currentMemory unit='KiB'>${def.currentMemoryKiB}</currentMemory>`);
-  out.push(`  <vcpu placement='static'>${def.vcpus}</vcpu>`);
-  out.push("  <os>");
-  out.push(
-    `    <type arch='${def.os.arch}'${def.os.machine ? ` machine='${e(def.os.machine)}'` : ""}>hvm</type>`,
-  );
-  if (def.os.kernel) out.push(`    <kernel>${e(def.os.kernel)}</kernel>`);
-  if (def.os.initrd) out.push(`    <initrd>${e(def.os.initrd)}</initrd>`);
-  if (def.os.cmdline) out.push(`    <cmdline>${e(def.os.cmdline)}</cmdline>`);
-  for (const b of def.os.boot) out.push(`    <boot dev='${b}'/>`);
-  out.push("  </os>");
-  if (def.features.length) {
-    out.push("  <features>");
-    for (const f of def.features) out.push(`    <${f}/>`);
-    out.push("  </features>");
-  }
-  out.push(`  <on_poweroff>${def.onPoweroff}</on_poweroff>`);
-  out.push(`  <on_reboot>${def.onReboot}</on_reboot>`);
-  out.push(`  <on_crash>${def.onCrash}</on_crash>`);
-  out.push("  <devices>");
-  for (const d of def.disks) out.push(...diskXml(d));
-  for (const i of def.interfaces) {
-    out.push("    <interface type='user'>");
-    if (i.mac) out.push(`      <mac address='${i.mac}'/>`);
-    out.push(`      <model type='${i.model}'/>`);
-    out.push("    </interface>");
-  }
-  for (const s of def.serials) {
-    out.push(`    <serial type='${e(s.type)}'>`);
-    out.push(`      <target port='${s.port}'/>`);
-    out.push("    </serial>");
-  }
-  if (def.console) {
-    out.push(`    <console type='${e(def.serials[0]?.type ?? "pty")}'>`);
-    out.push("      <target type='serial' port='0'/>");
-    out.push("    </console>");
-  }
-  out.push("  </devices>");
-  out.push("</domain>");
-  return out.join("\n") + "\n";
-}
-
-function diskXml(d: DiskDef): string[] {
-  const e = escapeXml;
-  const out: string[] = [];
-  out.push(`    <disk type='${d.type}' device='${d.device}'>`);
-  let drv = `      <driver name='qemu' type='${d.format}'`;
-  if (d.cache) drv += ` cache='${d.cache}'`;
-  if (d.discard) drv += ` discard='${d.discard}'`;
-  if (d.detectZeroes) drv += ` detect_zeroes='${d.detectZeroes}'`;
-  out.push(drv + "/>");
-  if (d.source !== undefined)
-    out.push(`      <source ${d.type === "file" ? "file" : "dev"}='${e(d.source)}'/>`);
-  let indent = "      ";
-  for (const b of d.backingChain) {
-    out.push(`${indent}<backingStore type='${b.type}'>`);
-    out.push(`${indent}  <format type='${b.format}'/>`);
-    out.push(`${indent}  <source ${b.type === "file" ? "file" : "dev"}='${e(b.source)}'/>`);
-    indent += "  ";
-  }
-  for (let i = d.backingChain.length; i > 0; i--) {
-    indent = indent.slice(2);
-    out.push(`${indent}</backingStore>`);
-  }
-  out.push(`      <target dev='${d.target}' bus='${d.bus}'/>`);
-  if (d.iotune) {
-    out.push("      <iotune>");
-    for (const k of IOTUNE_KEYS)
-      if (d.iotune[k] !== undefined) out.push(`        <${k}>${d.iotune[k]}</${k}>`);
-    out.push("      </iotune>");
-  }
-  if (d.bootOrder !== undefined) out.push(`      <boot order='${d.bootOrder}'/>`);
-  if (d.readonly && d.device !== "cdrom") out.push("      <readonly/>");
-  if (d.device === "cdrom") out.push("      <readonly/>");
-  if (d.shareable) out.push("      <shareable/>");
-  if (d.serial) out.push(`      <serial>${e(d.serial)}</serial>`);
-  out.push("    </disk>");
   return out;
+}
+
+function parseClock(el: XmlElement | undefined, warnings: string[]): DomainDef["clock"] {
+  if (!el) return { offset: "utc", timers: [] };
+  const offset = attr(el, "offset") ?? "utc";
+  if (offset !== "utc" && offset !== "localtime") {
+    throw new DomainXmlError(
+      `${el.path}/@offset`,
+      `clock offset '${offset}' is not supported; use utc or localtime`,
+    );
+  }
+  const timers: DomainDef["clock"]["timers"] = [];
+  for (const t of children(el, "timer")) {
+    const name = attr(t, "name");
+    if (!name) throw new DomainXmlError(`${t.path}/@name`, "missing required attribute 'name'");
+    const present = parseSwitch(t, "present");
+    const tickpolicy = attr(t, "tickpolicy");
+    timers.push({
+      name,
+      ...(present !== undefined ? { present } : {}),
+      ...(tickpolicy !== undefined ? { tickpolicy } : {}),
+    });
+    if (!["rtc", "pit", "hpet", "kvmclock", "hypervclock", "tsc"].includes(name))
+      warnings.push(`${t.path}: timer '${name}' ignored`);
+  }
+  return { offset, timers };
+}
+
+function parsePm(el: XmlElement | undefined): DomainDef["pm"] {
+  const pm: DomainDef["pm"] = {};
+  if (!el) return pm;
+  const mem = child(el, "suspend-to-mem");
+  const disk = child(el, "suspend-to-disk");
+  if (mem) pm.suspendToMem = parseSwitch(mem, "enabled");
+  if (disk) pm.suspendToDisk = parseSwitch(disk, "enabled");
+  return pm;
 }

@@ -15,11 +15,17 @@ export interface Launched {
 /**
  * Spawns QEMU in its own session (so an agent restart does not take it down), stdout/stderr appended to
  * `logFile`, and connects to its QMP socket. If QEMU exits first, the error carries QEMU's own message.
+ * `passFds` are inherited by QEMU as descriptors 3, 4, ... (macvtap queues), in that order.
  */
-export async function launchQemu(args: string[], qmpSocket: string, logFile: string): Promise<Launched> {
+export async function launchQemu(
+  args: string[],
+  qmpSocket: string,
+  logFile: string,
+  passFds: number[] = [],
+): Promise<Launched> {
   fs.rmSync(qmpSocket, { force: true });
   const fd = fs.openSync(logFile, "a");
-  const child = spawn(qemuBinary(), args, { detached: true, stdio: ["ignore", fd, fd] });
+  const child = spawn(qemuBinary(), args, { detached: true, stdio: ["ignore", fd, fd, ...passFds] });
   fs.closeSync(fd);
   const exited = new Promise<never>((_, reject) => {
     child.once("error", (err) =>
@@ -75,6 +81,7 @@ let kvmProbe: Promise<{ usable: boolean; reason: string }> | undefined;
 export function askQemu(
   args: string[],
   commands: string[],
+  commandArgs: Record<string, Record<string, unknown>> = {},
 ): Promise<{ answers: Map<string, unknown>; stderr: string; error?: string }> {
   return new Promise((resolve) => {
     const child = spawn(qemuBinary(), [...args, "-S", "-qmp", "stdio"], { stdio: ["pipe", "pipe", "pipe"] });
@@ -86,7 +93,11 @@ export function askQemu(
     child.stdin.on("error", () => undefined);
     child.stdin.write(
       ["qmp_capabilities", ...commands, "quit"]
-        .map((c) => JSON.stringify({ execute: c, id: c }) + "\n")
+        .map(
+          (c) =>
+            JSON.stringify({ execute: c, id: c, ...(commandArgs[c] ? { arguments: commandArgs[c] } : {}) }) +
+            "\n",
+        )
         .join(""),
     );
     child.on("error", (e) => {
