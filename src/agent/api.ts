@@ -4,11 +4,12 @@
  */
 import os from "node:os";
 import { UsageError } from "../errors.js";
-import { domainToXml, parseDomainXml } from "../domain/xml.js";
+import { domainToXml } from "../domain/xml.js";
 import type { DiskLayout } from "../domain/qemu-args.js";
 import { probeQemuFeatures } from "../qemu/features.js";
 import { probeKvm } from "../qemu/launcher.js";
 import type { DomainRegistry } from "./domains.js";
+import { listBridges, listLinks } from "./network.js";
 import { Router, str } from "./http.js";
 
 import { VERSION } from "../version.js";
@@ -19,6 +20,14 @@ export interface HostFacts {
   listen: string;
   accel: string;
   nbd: boolean;
+}
+
+/** What a guest's interfaces can attach to here; Begin checks a destination's answer. */
+export interface NetworkFacts {
+  bridges: string[];
+  /** libvirt network name -> bridge. */
+  networks: Record<string, string>;
+  links: string[];
 }
 
 /** What this host can offer a storage migration; Begin asks it of the destination. */
@@ -83,6 +92,8 @@ export function domainRoutes(router: Router, reg: DomainRegistry, host: HostFact
       kvm: await probeKvm(),
       nbd: host.nbd,
       storage: await storageCapabilities(reg, host.nbd),
+      network: { bridges: listBridges(), networks: reg.networks, links: listLinks() } satisfies NetworkFacts,
+      machines: (await probeQemuFeatures()).machines.map((m) => m.name),
     }))
     .add("GET", "/v1/domains", async () => {
       const out = [];
@@ -99,7 +110,7 @@ export function domainRoutes(router: Router, reg: DomainRegistry, host: HostFact
     })
     .add("POST", "/v1/domains", (r) => reg.define(str(r.body, "xml")))
     .add("POST", "/v1/domains/create", async (r) => {
-      const { def, warnings } = parseDomainXml(str(r.body, "xml"));
+      const { def, warnings } = await reg.resolveXml(str(r.body, "xml"));
       const e = reg.addTransient(def);
       try {
         await e.lock.run(() => reg.start(def.name, { paused: r.body.paused === true }));
@@ -110,9 +121,14 @@ export function domainRoutes(router: Router, reg: DomainRegistry, host: HostFact
       return { name: def.name, warnings };
     })
     .add("GET", "/v1/domains/:name", (r) => info(r.params.name!))
-    .add("DELETE", "/v1/domains/:name", (r) =>
-      reg.get(r.params.name!).lock.run(async () => reg.undefine(r.params.name!)),
-    )
+    .add("DELETE", "/v1/domains/:name", (r) => {
+      const nvram = r.body.nvram;
+      if (nvram !== undefined && nvram !== "remove" && nvram !== "keep")
+        throw new UsageError(`nvram must be 'remove' or 'keep', not '${String(nvram)}'`);
+      return reg
+        .get(r.params.name!)
+        .lock.run(async () => reg.undefine(r.params.name!, { nvram, keepTpm: r.body.keepTpm === true }));
+    })
     .add("GET", "/v1/domains/:name/xml", (r) => {
       const e = reg.get(r.params.name!);
       const inactive = r.query.get("inactive") === "1";
@@ -143,6 +159,25 @@ export function domainRoutes(router: Router, reg: DomainRegistry, host: HostFact
           readonly: d.readonly,
           shareable: d.shareable,
         })),
+      };
+    })
+    .add("GET", "/v1/domains/:name/interfaces", (r) => {
+      const e = reg.get(r.params.name!);
+      const def = e.running?.def ?? e.def;
+      return {
+        interfaces: def.interfaces.map((i) => ({
+          interface: e.running ? (i.targetDev ?? null) : null,
+          type: i.type,
+          source:
+            i.type === "network"
+              ? `${i.source} (${reg.networks[i.source!] ?? "unmapped"})`
+              : (i.source ?? null),
+          model: i.model,
+          mac: i.mac,
+        })),
+        graphics: e.running
+          ? def.graphics.map((g) => ({ type: g.type, listen: g.listen, port: g.port }))
+          : [],
       };
     })
     .add("GET", "/v1/domains/:name/disks/:target", (r) => reg.diskInfo(r.params.name!, r.params.target!))

@@ -1,5 +1,6 @@
 /** `nbdmig daemon`: the host agent process. */
 import fs from "node:fs";
+import os from "node:os";
 import type { AddressInfo } from "node:net";
 import { pino } from "pino";
 import { UsageError } from "../errors.js";
@@ -7,6 +8,7 @@ import type { Accel, DiskLayout } from "../domain/qemu-args.js";
 import { domainRoutes } from "./api.js";
 import { parseAgentUri, readToken } from "./client.js";
 import { DomainRegistry } from "./domains.js";
+import { hostNetworks, parseNetworkFlags } from "./network.js";
 import { Router } from "./http.js";
 import { StateDir, writeFileAtomic } from "./state-dir.js";
 import { migrationRoutes, MigrationManager } from "../migration/manager.js";
@@ -20,6 +22,8 @@ export interface DaemonOptions {
   /** Refuse to serve NBD for incoming storage copies (hosts where only the migration port is open). */
   noNbd: boolean;
   diskLayout: "auto" | DiskLayout;
+  /** `--network NAME=BRIDGE` flags. */
+  networks: string[];
 }
 
 export async function runDaemon(opts: DaemonOptions): Promise<void> {
@@ -32,7 +36,13 @@ export async function runDaemon(opts: DaemonOptions): Promise<void> {
     throw new UsageError(`cannot create the state directory ${opts.stateDir}: ${(err as Error).message}`);
   }
   const token = opts.tokenFile ? readToken(opts.tokenFile) : state.ensureToken();
-  const reg = new DomainRegistry(state, log, opts.accel, opts.diskLayout);
+  const networks = hostNetworks(parseNetworkFlags(opts.networks));
+  const reg = new DomainRegistry(state, log, {
+    accel: opts.accel,
+    layout: opts.diskLayout,
+    networks,
+    hostLabel: addr.host === "0.0.0.0" || addr.host === "::" ? os.hostname() : addr.host,
+  });
   await reg.load();
   const migrations = new MigrationManager(reg, log, { token, noNbd: opts.noNbd });
   await migrations.recover();

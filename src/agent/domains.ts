@@ -2,20 +2,31 @@
  * The domains of one host: persistent definitions, running QEMU processes, and their lifecycle. QEMU runs in
  * its own session and outlives the agent; on start the registry reattaches to every QEMU still running.
  */
+import { spawnSync } from "node:child_process";
 import fs from "node:fs";
 import { setTimeout as sleep } from "node:timers/promises";
 import type { Logger } from "pino";
-import { DomainStateError, UsageError } from "../errors.js";
+import { DomainStateError, errorMessage, UsageError } from "../errors.js";
 import type { DomainDef } from "../domain/model.js";
-import { buildQemuArgs, throttleArgs, type Accel, type DiskLayout } from "../domain/qemu-args.js";
+import { buildQemuArgs, nicId, throttleArgs, type Accel, type DiskLayout } from "../domain/qemu-args.js";
+import { checkForHost, resolveForHost, type HostCaps } from "../domain/resolve.js";
 import { domainToXml, parseDomainXml } from "../domain/xml.js";
 import { probeQemuFeatures } from "../qemu/features.js";
+import { loadFirmwareDescriptors } from "../qemu/firmware.js";
 import { imageInfo } from "../qemu/img.js";
 import { chooseAccel, launchQemu, pidAlive } from "../qemu/launcher.js";
 import { QmpClient } from "../qemu/qmp.js";
 import { blockOf } from "../qemu/qmp-util.js";
 import type { RunState } from "../qemu/qmp-schema.js";
 import { Mutex } from "../util/mutex.js";
+import {
+  acquireResources,
+  checkNetworks,
+  nvramDir,
+  reconcileResources,
+  releaseResources,
+  tpmStateDir,
+} from "./resources.js";
 import { StateDir, writeFileAtomic } from "./state-dir.js";
 
 export type DomainState = "running" | "paused" | "in shutdown" | "shut off" | "crashed";
@@ -31,6 +42,20 @@ export interface RunningDomain {
   /** The definition QEMU was started from (may differ from the persistent one after a redefine). */
   def: DomainDef;
   status: RunState;
+  /** Arrived by migration and not yet resumed (--suspend): announce its MACs when it is resumed. */
+  announceOnResume?: boolean;
+}
+
+/**
+ * Announces the guest's MACs after it has moved, so the bridges and switches learn its new port: QEMU sends a
+ * RARP per NIC (and asks a virtio-net guest to send its own gratuitous ARPs), 5 rounds 50, 150, 250 and
+ * 350 ms apart. QEMU 7.2 announces once by itself when the incoming migration completes, with the same
+ * defaults, but that is while the guest is still paused: its packets wait in QEMU's queue until the resume,
+ * so the announcement is repeated once the guest runs.
+ */
+export async function announce(run: RunningDomain): Promise<void> {
+  if (!run.def.interfaces.length) return;
+  await run.qmp.raw("announce-self", { initial: 50, max: 550, rounds: 5, step: 100 });
 }
 
 export interface DomainEntry {
@@ -66,17 +91,62 @@ export interface StartOptions {
   layout?: DiskLayout;
 }
 
+export interface RegistryOptions {
+  accel: "auto" | Accel;
+  /** `auto`: `drive` where this QEMU has in-stream block migration, else `blockdev`. */
+  layout?: "auto" | DiskLayout;
+  /** libvirt network name -> bridge (`daemon --network`, plus default -> virbr0 when it exists). */
+  networks?: Record<string, string>;
+  /** How errors name this host (e.g. its listen address). */
+  hostLabel?: string;
+}
+
 export class DomainRegistry {
   private readonly entries = new Map<string, DomainEntry>();
   private nextId = 1;
+  private readonly accelChoice: "auto" | Accel;
+  private readonly layoutChoice: "auto" | DiskLayout;
+  readonly networks: Record<string, string>;
+  readonly hostLabel: string;
 
   constructor(
     readonly state: StateDir,
     private readonly log: Logger,
-    private readonly accelChoice: "auto" | Accel,
-    /** `auto`: `drive` where this QEMU has in-stream block migration, else `blockdev`. */
-    private readonly layoutChoice: "auto" | DiskLayout = "auto",
-  ) {}
+    opts: RegistryOptions,
+  ) {
+    this.accelChoice = opts.accel;
+    this.layoutChoice = opts.layout ?? "auto";
+    this.networks = opts.networks ?? {};
+    this.hostLabel = opts.hostLabel ?? "this host";
+  }
+
+  /** What this host offers a definition: QEMU's machine types and devices, firmware, swtpm. */
+  async hostCaps(): Promise<HostCaps> {
+    return {
+      qemu: await probeQemuFeatures(),
+      firmware: loadFirmwareDescriptors(),
+      nvramDir: nvramDir(this.state),
+      swtpm:
+        spawnSync("sh", ["-c", "command -v swtpm && command -v swtpm_setup"], { stdio: "ignore" }).status ===
+        0,
+    };
+  }
+
+  /** Parses XML and resolves it for this host (machine type, firmware, NVRAM path): what define stores. */
+  async resolveXml(xml: string): Promise<{ def: DomainDef; warnings: string[] }> {
+    const parsed = parseDomainXml(xml);
+    const r = resolveForHost(parsed.def, await this.hostCaps());
+    return { def: r.def, warnings: [...parsed.warnings, ...r.warnings] };
+  }
+
+  /**
+   * Whether this host can run an already resolved definition (a migration's destination): the machine
+   * type, firmware files, devices, bridges, networks and links. Chooses nothing; throws naming what lacks.
+   */
+  async checkHost(def: DomainDef): Promise<void> {
+    checkForHost(def, await this.hostCaps());
+    checkNetworks(def, { networks: this.networks, hostLabel: this.hostLabel });
+  }
 
   /** The disk layout new domains get here. */
   async diskLayout(): Promise<DiskLayout> {
@@ -86,6 +156,16 @@ export class DomainRegistry {
 
   /** Loads definitions and reattaches to QEMU processes that survived an agent restart. */
   async load(): Promise<void> {
+    await this.loadEntries();
+    const running = new Set(
+      this.list()
+        .filter((e) => e.running)
+        .map((e) => e.name),
+    );
+    await reconcileResources(this.state, running, this.log);
+  }
+
+  private async loadEntries(): Promise<void> {
     for (const f of fs.readdirSync(this.state.domainsDir).filter((f) => f.endsWith(".xml"))) {
       try {
         const { def } = parseDomainXml(fs.readFileSync(`${this.state.domainsDir}/${f}`, "utf8"));
@@ -178,9 +258,9 @@ export class DomainRegistry {
     }
   }
 
-  /** Defines (or redefines) a persistent domain. */
-  define(xml: string): { name: string; warnings: string[]; created: boolean } {
-    const { def, warnings } = parseDomainXml(xml);
+  /** Defines (or redefines) a persistent domain, resolved for this host. */
+  async define(xml: string): Promise<{ name: string; warnings: string[]; created: boolean }> {
+    const { def, warnings } = await this.resolveXml(xml);
     const existing = this.entries.get(def.name);
     if (existing && existing.def.uuid !== def.uuid) {
       throw new DomainStateError(
@@ -207,19 +287,37 @@ export class DomainRegistry {
     return { name: def.name, warnings, created: !existing };
   }
 
-  /** Removes the persistent definition; a running domain stays running as a transient one. */
-  undefine(name: string): void {
+  /**
+   * Removes the persistent definition; a running domain stays running as a transient one. As virsh, a
+   * domain with an NVRAM needs `nvram`: "remove" or "keep"; its TPM state goes unless `keepTpm`.
+   */
+  undefine(name: string, opts: { nvram?: "remove" | "keep"; keepTpm?: boolean } = {}): void {
     const e = this.get(name);
     if (!e.persistent)
       throw new DomainStateError(
         "E_DOMAIN_STATE",
         `domain '${name}' is transient; it has no definition to remove`,
       );
+    const nvram = e.def.os.firmware.nvram?.path;
+    if (nvram && fs.existsSync(nvram) && !opts.nvram) {
+      throw new UsageError(
+        `domain '${name}' has an NVRAM (${nvram}); add --nvram to remove it with the definition, or --keep-nvram to keep it`,
+        "E_HAS_NVRAM",
+      );
+    }
     fs.rmSync(this.state.definition(name), { force: true });
     e.persistent = false;
-    if (!e.running) this.entries.delete(name);
-    else this.writeRuntime(e);
+    if (!e.running) {
+      if (nvram && opts.nvram === "remove") fs.rmSync(nvram, { force: true });
+      if (e.def.tpm && !opts.keepTpm) this.removeTpmState(e.def);
+      this.entries.delete(name);
+    } else this.writeRuntime(e);
     this.log.info({ domain: name }, "domain undefined");
+  }
+
+  /** Removes a domain's swtpm state (its TPM's keys and NVRAM). */
+  removeTpmState(def: DomainDef): void {
+    fs.rmSync(tpmStateDir(this.state, def.uuid), { recursive: true, force: true });
   }
 
   /** Adds a transient domain (not yet running), e.g. the destination side of a migration. */
@@ -259,19 +357,46 @@ export class DomainRegistry {
         );
       }
     }
+    await this.checkHost(def);
     const accel = opts.accel ?? (await chooseAccel(this.accelChoice, def.type));
     const layout = opts.layout ?? (await this.diskLayout());
-    const args = buildQemuArgs(def, {
-      accel,
-      layout,
-      qmpSocket: this.state.qmpSocket(name),
-      serialLog: this.state.serialLog(name),
-      incoming: opts.incoming,
-    });
-    // Start stopped so the domain's I/O limits are in place before the guest runs.
-    if (!opts.incoming) args.push("-S");
-    fs.appendFileSync(this.state.qemuLog(name), `${new Date().toISOString()} starting: ${args.join(" ")}\n`);
-    const { pid, qmp } = await launchQemu(args, this.state.qmpSocket(name), this.state.qemuLog(name));
+    const res = await acquireResources(
+      {
+        state: this.state,
+        log: this.log,
+        networks: this.networks,
+        hostLabel: this.hostLabel,
+        portsInUse: () => this.displayPortsInUse(),
+      },
+      def,
+      { accel, incoming: opts.incoming === true },
+    );
+    for (const w of res.warnings) this.log.warn({ domain: name }, w);
+    const live = res.live;
+    let launched: { pid: number; qmp: QmpClient };
+    try {
+      const args = buildQemuArgs(live, {
+        accel,
+        layout,
+        qmpSocket: this.state.qmpSocket(name),
+        serialLog: this.state.serialLog(name),
+        incoming: opts.incoming,
+        host: res.host,
+      });
+      // Start stopped so the domain's I/O limits and link states are in place before the guest runs.
+      if (!opts.incoming) args.push("-S");
+      fs.appendFileSync(
+        this.state.qemuLog(name),
+        `${new Date().toISOString()} starting: ${args.join(" ")}\n`,
+      );
+      launched = await launchQemu(args, this.state.qmpSocket(name), this.state.qemuLog(name), res.passFds);
+    } catch (err) {
+      await releaseResources(this.state, name, this.log);
+      throw err;
+    } finally {
+      for (const fd of res.passFds) fs.closeSync(fd);
+    }
+    const { pid, qmp } = launched;
     const run: RunningDomain = {
       id: this.nextId++,
       pid,
@@ -279,26 +404,61 @@ export class DomainRegistry {
       layout,
       qmp,
       startedAt: Date.now(),
-      def,
+      def: live,
       status: "prelaunch",
     };
     this.attach(e, run);
     this.writeRuntime(e);
     try {
-      const limited = def.disks.filter((d) => d.source !== undefined && d.iotune);
-      const blocks = limited.length ? await qmp.execute("query-block") : [];
-      for (const d of limited) {
-        const t = throttleArgs(d, blockOf(blocks, d.target).qdev);
-        if (t) await qmp.raw("block_set_io_throttle", t);
-      }
+      await this.configureGuest(run, opts.incoming === true);
       if (!opts.incoming && !opts.paused) await qmp.execute("cont");
       run.status = (await qmp.execute("query-status")).status;
     } catch (err) {
       await this.kill(e);
       throw err;
     }
-    this.log.info({ domain: name, pid, accel, id: run.id }, "domain started");
+    this.log.info(
+      { domain: name, pid, accel, id: run.id, taps: live.interfaces.map((i) => i.targetDev).filter(Boolean) },
+      "domain started",
+    );
     return run;
+  }
+
+  /** What QEMU's command line cannot say: I/O limits, link states, passwords, the balloon's target. */
+  private async configureGuest(run: RunningDomain, incoming: boolean): Promise<void> {
+    const { def, qmp } = run;
+    const limited = def.disks.filter((d) => d.source !== undefined && d.iotune);
+    const blocks = limited.length ? await qmp.execute("query-block") : [];
+    for (const d of limited) {
+      const t = throttleArgs(d, blockOf(blocks, d.target).qdev);
+      if (t) await qmp.raw("block_set_io_throttle", t);
+    }
+    // A NIC's link state lives in its netdev, which a migration does not carry: set it on both sides.
+    for (const [i, nic] of def.interfaces.entries()) {
+      if (nic.linkDown) await qmp.raw("set_link", { name: nicId(i), up: false });
+    }
+    for (const g of def.graphics) {
+      if (g.type === "vnc" && g.passwd !== undefined)
+        await qmp.raw("set_password", { protocol: "vnc", password: g.passwd });
+    }
+    if (def.memballoon?.statsPeriod !== undefined) {
+      await qmp.raw("qom-set", {
+        path: "/machine/peripheral/balloon0",
+        property: "guest-stats-polling-interval",
+        value: def.memballoon.statsPeriod,
+      });
+    }
+    // The balloon's size travels with a migration; only a fresh start sets it from <currentMemory>.
+    if (!incoming && def.memballoon && def.currentMemoryKiB < def.memoryKiB)
+      await qmp.raw("balloon", { value: def.currentMemoryKiB * 1024 });
+  }
+
+  /** Display ports of running domains, so that two starts never pick the same one. */
+  private displayPortsInUse(): Set<number> {
+    const ports = new Set<number>();
+    for (const e of this.entries.values())
+      for (const g of e.running?.def.graphics ?? []) if (g.port !== undefined) ports.add(g.port);
+    return ports;
   }
 
   private attach(e: DomainEntry, run: RunningDomain): void {
@@ -317,6 +477,7 @@ export class DomainRegistry {
     if (pidAlive(run.pid)) process.kill(run.pid, "SIGKILL");
     if (e.running !== run) return;
     e.running = undefined;
+    await this.releaseHost(e.name);
     this.removeRuntime(e.name);
     if (!e.persistent && !e.job) this.entries.delete(e.name);
     this.log.info({ domain: e.name, pid: run.pid }, "QEMU exited; domain is shut off");
@@ -359,6 +520,7 @@ export class DomainRegistry {
     await run.qmp.closed;
     if (e.running === run) {
       e.running = undefined;
+      await this.releaseHost(e.name);
       this.removeRuntime(e.name);
       if (!e.persistent && !e.job) this.entries.delete(e.name);
     }
@@ -382,6 +544,10 @@ export class DomainRegistry {
     this.refuseIfBusy(e);
     await e.running.qmp.execute("cont");
     e.running.status = "running";
+    if (e.running.announceOnResume) {
+      e.running.announceOnResume = false;
+      await announce(e.running);
+    }
   }
 
   refuseIfBusy(e: DomainEntry): void {
@@ -438,6 +604,13 @@ export class DomainRegistry {
     }
     if (typeof parsed.execute !== "string") throw new UsageError(`QMP command needs an "execute" member`);
     return e.running.qmp.raw(parsed.execute, parsed.arguments);
+  }
+
+  /** Taps, macvtaps and swtpm of a QEMU that has exited, whatever the reason. */
+  private async releaseHost(name: string): Promise<void> {
+    await releaseResources(this.state, name, this.log).catch((err: unknown) =>
+      this.log.error({ domain: name, err: errorMessage(err) }, "cannot release host resources"),
+    );
   }
 
   writeRuntime(e: DomainEntry): void {

@@ -3,7 +3,7 @@
  * unless it is shareable, read-only or has no source; `--migrate-disks` picks exactly the listed ones.
  */
 import { UsageError } from "../errors.js";
-import { isMigratableDisk, type DiskDef, type DomainDef } from "../domain/model.js";
+import { isMigratableDisk, type DiskDef, type DomainDef, type InterfaceDef } from "../domain/model.js";
 import type { Accel } from "../domain/qemu-args.js";
 
 export interface CookieDisk {
@@ -24,14 +24,25 @@ export interface CookieDisk {
 /** How the disks travel: NBD mirrors, inside the migration stream (QEMU block migration), or not at all. */
 export type StoragePath = "nbd" | "stream" | "none";
 
+/** A guest NIC as the destination must recreate it: same MAC, attached to the same bridge, network or link. */
+export interface CookieInterface {
+  mac: string;
+  type: InterfaceDef["type"];
+  source?: string;
+}
+
 export interface MigrationCookie {
   /** The running definition, as domain XML. */
   xml: string;
   name: string;
   uuid: string;
   accel: Accel;
+  /** Every disk to copy; the UEFI variable store is one of them (target `nvram`) when storage is copied. */
   disks: CookieDisk[];
   storagePath: StoragePath;
+  interfaces: CookieInterface[];
+  /** The UEFI code the source runs, so the destination can tell whether its copy is the same. */
+  firmware?: { path: string; size: number; sha256: string };
 }
 
 export function selectDisks(def: DomainDef, migrateDisks?: string[]): DiskDef[] {
@@ -54,4 +65,45 @@ export function selectDisks(def: DomainDef, migrateDisks?: string[]): DiskDef[] 
     out.push(d);
   }
   return out;
+}
+
+export function cookieInterfaces(def: DomainDef): CookieInterface[] {
+  return def.interfaces.map((i) => ({
+    mac: i.mac,
+    type: i.type,
+    ...(i.source !== undefined ? { source: i.source } : {}),
+  }));
+}
+
+/** What a destination's facts lack for these interfaces and this machine type (Begin's early refusal). */
+export function destinationLacks(
+  def: DomainDef,
+  facts: {
+    network?: { bridges: string[]; networks: Record<string, string>; links: string[] };
+    machines?: string[];
+  },
+): string[] {
+  const lacks: string[] = [];
+  const n = facts.network;
+  if (n) {
+    for (const i of def.interfaces) {
+      if (i.type === "bridge" && !n.bridges.includes(i.source!))
+        lacks.push(`interface ${i.mac}: bridge '${i.source}' does not exist there`);
+      else if (i.type === "network") {
+        const br = n.networks[i.source!];
+        if (!br)
+          lacks.push(
+            `interface ${i.mac}: network '${i.source}' is not known there (its agent needs --network ${i.source}=BRIDGE)`,
+          );
+        else if (!n.bridges.includes(br))
+          lacks.push(
+            `interface ${i.mac}: network '${i.source}' maps to bridge '${br}', which does not exist there`,
+          );
+      } else if (i.type === "direct" && !n.links.includes(i.source!))
+        lacks.push(`interface ${i.mac}: host link '${i.source}' (macvtap) does not exist there`);
+    }
+  }
+  if (facts.machines && def.os.machine && !facts.machines.includes(def.os.machine))
+    lacks.push(`its QEMU has no machine type ${def.os.machine}, which the guest runs with`);
+  return lacks;
 }

@@ -3,14 +3,17 @@
  * serve every copied disk over NBD, and accept the migration stream. Any failure, an abort, or losing the
  * source removes exactly what Prepare created: the QEMU process, the images, the transient domain.
  */
-import { randomUUID } from "node:crypto";
+import { createHash, randomUUID } from "node:crypto";
 import fs from "node:fs";
 import path from "node:path";
 import type { Logger } from "pino";
 import { DomainStateError, errorMessage, MigrationError, UsageError } from "../errors.js";
 import type { DomainEntry, DomainRegistry } from "../agent/domains.js";
 import { parseDomainXml } from "../domain/xml.js";
-import { formatNode } from "../domain/qemu-args.js";
+import type { DomainDef } from "../domain/model.js";
+import { formatNode, NVRAM_TARGET } from "../domain/qemu-args.js";
+import { announce } from "../agent/domains.js";
+import { nvramDir, tpmStateDir } from "../agent/resources.js";
 import { createImage, imageInfo } from "../qemu/img.js";
 import { sha256File } from "../util/hash.js";
 import { probeKvm } from "../qemu/launcher.js";
@@ -33,6 +36,10 @@ export interface PrepareResult {
   /** Export name per disk target. */
   exports: Record<string, string>;
   migrateUri: string;
+  /** The destination's displays (ports chosen again there), for SPICE clients to follow the guest. */
+  graphics?: { type: string; port?: number; listen: string }[];
+  /** What the operator should know about the destination (a differing firmware build, say). */
+  notes?: string[];
 }
 
 /** Without a heartbeat from the source for this long, a prepared migration cleans itself up. */
@@ -44,6 +51,9 @@ export class IncomingMigration {
   readonly startedAt = Date.now();
   /** Images this Prepare created; the only files cleanup ever deletes. */
   readonly created: string[] = [];
+  /** Directories this Prepare created (a TPM's state); removed with their contents on cleanup. */
+  readonly createdDirs: string[] = [];
+  readonly notes: string[] = [];
   lastSeen = Date.now();
   error?: string;
   /** Whether this Prepare started an NBD server (not for storage in the stream, nor without disks). */
@@ -96,17 +106,29 @@ export class IncomingMigration {
         );
       }
     }
+    const ownNvramDir = nvramDir(this.reg.state);
     for (const d of cookie.disks) {
+      const what = d.target === NVRAM_TARGET ? "the UEFI variable store" : `disk ${d.target}`;
       if (fs.existsSync(d.source)) {
         throw new UsageError(
-          `${d.source} (disk ${d.target}) already exists here; nbdmig never overwrites an image: remove it on the destination first`,
+          `${d.source} (${what}) already exists here; nbdmig never overwrites an image: remove it on the destination first`,
         );
       }
-      if (!fs.existsSync(path.dirname(d.source))) {
+      if (!fs.existsSync(path.dirname(d.source)) && path.dirname(d.source) !== ownNvramDir) {
         throw new UsageError(
-          `directory ${path.dirname(d.source)} (disk ${d.target}) does not exist here; create it on the destination first`,
+          `directory ${path.dirname(d.source)} (${what}) does not exist here; create it on the destination first`,
         );
       }
+    }
+    // Everything the guest needs from this host, checked before anything is made: machine type, firmware,
+    // devices, and the bridge, network or link of every interface.
+    await this.reg.checkHost(def);
+    this.checkFirmware(def);
+    const tpmDir = def.tpm ? tpmStateDir(this.reg.state, def.uuid) : undefined;
+    if (tpmDir && fs.existsSync(tpmDir)) {
+      throw new UsageError(
+        `TPM state ${tpmDir} already exists here (left by an earlier stay of this domain?); remove it on the destination first`,
+      );
     }
     for (const d of cookie.disks) if (d.mode === "top") await this.checkChain(d);
     this.checkSpace();
@@ -119,9 +141,25 @@ export class IncomingMigration {
     for (const d of cookie.disks) {
       this.created.push(d.source);
       this.saveRecord();
+      if (d.target === NVRAM_TARGET) fs.mkdirSync(path.dirname(d.source), { recursive: true, mode: 0o700 });
       // An incremental copy lands in an overlay on the destination's own copy of the base, which QEMU
       // opens read-only: the base is never written.
       await createImage(d.source, d.format, d.virtualSize, d.mode === "top" ? d.backing : undefined);
+    }
+    const nvram = def.os.firmware.loader?.type === "pflash" ? def.os.firmware.nvram : undefined;
+    if (nvram && !copied.has(NVRAM_TARGET) && !fs.existsSync(nvram.path)) {
+      // Storage is shared but this variable store is not: QEMU brings the flash contents in the migration
+      // stream and writes them to the file when the guest resumes; the file must exist, with the right size.
+      this.created.push(nvram.path);
+      this.saveRecord();
+      fs.mkdirSync(path.dirname(nvram.path), { recursive: true, mode: 0o700 });
+      fs.copyFileSync(nvram.template!, nvram.path);
+    }
+    if (tpmDir) {
+      // A fresh state directory: the source's TPM state arrives in the migration stream.
+      this.createdDirs.push(tpmDir);
+      this.saveRecord();
+      fs.mkdirSync(tpmDir, { recursive: true, mode: 0o700 });
     }
     this.entry = this.reg.addTransient(def);
     this.entry.job = {
@@ -176,6 +214,7 @@ export class IncomingMigration {
     );
     this.machine.advance("prepared");
     this.lastSeen = Date.now();
+    const graphics = run.def.graphics.map((g) => ({ type: g.type, port: g.port, listen: g.listen }));
     this.watchdog = setInterval(() => {
       if (Date.now() - this.lastSeen > SOURCE_WATCHDOG_MS && this.machine.is("prepared")) {
         this.error = `no word from the source for ${SOURCE_WATCHDOG_MS / 1000} s`;
@@ -186,7 +225,37 @@ export class IncomingMigration {
       { domain: def.name, id: this.id, nbdPort, migPort, created: this.created },
       "incoming migration prepared",
     );
-    return { id: this.id, nbd: { host, port: nbdPort }, exports, migrateUri: `tcp:${host}:${migPort}` };
+    return {
+      id: this.id,
+      nbd: { host, port: nbdPort },
+      exports,
+      migrateUri: `tcp:${host}:${migPort}`,
+      graphics,
+      notes: this.notes,
+    };
+  }
+
+  /**
+   * The destination runs the firmware file the source names (no new automatic choice here). A different
+   * build of the same size is allowed, and said: the guest keeps the source's copy, migrated in RAM, until
+   * it reboots. A different size cannot work (QEMU refuses the flash's RAM block) and is refused.
+   */
+  private checkFirmware(def: DomainDef): void {
+    const fw = this.req.cookie.firmware;
+    if (!fw) return;
+    const size = fs.statSync(fw.path).size;
+    if (size !== fw.size) {
+      throw new UsageError(
+        `firmware ${fw.path} is ${size} bytes here but ${fw.size} on the source; install the same firmware (Debian: the same ovmf version) on both hosts`,
+        "E_FIRMWARE",
+      );
+    }
+    const here = createHash("sha256").update(fs.readFileSync(fw.path)).digest("hex");
+    if (here !== fw.sha256) {
+      this.notes.push(
+        `firmware ${fw.path} differs here from the source's (sha256 ${here.slice(0, 12)} vs ${fw.sha256.slice(0, 12)}): '${def.name}' runs the source's copy until it reboots, then this host's`,
+      );
+    }
   }
 
   /** --copy-storage-inc: the destination must already hold the same backing chain at the same paths. */
@@ -265,7 +334,12 @@ export class IncomingMigration {
       // must be on disk here too. `stop` on a paused VM drains and flushes every disk (QEMU's do_vm_stop);
       // block migration in particular leaves its writes in QEMU's caches.
       await qmp.execute("stop");
-      if (!opts.suspend) await qmp.execute("cont");
+      if (!opts.suspend) {
+        await qmp.execute("cont");
+        await announce(run);
+      } else {
+        run.announceOnResume = true;
+      }
       this.entry!.job = undefined;
       if (opts.persistent) this.reg.persist(this.name);
       this.machine.advance("running");
@@ -299,14 +373,11 @@ export class IncomingMigration {
         e.job = undefined;
         this.reg.forgetTransient(e.name);
       }
-      for (const f of this.created) {
+      for (const f of [...this.created, ...this.createdDirs]) {
         try {
-          fs.rmSync(f, { force: true });
+          fs.rmSync(f, { force: true, recursive: this.createdDirs.includes(f) });
         } catch (err) {
-          this.log.error(
-            { file: f, err: errorMessage(err) },
-            "cannot remove an image this migration created",
-          );
+          this.log.error({ file: f, err: errorMessage(err) }, "cannot remove what this migration created");
         }
       }
       this.machine.advance("cleaned");
@@ -322,7 +393,10 @@ export class IncomingMigration {
 
   /** Persists what this migration created, so a restarted agent can remove it (see recoverIncoming). */
   private saveRecord(): void {
-    writeFileAtomic(this.recordFile, JSON.stringify({ id: this.id, name: this.name, created: this.created }));
+    writeFileAtomic(
+      this.recordFile,
+      JSON.stringify({ id: this.id, name: this.name, created: this.created, createdDirs: this.createdDirs }),
+    );
   }
 
   private removeRecord(): void {
@@ -356,7 +430,7 @@ export class IncomingMigration {
 export async function recoverIncoming(reg: DomainRegistry, log: Logger): Promise<void> {
   for (const f of fs.readdirSync(reg.state.migrationsDir).filter((x) => x.endsWith(".json"))) {
     const file = path.join(reg.state.migrationsDir, f);
-    let rec: { id: string; name: string; created: string[] };
+    let rec: { id: string; name: string; created: string[]; createdDirs?: string[] };
     try {
       rec = JSON.parse(fs.readFileSync(file, "utf8")) as typeof rec;
     } catch {
@@ -375,6 +449,7 @@ export async function recoverIncoming(reg: DomainRegistry, log: Logger): Promise
       }
     }
     for (const img of rec.created) fs.rmSync(img, { force: true });
+    for (const dir of rec.createdDirs ?? []) fs.rmSync(dir, { force: true, recursive: true });
     fs.rmSync(file, { force: true });
   }
 }

@@ -5,20 +5,28 @@
  * -> Finish (destination resumes) -> Confirm (source QEMU stops). Any failure rolls back: the migration and
  * mirrors are cancelled, the source guest keeps (or resumes) running, the destination removes what it made.
  */
+import fs from "node:fs";
 import { setTimeout as sleep } from "node:timers/promises";
 import type { Logger } from "pino";
-import type { StorageCapabilities } from "../agent/api.js";
+import type { NetworkFacts, StorageCapabilities } from "../agent/api.js";
 import { AgentClient, parseAgentUri } from "../agent/client.js";
 import type { DomainEntry, DomainRegistry, RunningDomain } from "../agent/domains.js";
 import { errorMessage, MigrationError, NbdmigError, UsageError, type MigrationPhase } from "../errors.js";
 import { domainToXml } from "../domain/xml.js";
-import { formatNode } from "../domain/qemu-args.js";
+import { formatNode, NVRAM_TARGET } from "../domain/qemu-args.js";
 import type { QmpClient, QmpEvent } from "../qemu/qmp.js";
 import type { MigrationStats } from "../qemu/qmp-schema.js";
 import { probeQemuFeatures, type QemuFeatures } from "../qemu/features.js";
 import { backingChain } from "../qemu/img.js";
 import { sha256File } from "../util/hash.js";
-import { selectDisks, type CookieDisk, type MigrationCookie, type StoragePath } from "./cookie.js";
+import {
+  cookieInterfaces,
+  destinationLacks,
+  selectDisks,
+  type CookieDisk,
+  type MigrationCookie,
+  type StoragePath,
+} from "./cookie.js";
 import type { PrepareResult } from "./destination.js";
 import { Mirrors } from "./mirror.js";
 import { StorageConverger, type ConvergeMode } from "./converge.js";
@@ -77,6 +85,13 @@ export function chooseStoragePath(
     `the disks cannot be copied: the destination cannot serve NBD (${dest.nbdWhyNot}), and storage cannot travel in the migration stream because ${lacks.join("; ")}`,
     "E_NO_STORAGE_PATH",
   );
+}
+
+/** What Begin reads from the destination agent (`GET /v1/host`). */
+interface DestinationFacts {
+  storage?: StorageCapabilities;
+  network?: NetworkFacts;
+  machines?: string[];
 }
 
 /** Without an answer from the destination agent for this long, the migration is rolled back. */
@@ -208,18 +223,43 @@ export class OutgoingMigration {
       }
       cookieDisks.push(disk);
     }
+    const def = run.def;
+    const nvram = def.os.firmware.loader?.type === "pflash" ? def.os.firmware.nvram : undefined;
+    if (nvram && req.copyStorage !== "none") {
+      // The UEFI variable store is writable guest state on local storage: it moves like a disk.
+      const b = blocks.find((x) => x.inserted?.["node-name"] === formatNode(NVRAM_TARGET));
+      if (!b?.inserted) throw new MigrationError("begin", "the UEFI variable store is not attached in QEMU");
+      cookieDisks.push({
+        target: NVRAM_TARGET,
+        source: nvram.path,
+        format: nvram.format ?? "raw",
+        virtualSize: b.inserted.image["virtual-size"],
+        allocated: b.inserted.image["virtual-size"],
+        mode: "full",
+      });
+    }
     const peer = new AgentClient(destAddr, req.destToken ?? ownToken, 60_000);
+    const host = await peer
+      .call<DestinationFacts>("GET", "/v1/host", undefined, 10_000)
+      .catch((err: unknown) => {
+        throw new MigrationError(
+          "begin",
+          `on ${destAddr.host}: ${errorMessage(err)}`,
+          (err as NbdmigError).code,
+        );
+      });
+    // Refuse before anything is created anywhere: a guest whose network or machine type the destination
+    // lacks would start there without its network, or not at all.
+    const lacks = destinationLacks(def, host);
+    if (lacks.length) {
+      throw new MigrationError(
+        "begin",
+        `the destination ${destAddr.host} cannot run '${name}': ${lacks.join("; ")}`,
+        "E_DEST_LACKS",
+      );
+    }
     let storagePath: StoragePath = "none";
     if (cookieDisks.length > 0) {
-      const host = await peer
-        .call<{ storage?: StorageCapabilities }>("GET", "/v1/host", undefined, 10_000)
-        .catch((err: unknown) => {
-          throw new MigrationError(
-            "begin",
-            `on ${destAddr.host}: ${errorMessage(err)}`,
-            (err as NbdmigError).code,
-          );
-        });
       if (!host.storage) {
         throw new MigrationError(
           "begin",
@@ -239,6 +279,15 @@ export class OutgoingMigration {
         if (req.disksPort !== undefined) notes.push("--disks-port is not used: no NBD connection is made");
       }
     }
+    if (nvram)
+      notes.push(
+        `UEFI variable store ${nvram.path}: ${req.copyStorage !== "none" ? "copied like a disk" : "carried by QEMU in the migration stream (flash contents) and written at resume"}`,
+      );
+    const loader = def.os.firmware.loader;
+    const firmware =
+      loader?.type === "pflash"
+        ? { path: loader.path, size: fs.statSync(loader.path).size, sha256: await sha256File(loader.path) }
+        : undefined;
     const cookie: MigrationCookie = {
       xml: domainToXml(run.def),
       name,
@@ -246,6 +295,8 @@ export class OutgoingMigration {
       accel: run.accel,
       disks: cookieDisks,
       storagePath,
+      interfaces: cookieInterfaces(def),
+      ...(firmware ? { firmware } : {}),
     };
     const m = new OutgoingMigration(reg, entry, req, log, onDone, cookie, peer);
     m.notes.push(...notes);
@@ -327,6 +378,7 @@ export class OutgoingMigration {
         );
       });
     this.prepared = res.prepared;
+    this.notes.push(...(res.prepared.notes ?? []));
     this.log.info(
       { domain: this.name, dest: this.req.dest, prepared: this.prepared },
       "destination prepared",
@@ -441,6 +493,7 @@ export class OutgoingMigration {
   private async migrateMemory(): Promise<void> {
     this.machine.advance("perform:memory");
     this.check();
+    await this.pointSpiceClients();
     this.migrationStarted = true;
     let status = await this.migrationStatus(async () => {
       await this.qmp.execute("migrate", { uri: this.prepared!.migrateUri });
@@ -463,6 +516,18 @@ export class OutgoingMigration {
       { domain: this.name, downtimeMs: this.downtimeMs, totalMs: info["total-time"] },
       "migration stream completed",
     );
+  }
+
+  /** Connected SPICE clients follow the guest to the destination's display (seamless migration). */
+  private async pointSpiceClients(): Promise<void> {
+    const spice = this.prepared?.graphics?.find((g) => g.type === "spice");
+    if (!spice?.port || !this.run.def.graphics.some((g) => g.type === "spice")) return;
+    const { host } = parseAgentUri(this.req.dest);
+    await this.qmp
+      .raw("client_migrate_info", { protocol: "spice", hostname: host, port: spice.port })
+      .catch((err: unknown) =>
+        this.log.warn({ err: errorMessage(err) }, "SPICE clients will not follow the guest"),
+      );
   }
 
   private async migrationFailure(status: string): Promise<MigrationError> {
@@ -540,7 +605,9 @@ export class OutgoingMigration {
     clearInterval(this.heartbeat);
     this.entry.job = undefined;
     await this.reg.kill(this.entry);
-    if (this.req.undefineSource && this.entry.persistent) this.reg.undefine(this.name);
+    // The NVRAM stays, like the disk images; the TPM state goes with the definition, as on undefine.
+    if (this.req.undefineSource && this.entry.persistent) this.reg.undefine(this.name, { nvram: "keep" });
+    else if (!this.entry.persistent && this.run.def.tpm) this.reg.removeTpmState(this.run.def);
     this.machine.advance("completed");
     this.log.info(
       {

@@ -28,6 +28,12 @@ export function register(program: Command): void {
       "how QEMU attaches disks: drive = named BlockBackends (needed for in-stream storage migration), blockdev = -blockdev only; auto = drive where this QEMU has block migration",
       "auto",
     )
+    .option(
+      "--network <name=bridge>",
+      "map a libvirt network name to a host bridge (repeatable); 'default' maps to virbr0 when that bridge exists",
+      (v: string, prev: string[]) => [...prev, v],
+      [] as string[],
+    )
     .option("--log-level <level>", "trace, debug, info, warn, error", "info")
     .action(
       async (o: {
@@ -38,6 +44,7 @@ export function register(program: Command): void {
         nbd: boolean;
         diskLayout: string;
         logLevel: string;
+        network: string[];
       }) => {
         if (!["auto", "kvm", "tcg"].includes(o.accel))
           throw new UsageError(`--accel takes auto, kvm or tcg, not '${o.accel}'`);
@@ -54,6 +61,7 @@ export function register(program: Command): void {
           noNbd: !o.nbd,
           diskLayout: o.diskLayout as "auto" | DiskLayout,
           logLevel: o.logLevel,
+          networks: o.network,
         });
       },
     );

@@ -4,6 +4,14 @@ import { UsageError } from "../../errors.js";
 import { keyValues, table } from "../../util/format.js";
 import { agentFrom, enc, out } from "../context.js";
 
+interface IfaceInfo {
+  interface: string | null;
+  type: string;
+  source: string | null;
+  model: string;
+  mac: string;
+}
+
 interface ListEntry {
   id: number | null;
   name: string;
@@ -85,6 +93,41 @@ export function register(program: Command): void {
         o.details ? [d.type, d.device, d.target, d.source ?? "-"] : [d.target, d.source ?? "-"],
       );
       out(table(o.details ? ["Type", "Device", "Target", "Source"] : ["Target", "Source"], rows) + "\n");
+    });
+
+  program
+    .command("domiflist")
+    .description("list a domain's network interfaces (tap, type, source, model, MAC)")
+    .argument("<domain>")
+    .action(async (name: string, _o, cmd: Command) => {
+      const r = await agentFrom(cmd).call<{ interfaces: IfaceInfo[] }>(
+        "GET",
+        `/v1/domains/${enc(name)}/interfaces`,
+      );
+      out(
+        table(
+          ["Interface", "Type", "Source", "Model", "MAC"],
+          r.interfaces.map((i) => [i.interface ?? "-", i.type, i.source ?? "-", i.model, i.mac]),
+        ) + "\n",
+      );
+    });
+
+  program
+    .command("domdisplay")
+    .description("show the URI of a domain's graphical display")
+    .argument("<domain>")
+    .action(async (name: string, _o, cmd: Command) => {
+      const r = await agentFrom(cmd).call<{ graphics: { type: string; listen: string; port?: number }[] }>(
+        "GET",
+        `/v1/domains/${enc(name)}/interfaces`,
+      );
+      const g = r.graphics.find((x) => x.port !== undefined && x.listen !== "none");
+      if (!g?.port)
+        throw new UsageError(`domain '${name}' has no display that is listening (is it running?)`);
+      const host = g.listen === "0.0.0.0" || g.listen === "::" ? "localhost" : g.listen;
+      out(
+        `${g.type}://${host.includes(":") ? `[${host}]` : host}:${g.type === "vnc" ? g.port - 5900 : g.port}\n`,
+      );
     });
 
   program

@@ -1,5 +1,6 @@
 /** start, destroy, shutdown, suspend, resume, undefine: one call each, virsh's wording. */
 import type { Command } from "commander";
+import { UsageError } from "../../errors.js";
 import { agentFrom, enc, out } from "../context.js";
 
 const VERBS: { verb: string; method: string; path: string; done: string; help: string }[] = [
@@ -35,14 +36,31 @@ export function register(program: Command): void {
       .command(v.verb)
       .description(v.help)
       .argument("<domain>", "domain name")
-      .action(async (name: string, o: { paused?: boolean }, cmd: Command) => {
-        await agentFrom(cmd).call(
-          v.method,
-          `/v1/domains/${enc(name)}${v.path ? `/${v.path}` : ""}`,
-          v.verb === "start" ? { paused: o.paused === true } : {},
-        );
-        out(`Domain '${name}' ${v.done}\n\n`);
-      });
+      .action(
+        async (
+          name: string,
+          o: { paused?: boolean; nvram?: boolean; keepNvram?: boolean; keepTpm?: boolean },
+          cmd: Command,
+        ) => {
+          if (o.nvram && o.keepNvram) throw new UsageError("--nvram and --keep-nvram exclude each other");
+          const body =
+            v.verb === "start"
+              ? { paused: o.paused === true }
+              : v.verb === "undefine"
+                ? {
+                    nvram: o.nvram ? "remove" : o.keepNvram ? "keep" : undefined,
+                    keepTpm: o.keepTpm === true,
+                  }
+                : {};
+          await agentFrom(cmd).call(v.method, `/v1/domains/${enc(name)}${v.path ? `/${v.path}` : ""}`, body);
+          out(`Domain '${name}' ${v.done}\n\n`);
+        },
+      );
     if (v.verb === "start") c.option("--paused", "leave the guest paused after start");
+    if (v.verb === "undefine") {
+      c.option("--nvram", "also remove the domain's UEFI NVRAM file");
+      c.option("--keep-nvram", "keep the domain's UEFI NVRAM file");
+      c.option("--keep-tpm", "keep the domain's TPM state");
+    }
   }
 }
