@@ -407,6 +407,24 @@ describe("host resolution", () => {
     fs.rmSync(dir, { recursive: true });
   });
 
+  it("turns a directory pool's volume into its file, and names a pool the host does not know", () => {
+    const { caps } = firmwareDir();
+    const xml = domain(
+      "<disk type='volume' device='disk'><driver name='qemu' type='qcow2'/><source pool='vmpool' volume='db.qcow2'/><target dev='vda' bus='virtio'/></disk>",
+    );
+    const parsed = parseDomainXml(xml).def;
+    assert.deepEqual(parsed.disks[0]!.volume, { pool: "vmpool", name: "db.qcow2" });
+    roundTrips(parsed);
+    const r = resolveForHost(parsed, { ...caps, pools: { vmpool: "/srv/pools/vm" } });
+    assert.equal(r.def.disks[0]!.source, "/srv/pools/vm/db.qcow2");
+    assert.equal(r.def.disks[0]!.volume, undefined);
+    assert.match(r.warnings.join(";"), /volume vmpool\/db.qcow2 is the file \/srv\/pools\/vm\/db.qcow2 here/);
+    assert.throws(
+      () => resolveForHost(parsed, { ...caps, pools: { default: "/var/lib/libvirt/images" } }),
+      /storage pool 'vmpool' is not known on this host \(it has default\); start its agent with --pool vmpool=DIR/,
+    );
+  });
+
   it("refuses what this host cannot give the guest, naming the element", () => {
     const { caps } = firmwareDir();
     const refuse = (xml: string, re: RegExp, c: HostCaps = caps) =>

@@ -8,7 +8,7 @@ import type { Accel, DiskLayout } from "../domain/qemu-args.js";
 import { domainRoutes } from "./api.js";
 import { parseAgentUri, readToken } from "./client.js";
 import { DomainRegistry } from "./domains.js";
-import { hostNetworks, parseNetworkFlags } from "./network.js";
+import { hostNetworks, hostPools, parseNetworkFlags, parsePoolFlags } from "./network.js";
 import { Router } from "./http.js";
 import { StateDir, writeFileAtomic } from "./state-dir.js";
 import { migrationRoutes, MigrationManager } from "../migration/manager.js";
@@ -24,6 +24,8 @@ export interface DaemonOptions {
   diskLayout: "auto" | DiskLayout;
   /** `--network NAME=BRIDGE` flags. */
   networks: string[];
+  /** `--pool NAME=DIR` flags. */
+  pools: string[];
 }
 
 export async function runDaemon(opts: DaemonOptions): Promise<void> {
@@ -41,6 +43,7 @@ export async function runDaemon(opts: DaemonOptions): Promise<void> {
     accel: opts.accel,
     layout: opts.diskLayout,
     networks,
+    pools: hostPools(parsePoolFlags(opts.pools)),
     hostLabel: addr.host === "0.0.0.0" || addr.host === "::" ? os.hostname() : addr.host,
   });
   await reg.load();

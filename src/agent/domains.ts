@@ -18,6 +18,7 @@ import { chooseAccel, launchQemu, pidAlive } from "../qemu/launcher.js";
 import { QmpClient } from "../qemu/qmp.js";
 import { blockOf } from "../qemu/qmp-util.js";
 import type { RunState } from "../qemu/qmp-schema.js";
+import { formatBytes } from "../util/format.js";
 import { Mutex } from "../util/mutex.js";
 import {
   acquireResources,
@@ -99,6 +100,8 @@ export interface RegistryOptions {
   networks?: Record<string, string>;
   /** How errors name this host (e.g. its listen address). */
   hostLabel?: string;
+  /** libvirt storage pool name -> directory (`daemon --pool`, plus default -> /var/lib/libvirt/images). */
+  pools?: Record<string, string>;
 }
 
 export class DomainRegistry {
@@ -107,6 +110,7 @@ export class DomainRegistry {
   private readonly accelChoice: "auto" | Accel;
   private readonly layoutChoice: "auto" | DiskLayout;
   readonly networks: Record<string, string>;
+  readonly pools: Record<string, string>;
   readonly hostLabel: string;
 
   constructor(
@@ -117,6 +121,7 @@ export class DomainRegistry {
     this.accelChoice = opts.accel;
     this.layoutChoice = opts.layout ?? "auto";
     this.networks = opts.networks ?? {};
+    this.pools = opts.pools ?? {};
     this.hostLabel = opts.hostLabel ?? "this host";
   }
 
@@ -125,6 +130,7 @@ export class DomainRegistry {
     return {
       qemu: await probeQemuFeatures(),
       firmware: loadFirmwareDescriptors(),
+      pools: this.pools,
       nvramDir: nvramDir(this.state),
       swtpm:
         spawnSync("sh", ["-c", "command -v swtpm && command -v swtpm_setup"], { stdio: "ignore" }).status ===
@@ -146,6 +152,13 @@ export class DomainRegistry {
   async checkHost(def: DomainDef): Promise<void> {
     checkForHost(def, await this.hostCaps());
     checkNetworks(def, { networks: this.networks, hostLabel: this.hostLabel });
+    const mem = hostMemoryKiB();
+    if (mem !== undefined && def.memoryKiB > mem) {
+      throw new UsageError(
+        `domain '${def.name}' has ${formatBytes(def.memoryKiB * 1024)} of memory, more than ${this.hostLabel} has (${formatBytes(mem * 1024)} of RAM and swap); give it less <memory> or run it on a larger host`,
+        "E_NO_MEMORY",
+      );
+    }
   }
 
   /** The disk layout new domains get here. */
@@ -642,6 +655,17 @@ export class DomainRegistry {
         e.running.qmp.close();
       }
     }
+  }
+}
+
+/** RAM plus swap, from /proc/meminfo: more than this cannot be given to a guest. */
+function hostMemoryKiB(): number | undefined {
+  try {
+    const info = fs.readFileSync("/proc/meminfo", "utf8");
+    const kib = (k: string) => Number(new RegExp(`^${k}:\\s+(\\d+) kB`, "m").exec(info)?.[1] ?? 0);
+    return kib("MemTotal") + kib("SwapTotal") || undefined;
+  } catch {
+    return undefined;
   }
 }
 

@@ -73,6 +73,29 @@ export function hostNetworks(mapped: Map<string, string>): Record<string, string
   return out;
 }
 
+/** `--pool NAME=DIR` flags (libvirt directory pools) -> map. */
+export function parsePoolFlags(flags: string[]): Map<string, string> {
+  const m = new Map<string, string>();
+  for (const f of flags) {
+    const eq = f.indexOf("=");
+    const dir = f.slice(eq + 1);
+    if (eq <= 0 || !dir.startsWith("/"))
+      throw new UsageError(
+        `--pool takes NAME=DIR with an absolute DIR (e.g. --pool default=/var/lib/libvirt/images), not '${f}'`,
+      );
+    m.set(f.slice(0, eq), dir);
+  }
+  return m;
+}
+
+/** The pools this host offers: the explicit ones, plus libvirt's default pool directory when it exists. */
+export function hostPools(mapped: Map<string, string>): Record<string, string> {
+  const out = Object.fromEntries(mapped);
+  if (!("default" in out) && fs.existsSync("/var/lib/libvirt/images"))
+    out.default = "/var/lib/libvirt/images";
+  return out;
+}
+
 export type Attachment =
   { kind: "user" } | { kind: "bridge"; bridge: string } | { kind: "direct"; link: string };
 

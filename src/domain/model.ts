@@ -40,6 +40,11 @@ export interface DiskDef {
   detectZeroes?: "off" | "on" | "unmap";
   /** Absent for an empty cdrom drive. */
   source?: string;
+  /**
+   * A volume of a libvirt storage pool (`<disk type='volume'>`), until the host resolves it: a directory
+   * pool's volume is the file NAME in the pool's directory, and the definition then keeps that file.
+   */
+  volume?: { pool: string; name: string };
   /** The backing chain below `source`, top first, as libvirt's nested <backingStore> lists it. */
   backingChain: BackingStore[];
   target: string;

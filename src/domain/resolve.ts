@@ -25,12 +25,30 @@ export interface HostCaps {
   nvramDir: string;
   /** swtpm is installed. */
   swtpm: boolean;
+  /** libvirt storage pool name -> directory (`daemon --pool`). */
+  pools?: Record<string, string>;
 }
 
 export function resolveForHost(input: DomainDef, host: HostCaps): { def: DomainDef; warnings: string[] } {
   const def = structuredClone(input);
   const warnings: string[] = [];
   def.os.machine = canonicalMachine(def.os.machine, host.qemu, warnings);
+  for (const d of def.disks) {
+    if (!d.volume) continue;
+    const dir = host.pools?.[d.volume.pool];
+    if (!dir) {
+      const known = Object.keys(host.pools ?? {});
+      throw new DomainXmlError(
+        `domain/devices/disk[target=${d.target}]/source/@pool`,
+        `storage pool '${d.volume.pool}' is not known on this host (${known.length ? `it has ${known.join(", ")}` : "it has none"}); start its agent with --pool ${d.volume.pool}=DIR (a directory pool)`,
+      );
+    }
+    d.source = path.join(dir, d.volume.name);
+    warnings.push(
+      `domain/devices/disk[target=${d.target}]: volume ${d.volume.pool}/${d.volume.name} is the file ${d.source} here; the definition keeps the file`,
+    );
+    delete d.volume;
+  }
   resolveFirmware(def, host);
   checkForHost(def, host);
   return { def, warnings };
@@ -103,6 +121,12 @@ function resolveFirmware(def: DomainDef, host: HostCaps): void {
 
 /** Everything this host must have for the (resolved) definition; throws naming the element and the fix. */
 export function checkForHost(def: DomainDef, host: HostCaps): void {
+  for (const d of def.disks)
+    if (d.volume)
+      throw new DomainXmlError(
+        `domain/devices/disk[target=${d.target}]`,
+        "a pool volume that was never resolved",
+      );
   const machine = def.os.machine;
   if (!machine || !host.qemu.machines.some((m) => m.name === machine))
     throw new DomainXmlError("domain/os/type/@machine", unknownMachine(machine ?? "", host.qemu));

@@ -272,13 +272,15 @@ export function parseAddress(dev: XmlElement): DeviceAddress | undefined {
 // ------------------------------------------------------------------------------------------------ disks
 
 function parseDisk(el: XmlElement, warnings: string[]): DiskDef {
-  const type = attr(el, "type");
-  if (type !== "file" && type !== "block") {
+  const declared = attr(el, "type");
+  if (declared !== "file" && declared !== "block" && declared !== "volume") {
     throw new DomainXmlError(
       `${el.path}/@type`,
-      `disk type '${type ?? ""}' is not supported; allowed: file, block (network and volume disks cannot be copied by nbdmig)`,
+      `disk type '${declared ?? ""}' is not supported; allowed: file, block, volume (a directory pool's); network disks are not local storage that nbdmig can copy`,
     );
   }
+  // A pool volume is a file once the host has said where the pool lives (resolve.ts).
+  const type = declared === "volume" ? "file" : declared;
   if (attr(el, "device") === "floppy" || attr(el, "device") === "lun") {
     throw new DomainXmlError(
       `${el.path}/@device`,
@@ -330,8 +332,18 @@ function parseDisk(el: XmlElement, warnings: string[]): DiskDef {
     }
   }
   const sourceEl = child(el, "source");
-  const source = sourceEl ? (type === "file" ? attr(sourceEl, "file") : attr(sourceEl, "dev")) : undefined;
+  let volume: DiskDef["volume"];
+  if (declared === "volume") {
+    if (!sourceEl)
+      throw new DomainXmlError(`${where}/source`, "a volume disk needs <source pool='...' volume='...'/>");
+    volume = { pool: requireAttr(sourceEl, "pool"), name: requireAttr(sourceEl, "volume") };
+    if (volume.name.includes("/"))
+      throw new DomainXmlError(`${where}/source/@volume`, `'${volume.name}' is not a volume name`);
+  }
+  const source =
+    sourceEl && !volume ? (type === "file" ? attr(sourceEl, "file") : attr(sourceEl, "dev")) : undefined;
   if (
+    !volume &&
     sourceEl &&
     source === undefined &&
     (sourceEl.children.length > 0 || Object.keys(sourceEl.attrs).length)
@@ -343,7 +355,7 @@ function parseDisk(el: XmlElement, warnings: string[]): DiskDef {
   if (source !== undefined && !source.startsWith("/")) {
     throw new DomainXmlError(`${where}/source`, `'${source}' must be an absolute path`);
   }
-  if (source === undefined && device === "disk") {
+  if (source === undefined && !volume && device === "disk") {
     throw new DomainXmlError(`${where}/source`, "a disk (not a cdrom) needs a <source>");
   }
   if (child(el, "encryption") || child(sourceEl ?? el, "encryption"))
@@ -378,6 +390,7 @@ function parseDisk(el: XmlElement, warnings: string[]): DiskDef {
     discard,
     detectZeroes,
     source,
+    volume,
     backingChain: parseBackingChain(el, where),
     target,
     bus: bus as DiskBus,

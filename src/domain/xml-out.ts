@@ -282,13 +282,14 @@ function interfaceXml(i: InterfaceDef): string[] {
 
 function diskXml(d: DiskDef): string[] {
   const out: string[] = [];
-  out.push(`    <disk type='${d.type}' device='${d.device}'>`);
+  out.push(`    <disk type='${d.volume ? "volume" : d.type}' device='${d.device}'>`);
   let drv = `      <driver name='qemu' type='${d.format}'`;
   if (d.cache) drv += ` cache='${d.cache}'`;
   if (d.discard) drv += ` discard='${d.discard}'`;
   if (d.detectZeroes) drv += ` detect_zeroes='${d.detectZeroes}'`;
   out.push(drv + "/>");
-  if (d.source !== undefined)
+  if (d.volume) out.push(`      <source pool='${e(d.volume.pool)}' volume='${e(d.volume.name)}'/>`);
+  else if (d.source !== undefined)
     out.push(`      <source ${d.type === "file" ? "file" : "dev"}='${e(d.source)}'/>`);
   let indent = "      ";
   for (const b of d.backingChain) {

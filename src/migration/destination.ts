@@ -293,7 +293,9 @@ export class IncomingMigration {
   private checkSpace(): void {
     const need = new Map<number, { dir: string; bytes: number; avail: number }>();
     for (const d of this.req.cookie.disks) {
-      const dir = path.dirname(d.source);
+      // The NVRAM's directory may not exist yet (Prepare makes it): count the filesystem it will be on.
+      let dir = path.dirname(d.source);
+      while (!fs.existsSync(dir)) dir = path.dirname(dir);
       const st = fs.statSync(dir);
       const fsInfo = fs.statfsSync(dir);
       const e = need.get(st.dev) ?? { dir, bytes: 0, avail: fsInfo.bavail * fsInfo.bsize };

@@ -178,7 +178,8 @@ export class OutgoingMigration {
     reg.refuseIfBusy(entry);
     await reg.refresh(entry);
     const run = entry.running;
-    if (!["running", "paused"].includes(run.status)) {
+    // prelaunch: started paused and never resumed (`start --paused`), which is paused too.
+    if (!["running", "paused", "prelaunch"].includes(run.status)) {
       throw new UsageError(
         `domain '${name}' is ${run.status}; only a running or paused domain can be migrated`,
       );
@@ -591,7 +592,8 @@ export class OutgoingMigration {
     this.machine.advance("finish");
     await this.peer
       .call("POST", `/v1/migrations/${this.prepared!.id}/finish`, {
-        suspend: this.req.suspend,
+        // A guest paused on the source stays paused on the destination, as with libvirt.
+        suspend: this.req.suspend || !this.wasRunning,
         persistent: this.req.persistent,
       })
       .catch((err: unknown) => {

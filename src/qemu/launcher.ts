@@ -32,7 +32,7 @@ export async function launchQemu(
       reject(new QmpError("LaunchFailed", `cannot run ${qemuBinary()}: ${err.message}`)),
     );
     child.once("exit", (code, signal) => {
-      const tail = lastLines(logFile, 5);
+      const tail = startupOutput(logFile);
       reject(
         new QmpError("LaunchFailed", `QEMU exited during start-up (${signal ?? `code ${code}`}): ${tail}`),
       );
@@ -45,6 +45,19 @@ export async function launchQemu(
   } catch (err) {
     if (child.exitCode === null) child.kill("SIGKILL");
     throw err;
+  }
+}
+
+/** What QEMU printed since the agent's last "starting:" line in the log (its own error, not our command line). */
+function startupOutput(file: string): string {
+  try {
+    const lines = fs.readFileSync(file, "utf8").trimEnd().split("\n");
+    let i = lines.length;
+    while (i > 0 && !/^\S+ starting: /.test(lines[i - 1]!)) i--;
+    const own = lines.slice(i).filter(Boolean);
+    return (own.length ? own : lines).slice(-5).join(" | ") || "(no output)";
+  } catch {
+    return "(no log)";
   }
 }
 

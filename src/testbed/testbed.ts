@@ -51,6 +51,33 @@ export interface FdbEntry {
   state?: string;
 }
 
+/** One request of `Testbed.startPoller`: sent at `at` (epoch ms), answered (`ok`) after `ms`. */
+export interface PollSample {
+  at: number;
+  ok: boolean;
+  ms: number;
+  detail: string;
+}
+
+/**
+ * The longest time without an answer within [from, to]: between the arrival of one answer and the
+ * arrival of the next (a request that was answered late counts as the gap it left).
+ */
+export function longestGap(samples: PollSample[], from = 0, to = Infinity): { ms: number; at: number } {
+  const answers = samples
+    .filter((s) => s.ok)
+    .map((s) => s.at + s.ms)
+    .sort((x, y) => x - y);
+  let best = { ms: 0, at: from };
+  let prev: number | undefined;
+  for (const t of answers) {
+    if (prev !== undefined && t >= from && prev <= to && t - prev > best.ms)
+      best = { ms: t - prev, at: prev };
+    prev = t;
+  }
+  return best;
+}
+
 export interface TestbedOptions {
   /** tbf rate for the link between the hosts, e.g. "1gbit" or "200mbit"; unshaped when absent. */
   rate?: string;
@@ -298,6 +325,32 @@ export class Testbed {
         else resolve({ status, body });
       });
     });
+  }
+
+  /**
+   * Starts polling `url` from the client every `everyMs` (one process in the client namespace, not one per
+   * request). `stop()` ends it and returns every request: when it was sent and whether it was answered.
+   */
+  startPoller(url: string, everyMs = 50): { stop(): Promise<PollSample[]> } {
+    const poller = fileURLToPath(new URL("./http-poller.js", import.meta.url));
+    const argv = this.clientArgv([process.execPath, poller, url, String(everyMs), "1000"]);
+    const child = spawn(argv[0]!, argv.slice(1), { stdio: ["pipe", "pipe", "inherit"] });
+    let out = "";
+    child.stdout.on("data", (b: Buffer) => (out += b.toString()));
+    const closed = new Promise<void>((resolve) => child.on("close", () => resolve()));
+    return {
+      stop: async () => {
+        child.stdin.end();
+        await closed;
+        return out
+          .split("\n")
+          .filter(Boolean)
+          .map((l) => {
+            const [at, ok, ms, ...detail] = l.split(" ");
+            return { at: Number(at), ok: ok === "ok", ms: Number(ms), detail: detail.join(" ") };
+          });
+      },
+    };
   }
 
   static async up(opts: TestbedOptions = {}): Promise<Testbed> {

@@ -11,6 +11,13 @@ export interface GuestDisk {
   writeBps?: number;
 }
 
+export interface GuestNic {
+  type: "bridge" | "network" | "direct";
+  source: string;
+  mac?: string;
+  model?: "virtio" | "e1000" | "e1000e" | "rtl8139";
+}
+
 export interface GuestSpec {
   name: string;
   kernel: string;
@@ -23,6 +30,15 @@ export interface GuestSpec {
   span?: number;
   writeDisk?: string;
   type?: "kvm" | "qemu";
+  /** Network interfaces; with `ip`, the first one gets that address and the guest serves HTTP. */
+  nics?: GuestNic[];
+  /** ADDR/PREFIX for the guest's first NIC (nbdmig.ip). */
+  ip?: string;
+  /** Boot through UEFI: the loader (default Debian's OVMF_CODE_4M.fd, no secure boot) and its NVRAM template. */
+  uefi?: { loader?: string };
+  /** Set this EFI variable at boot (after printing the old value). */
+  efivar?: string;
+  tpm?: "tpm-crb" | "tpm-tis";
 }
 
 export function guestXml(g: GuestSpec): string {
@@ -30,6 +46,26 @@ export function guestXml(g: GuestSpec): string {
   if (g.rate !== undefined) cmdline.push(`nbdmig.rate=${g.rate}`);
   if (g.span !== undefined) cmdline.push(`nbdmig.span=${g.span}`);
   if (g.writeDisk) cmdline.push(`nbdmig.disk=${g.writeDisk}`);
+  if (g.ip) cmdline.push(`nbdmig.ip=${g.ip}`);
+  if (g.efivar) cmdline.push(`nbdmig.efivar=${g.efivar}`);
+  const nics = (g.nics ?? [])
+    .map((n) => {
+      const src = {
+        bridge: `bridge='${n.source}'`,
+        network: `network='${n.source}'`,
+        direct: `dev='${n.source}' mode='bridge'`,
+      }[n.type];
+      return `    <interface type='${n.type}'>${n.mac ? `<mac address='${n.mac}'/>` : ""}<source ${src}/><model type='${n.model ?? "virtio"}'/></interface>`;
+    })
+    .join("\n");
+  const loader = g.uefi
+    ? `\n    <loader readonly='yes' type='pflash'>${g.uefi.loader ?? "/usr/share/OVMF/OVMF_CODE_4M.fd"}</loader>\n    <nvram template='/usr/share/OVMF/OVMF_VARS_4M.fd'/>`
+    : "";
+  const tpm = g.tpm ? `\n    <tpm model='${g.tpm}'><backend type='emulator' version='2.0'/></tpm>` : "";
+  // The guest has virtio-scsi's driver (libvirt's default SCSI controller would be an LSI one).
+  const scsi = g.disks.some((d) => (d.bus ?? (d.target.startsWith("vd") ? "virtio" : "scsi")) === "scsi")
+    ? "\n    <controller type='scsi' index='0' model='virtio-scsi'/>"
+    : "";
   const disks = g.disks
     .map((d) => {
       const device = d.device ?? "disk";
@@ -53,14 +89,16 @@ export function guestXml(g: GuestSpec): string {
   <memory unit='MiB'>${g.memoryMiB ?? 256}</memory>
   <vcpu placement='static'>1</vcpu>
   <os>
-    <type arch='x86_64' machine='q35'>hvm</type>
+    <type arch='x86_64' machine='q35'>hvm</type>${loader}
     <kernel>${g.kernel}</kernel>
     <initrd>${g.initrd}</initrd>
     <cmdline>${cmdline.join(" ")}</cmdline>
   </os>
+  <features><acpi/><apic/></features>
   <on_reboot>destroy</on_reboot>
   <devices>
-${disks}
+${disks}${scsi}
+${nics}${tpm}
     <serial type='pty'><target port='0'/></serial>
     <console type='pty'><target type='serial' port='0'/></console>
   </devices>

@@ -34,6 +34,12 @@ export function register(program: Command): void {
       (v: string, prev: string[]) => [...prev, v],
       [] as string[],
     )
+    .option(
+      "--pool <name=dir>",
+      "a libvirt directory storage pool for <disk type='volume'> (repeatable); 'default' is /var/lib/libvirt/images when it exists",
+      (v: string, prev: string[]) => [...prev, v],
+      [] as string[],
+    )
     .option("--log-level <level>", "trace, debug, info, warn, error", "info")
     .action(
       async (o: {
@@ -45,6 +51,7 @@ export function register(program: Command): void {
         diskLayout: string;
         logLevel: string;
         network: string[];
+        pool: string[];
       }) => {
         if (!["auto", "kvm", "tcg"].includes(o.accel))
           throw new UsageError(`--accel takes auto, kvm or tcg, not '${o.accel}'`);
@@ -62,6 +69,7 @@ export function register(program: Command): void {
           diskLayout: o.diskLayout as "auto" | DiskLayout,
           logLevel: o.logLevel,
           networks: o.network,
+          pools: o.pool,
         });
       },
     );
