@@ -83,8 +83,15 @@ describe("nbdmig CLI against a running agent", { timeout: 300_000 }, () => {
       initrd: guest.initrd,
       rate: 2,
       disks: [{ target: "vda", source: "/var/lib/nbdmig/images/c1.qcow2" }],
+      nics: [{ type: "bridge", source: "br0", mac: "52:54:00:c1:00:01" }],
     });
-    fs.writeFileSync(xmlFile, xml.replace("<devices>", "<devices>\n    <memballoon model='virtio'/>"));
+    // Host-side tuning (a security label) is ignored with a warning; a display is honoured.
+    fs.writeFileSync(
+      xmlFile,
+      xml
+        .replace("</domain>", "  <seclabel type='dynamic' model='apparmor' relabel='yes'/>\n</domain>")
+        .replace("<devices>", "<devices>\n    <graphics type='vnc' autoport='yes' listen='127.0.0.1'/>"),
+    );
   });
   after(async () => tb?.down());
 
@@ -93,7 +100,7 @@ describe("nbdmig CLI against a running agent", { timeout: 300_000 }, () => {
     const defined = run(["define", xmlFile]);
     assert.equal(defined.status, 0, defined.stderr);
     assert.equal(defined.stdout, `Domain 'c1' defined from ${xmlFile}\n\n`);
-    assert.match(defined.stderr, /warning: domain\/devices\/memballoon: ignored/);
+    assert.match(defined.stderr, /warning: domain\/seclabel: ignored \(host-side tuning\)/);
 
     assert.match(ok(["list", "--all"]), /^ Id\s+Name\s+State\n-+\n -\s+c1\s+shut off\n/);
     assert.doesNotMatch(ok(["list"]), /c1/);
@@ -108,7 +115,15 @@ describe("nbdmig CLI against a running agent", { timeout: 300_000 }, () => {
     );
     assert.match(info, /Persistent:\s+yes/);
 
+    assert.match(
+      ok(["domiflist", "c1"]),
+      /^ Interface\s+Type\s+Source\s+Model\s+MAC\n-+\n vnet0\s+bridge\s+br0\s+virtio\s+52:54:00:c1:00:01\n/,
+    );
+    assert.equal(ok(["domdisplay", "c1"]), "vnc://127.0.0.1:0\n");
     const xml = ok(["dumpxml", "c1"]);
+    assert.match(xml, /<target dev='vnet0'\/>/, "the live XML names the tap");
+    assert.match(xml, /<graphics type='vnc' port='5900' autoport='yes' listen='127.0.0.1'>/);
+    assert.doesNotMatch(ok(["dumpxml", "--inactive", "c1"]), /vnet0|port='5900'/);
     assert.match(xml, /<name>c1<\/name>/);
     assert.match(xml, /<source file='\/var\/lib\/nbdmig\/images\/c1.qcow2'\/>/);
 

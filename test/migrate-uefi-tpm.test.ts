@@ -10,7 +10,6 @@ import { after, before, describe, it } from "node:test";
 import { guestAddress, Testbed } from "../src/testbed/testbed.js";
 import { sha256File } from "../src/util/hash.js";
 import { available, need, testGuest } from "./helpers/env.js";
-import { guestXml } from "./helpers/guest-xml.js";
 import {
   assertDestClean,
   IMG,
@@ -19,6 +18,7 @@ import {
   nbdmig,
   ok,
   startGuest,
+  startPaused,
 } from "./helpers/migration.js";
 import { waitFor } from "./helpers/wait.js";
 
@@ -125,18 +125,11 @@ describe("UEFI and TPM guests across a migration", { timeout: 900_000 }, () => {
     };
     place("a", "OVMF_CODE_4M.fd");
     makeImage(tb!, "a", { name: "fw.qcow2", size: "64M" });
-    fs.writeFileSync(
-      `${tb!.a.dir}/fw.xml`,
-      guestXml({
-        name: "fw",
-        kernel: guest.kernel,
-        initrd: guest.initrd,
-        uefi: { loader: fw },
-        disks: [{ target: "vda", source: `${IMG}/fw.qcow2` }],
-      }),
+    await startPaused(
+      tb!,
+      { name: "fw", uefi: { loader: fw }, disks: [{ target: "vda", source: `${IMG}/fw.qcow2` }] },
+      guest,
     );
-    ok(tb!, "a", ["define", "/var/lib/nbdmig/fw.xml"]);
-    ok(tb!, "a", ["start", "--paused", "fw"]);
 
     place("b", "OVMF_CODE.fd"); // the 2 MiB build: its flash cannot take the source's contents
     const refused = nbdmig(tb!, "a", ["migrate", "--live", "--copy-storage-all", "fw", tb!.b.uri]);

@@ -14,7 +14,7 @@ import { domainToXml, parseDomainXml } from "../domain/xml.js";
 import { probeQemuFeatures } from "../qemu/features.js";
 import { loadFirmwareDescriptors } from "../qemu/firmware.js";
 import { imageInfo } from "../qemu/img.js";
-import { chooseAccel, launchQemu, pidAlive } from "../qemu/launcher.js";
+import { chooseAccel, launchQemu, pidAlive, processRuns } from "../qemu/launcher.js";
 import { QmpClient } from "../qemu/qmp.js";
 import { blockOf } from "../qemu/qmp-util.js";
 import type { RunState } from "../qemu/qmp-schema.js";
@@ -197,7 +197,7 @@ export class DomainRegistry {
         continue;
       }
       this.nextId = Math.max(this.nextId, rec.id + 1);
-      if (!pidAlive(rec.pid) || !isQemu(rec.pid)) {
+      if (!pidAlive(rec.pid) || !processRuns(rec.pid, "qemu", true)) {
         this.log.info({ domain: rec.name, pid: rec.pid }, "QEMU exited while the agent was down");
         this.removeRuntime(rec.name);
         continue;
@@ -666,13 +666,5 @@ function hostMemoryKiB(): number | undefined {
     return kib("MemTotal") + kib("SwapTotal") || undefined;
   } catch {
     return undefined;
-  }
-}
-
-function isQemu(pid: number): boolean {
-  try {
-    return fs.readFileSync(`/proc/${pid}/cmdline`, "utf8").includes("qemu");
-  } catch {
-    return false;
   }
 }

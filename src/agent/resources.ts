@@ -13,7 +13,7 @@ import type { Logger } from "pino";
 import { errorMessage, UsageError } from "../errors.js";
 import { hostNic, type DomainDef } from "../domain/model.js";
 import type { Accel, HostResources, NicBackend } from "../domain/qemu-args.js";
-import { pidAlive } from "../qemu/launcher.js";
+import { pidAlive, processRuns } from "../qemu/launcher.js";
 import {
   attachmentOf,
   chooseNicName,
@@ -279,7 +279,7 @@ export async function releaseResources(state: StateDir, name: string, log: Logge
   }
   if (rec.swtpm) {
     const pid = readPid(rec.swtpm.pidFile);
-    if (pid && pidAlive(pid) && isSwtpm(pid)) {
+    if (pid && pidAlive(pid) && processRuns(pid, "swtpm")) {
       process.kill(pid, "SIGTERM");
       for (let i = 0; i < 30 && pidAlive(pid); i++) await new Promise((r) => setTimeout(r, 50));
       if (pidAlive(pid)) process.kill(pid, "SIGKILL");
@@ -308,13 +308,5 @@ function readPid(file: string): number | undefined {
     return Number.isInteger(n) && n > 0 ? n : undefined;
   } catch {
     return undefined;
-  }
-}
-
-function isSwtpm(pid: number): boolean {
-  try {
-    return fs.readFileSync(`/proc/${pid}/cmdline`, "utf8").startsWith("swtpm");
-  } catch {
-    return false;
   }
 }

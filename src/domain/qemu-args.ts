@@ -23,7 +23,7 @@ import {
   type DomainDef,
   type InterfaceDef,
 } from "./model.js";
-import { diskIndex, driveAddress } from "./xml-devices.js";
+import { diskIndex, driveAddress, PCI_CONTROLLER_DEVICES } from "./xml-devices.js";
 
 export { isQ35 };
 export type Accel = "kvm" | "tcg";
@@ -397,15 +397,6 @@ const USB_DEVICES: Record<string, string> = {
   "ich9-uhci2": "ich9-usb-uhci2",
   "ich9-uhci3": "ich9-usb-uhci3",
   "pci-ohci": "pci-ohci",
-};
-
-const PCI_CONTROLLER_DEVICES: Record<string, string> = {
-  "pcie-root-port": "pcie-root-port",
-  "pci-bridge": "pci-bridge",
-  "dmi-to-pci-bridge": "i82801b11-bridge",
-  "pcie-to-pci-bridge": "pcie-pci-bridge",
-  "pcie-switch-upstream-port": "x3130-upstream",
-  "pcie-switch-downstream-port": "xio3130-downstream",
 };
 
 function controllerDevs(def: DomainDef, q35: boolean, dev: (group: number, ...args: string[]) => void): void {

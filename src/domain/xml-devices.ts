@@ -516,6 +516,15 @@ const PCI_MODELS = [
   "pcie-switch-upstream-port",
   "pcie-switch-downstream-port",
 ] as const;
+/** libvirt's PCI controller models and the QEMU devices they are (`<model name>` in the XML says the same). */
+export const PCI_CONTROLLER_DEVICES: Record<string, string> = {
+  "pcie-root-port": "pcie-root-port",
+  "pci-bridge": "pci-bridge",
+  "dmi-to-pci-bridge": "i82801b11-bridge",
+  "pcie-to-pci-bridge": "pcie-pci-bridge",
+  "pcie-switch-upstream-port": "x3130-upstream",
+  "pcie-switch-downstream-port": "xio3130-downstream",
+};
 export const USB_MODELS = [
   "qemu-xhci",
   "nec-xhci",
@@ -550,14 +559,7 @@ function parseController(el: XmlElement, warnings: string[]): ControllerDef {
   if (c.type === "pci") {
     c.model = oneOf(el, "model", PCI_MODELS);
     const m = child(el, "model");
-    const expected: Record<string, string> = {
-      "pcie-root-port": "pcie-root-port",
-      "pci-bridge": "pci-bridge",
-      "dmi-to-pci-bridge": "i82801b11-bridge",
-      "pcie-to-pci-bridge": "pcie-pci-bridge",
-      "pcie-switch-upstream-port": "x3130-upstream",
-      "pcie-switch-downstream-port": "xio3130-downstream",
-    };
+    const expected = PCI_CONTROLLER_DEVICES;
     const name = m ? attr(m, "name") : undefined;
     if (name !== undefined && expected[c.model] !== undefined && name !== expected[c.model]) {
       throw new DomainXmlError(

@@ -85,6 +85,16 @@ export function pidAlive(pid: number): boolean {
   }
 }
 
+/** Whether process `pid` runs a program whose command line starts with (or contains) `name`. */
+export function processRuns(pid: number, name: string, anywhere = false): boolean {
+  try {
+    const cmd = fs.readFileSync(`/proc/${pid}/cmdline`, "utf8");
+    return anywhere ? cmd.includes(name) : cmd.startsWith(name);
+  } catch {
+    return false;
+  }
+}
+
 let kvmProbe: Promise<{ usable: boolean; reason: string }> | undefined;
 
 /**

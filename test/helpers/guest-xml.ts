@@ -16,6 +16,8 @@ export interface GuestNic {
   source: string;
   mac?: string;
   model?: "virtio" | "e1000" | "e1000e" | "rtl8139";
+  /** The tap's name (`<target dev>`). */
+  targetDev?: string;
 }
 
 export interface GuestSpec {
@@ -55,7 +57,7 @@ export function guestXml(g: GuestSpec): string {
         network: `network='${n.source}'`,
         direct: `dev='${n.source}' mode='bridge'`,
       }[n.type];
-      return `    <interface type='${n.type}'>${n.mac ? `<mac address='${n.mac}'/>` : ""}<source ${src}/><model type='${n.model ?? "virtio"}'/></interface>`;
+      return `    <interface type='${n.type}'>${n.mac ? `<mac address='${n.mac}'/>` : ""}<source ${src}/>${n.targetDev ? `<target dev='${n.targetDev}'/>` : ""}<model type='${n.model ?? "virtio"}'/></interface>`;
     })
     .join("\n");
   const loader = g.uefi

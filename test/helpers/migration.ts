@@ -77,6 +77,24 @@ export async function startGuest(
   return pid;
 }
 
+/**
+ * Defines a guest on host a and starts it paused (QEMU runs, the guest never boots): for tests whose subject
+ * is QEMU and the host, not the guest. Answers the QEMU's pid.
+ */
+export async function startPaused(
+  tb: Testbed,
+  spec: Omit<GuestSpec, "kernel" | "initrd">,
+  guest: { kernel: string; initrd: string },
+): Promise<number> {
+  fs.writeFileSync(
+    `${tb.a.dir}/${spec.name}.xml`,
+    guestXml({ ...spec, kernel: guest.kernel, initrd: guest.initrd }),
+  );
+  ok(tb, "a", ["define", `/var/lib/nbdmig/${spec.name}.xml`]);
+  ok(tb, "a", ["start", "--paused", spec.name]);
+  return (await tb.a.client().call<{ pid: number }>("GET", `/v1/domains/${spec.name}`)).pid;
+}
+
 /** The guest writer's total MiB, from the last progress line of a host's console log. */
 export function guestWritten(tb: Testbed, host: "a" | "b", name: string): number {
   const lines = ok(tb, host, ["console", name])
