@@ -62,7 +62,7 @@ describe("guest devices", () => {
         bootOrder: 2,
         driver: "qemu",
         queues: 4,
-        romOff: true,
+        rom: "no-bar",
         address: { type: "pci", bus: 1, slot: 0, function: 0 },
       },
     );
@@ -94,7 +94,7 @@ describe("guest devices", () => {
     ]);
     const nics = values(a, "-device").filter((d) => /netdev=/.test(d));
     assert.deepEqual(nics, [
-      `virtio-net-pci,netdev=net0,id=net0,mac=${br!.mac},mq=on,vectors=10,host_mtu=9000,bootindex=2,romfile=,bus=pci.1,addr=0x0`,
+      `virtio-net-pci,netdev=net0,id=net0,mac=${br!.mac},mq=on,vectors=10,host_mtu=9000,bootindex=2,rombar=0,bus=pci.1,addr=0x0`,
       "e1000e,netdev=net1,id=net1,mac=52:54:00:aa:bb:01",
       "rtl8139,netdev=net2,id=net2,mac=52:54:00:aa:bb:02",
     ]);
@@ -134,6 +134,66 @@ describe("guest devices", () => {
     assert.ok(at("virtio-rng-pci") > at("virtio-blk-pci") && at("virtio-balloon-pci") > at("virtio-vga"));
     assert.ok(at("pcie-root-port") < at("virtio-blk-pci"), "buses exist before their devices");
     assert.ok(at("usb-tablet") > at("qemu-xhci"));
+  });
+
+  it("keeps a fixed slot on the root bus free of controllers QEMU places itself", () => {
+    const { def } = parseDomainXml(
+      domain(`<controller type='pci' model='pcie-root-port'/>
+        <video><model type='vga' primary='yes'/><address type='pci' domain='0x0000' bus='0x00' slot='0x01' function='0x0'/></video>
+        <interface type='user'><model type='virtio'/><address type='pci' domain='0x0000' bus='0x01' slot='0x00' function='0x0'/></interface>`),
+    );
+    const devs = values(args(def), "-device");
+    const at = (p: string) => devs.findIndex((d) => d.startsWith(p));
+    assert.ok(at("VGA") < at("pcie-root-port"), "the VGA card takes 00:01.0 before the root port is placed");
+    assert.ok(at("pcie-root-port") < at("virtio-net-pci"), "the root port exists before the NIC on its bus");
+  });
+
+  it("tells a ROM outside a PCI BAR from no ROM at all, as libvirt does", () => {
+    const nic = (rom: string) =>
+      parseDomainXml(domain(`<interface type='user'><model type='virtio'/>${rom}</interface>`)).def;
+    const off = nic("<rom bar='off'/>");
+    const none = nic("<rom enabled='no'/>");
+    assert.equal(off.interfaces[0]!.rom, "no-bar");
+    assert.equal(none.interfaces[0]!.rom, "disabled");
+    roundTrips(off);
+    roundTrips(none);
+    assert.match(
+      values(args(off), "-device").find((d) => d.includes("netdev="))!,
+      /,rombar=0$/,
+    );
+    assert.match(
+      values(args(none), "-device").find((d) => d.includes("netdev="))!,
+      /,romfile=$/,
+    );
+  });
+
+  it("honours the HDA codec, the crash and poweroff actions and the KVM timers, and refuses tick policies QEMU lacks", () => {
+    const { def, warnings } = parseDomainXml(
+      domain("<sound model='ich9'><codec type='micro'/></sound><panic model='isa'/>").replace(
+        "<devices>",
+        "<on_poweroff>preserve</on_poweroff><on_crash>restart</on_crash><clock offset='utc'><timer name='pit' tickpolicy='discard'/><timer name='kvmclock' present='no'/></clock><devices>",
+      ),
+    );
+    roundTrips(def);
+    assert.deepEqual(warnings, []);
+    const tcg = args(def);
+    assert.ok(
+      values(tcg, "-device").includes("hda-micro,id=sound0-codec0,bus=sound0.0,cad=0,audiodev=audio1"),
+    );
+    assert.deepEqual(values(tcg, "-action"), ["shutdown=pause", "panic=none"]);
+    const kvm = buildQemuArgs(def, { accel: "kvm", qmpSocket: "/q", serialLog: "/s", host: host() });
+    assert.ok(values(kvm, "-global").includes("kvm-pit.lost_tick_policy=discard"));
+    assert.match(values(kvm, "-cpu")[0]!, /,kvmclock=off/);
+    assert.throws(
+      () =>
+        parseDomainXml(
+          domain("").replace(
+            "<devices>",
+            "<clock offset='utc'><timer name='pit' tickpolicy='catchup'/></clock><devices>",
+          ),
+        ),
+      /timer\/@tickpolicy: tickpolicy 'catchup' is not supported for the pit timer; use delay or discard/,
+    );
   });
 
   it("numbers controllers without an index as libvirt does, and gives root ports distinct slots", () => {

@@ -64,6 +64,7 @@ describe("guests on bridged networks across a migration", { timeout: 900_000 }, 
         ip: `${addr}/24`,
         rate: 10,
         span: 256,
+        graphics: "vnc",
         disks: [{ target: "vda", source: `${IMG}/web.qcow2` }],
         nics: [{ type: "bridge", source: "br0", mac }],
       },
@@ -103,6 +104,11 @@ describe("guests on bridged networks across a migration", { timeout: 900_000 }, 
     assert.ok(up1 > up0, `uptime went on (${up0} -> ${up1})`);
 
     assert.deepEqual(guestLinks(tb!.a), [], "the source keeps no tap");
+    assert.match(
+      ok(tb!, "b", ["domdisplay", "web"]),
+      /^vnc:\/\/127\.0\.0\.1:\d+\n$/,
+      "a display port chosen on b",
+    );
     const dstTap = tapOf(tb!, "b", "web");
     assert.ok(tb!.b.bridgePorts().includes(dstTap));
     const learnt = await waitFor(
@@ -240,12 +246,29 @@ describe("guests on bridged networks across a migration", { timeout: 900_000 }, 
     );
     const taps = guestLinks(tb!.a);
     assert.deepEqual(taps, ["orphan-t0", "vnet0"], "a <target dev> of its own is used as given");
+    // A restart while the guest runs keeps it and its taps, however often.
+    for (let i = 0; i < 2; i++) {
+      await tb!.a.killAgent("SIGKILL");
+      await tb!.a.startAgent(["--network", "lan=br0"]);
+      assert.match(ok(tb!, "a", ["dominfo", "orphan"]), /State:\s+paused/);
+      assert.deepEqual(guestLinks(tb!.a), taps, `taps kept across restart ${i + 1}`);
+      assert.ok(fs.existsSync(tb!.a.hostPath("/var/lib/nbdmig/run/orphan.json")), "runtime record kept");
+    }
+    // A link of a generated name that nbdmig did not make (libvirt's, say), named by a stale record.
+    execFileSync("ip", ["-n", tb!.a.netns, "tuntap", "add", "dev", "vnet9", "mode", "tap"]);
+    fs.writeFileSync(
+      tb!.a.hostPath("/var/lib/nbdmig/run/resources/ghost.json"),
+      JSON.stringify({ name: "ghost", nics: [{ name: "vnet9", kind: "tap" }] }),
+    );
     await tb!.a.killAgent("SIGKILL");
     process.kill(pid, "SIGKILL");
     await waitFor("QEMU to exit", () => !tb!.a.qemuPids().includes(pid), 10_000);
     assert.deepEqual(guestLinks(tb!.a), taps, "the taps outlive QEMU while nobody watches");
     await tb!.a.startAgent(["--network", "lan=br0"]);
     assert.deepEqual(guestLinks(tb!.a), [], "the new agent removed them");
+    const links = execFileSync("ip", ["-n", tb!.a.netns, "-o", "link", "show"], { encoding: "utf8" });
+    assert.match(links, /: vnet9:/, "a tap nbdmig did not make stays, whatever a record says");
+    execFileSync("ip", ["-n", tb!.a.netns, "link", "del", "vnet9"]);
     assert.match(ok(tb!, "a", ["dominfo", "orphan"]), /State:\s+shut off/);
     // And the domain starts again with fresh taps.
     ok(tb!, "a", ["start", "--paused", "orphan"]);

@@ -167,6 +167,8 @@ describe("UEFI and TPM guests across a migration", { timeout: 900_000 }, () => {
       {
         name: "tpm",
         tpm: "tpm-crb",
+        // SPICE: its clients are pointed at the destination's display before the switchover.
+        graphics: "spice",
         ip: `${addr}/24`,
         disks: [{ target: "vda", source: `${IMG}/tpm.qcow2` }],
         nics: [{ type: "bridge", source: "br0" }],
@@ -194,6 +196,7 @@ describe("UEFI and TPM guests across a migration", { timeout: 900_000 }, () => {
       tb!.b.uri,
     ]);
     assert.equal(await get(`http://${addr}/cgi-bin/pcr16`), pcr, "PCR 16 as the source left it");
+    assert.match(ok(tb!, "b", ["domdisplay", "tpm"]), /^spice:\/\/127\.0\.0\.1:59\d\d\n$/);
     assert.ok(
       fs.readdirSync(tb!.b.hostPath(tpmDir)).some((f) => f.endsWith(".permall")),
       "the destination's swtpm keeps it",

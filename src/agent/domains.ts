@@ -45,18 +45,8 @@ export interface RunningDomain {
   status: RunState;
   /** Arrived by migration and not yet resumed (--suspend): announce its MACs when it is resumed. */
   announceOnResume?: boolean;
-}
-
-/**
- * Announces the guest's MACs after it has moved, so the bridges and switches learn its new port: QEMU sends a
- * RARP per NIC (and asks a virtio-net guest to send its own gratuitous ARPs), 5 rounds 50, 150, 250 and
- * 350 ms apart. QEMU 7.2 announces once by itself when the incoming migration completes, with the same
- * defaults, but that is while the guest is still paused: its packets wait in QEMU's queue until the resume,
- * so the announcement is repeated once the guest runs.
- */
-export async function announce(run: RunningDomain): Promise<void> {
-  if (!run.def.interfaces.length) return;
-  await run.qmp.raw("announce-self", { initial: 50, max: 550, rounds: 5, step: 100 });
+  /** Settles when this run's host resources and runtime record are gone (see DomainRegistry.ended). */
+  ended?: Promise<void>;
 }
 
 export interface DomainEntry {
@@ -69,6 +59,11 @@ export interface DomainEntry {
   job?: { kind: string; describe(): Record<string, unknown>; abort(): Promise<void> };
   lastJob?: Record<string, unknown>;
   lock: Mutex;
+  /**
+   * What goes with a transient domain when it is dropped (stops, or is undefined while stopped): its TPM
+   * state (the default for transient domains, as in libvirt) and, after `undefine --nvram`, its NVRAM.
+   */
+  dropWith?: { nvram?: string; tpm: boolean };
 }
 
 interface RuntimeRecord {
@@ -169,16 +164,14 @@ export class DomainRegistry {
 
   /** Loads definitions and reattaches to QEMU processes that survived an agent restart. */
   async load(): Promise<void> {
-    await this.loadEntries();
-    const running = new Set(
-      this.list()
-        .filter((e) => e.running)
-        .map((e) => e.name),
-    );
-    await reconcileResources(this.state, running, this.log);
+    // Whether or not reattaching works, a live QEMU keeps its taps and swtpm: only the dead lose theirs.
+    const alive = await this.loadEntries();
+    await reconcileResources(this.state, alive, this.log);
   }
 
-  private async loadEntries(): Promise<void> {
+  /** Loads definitions and runtime records; answers the names whose QEMU is still alive. */
+  private async loadEntries(): Promise<Set<string>> {
+    const alive = new Set<string>();
     for (const f of fs.readdirSync(this.state.domainsDir).filter((f) => f.endsWith(".xml"))) {
       try {
         const { def } = parseDomainXml(fs.readFileSync(`${this.state.domainsDir}/${f}`, "utf8"));
@@ -196,14 +189,20 @@ export class DomainRegistry {
         fs.rmSync(file, { force: true });
         continue;
       }
+      if (!Number.isInteger(rec.pid) || !Number.isInteger(rec.id) || typeof rec.name !== "string") {
+        this.log.error({ file }, "not a runtime record; left alone");
+        continue;
+      }
       this.nextId = Math.max(this.nextId, rec.id + 1);
       if (!pidAlive(rec.pid) || !processRuns(rec.pid, "qemu", true)) {
         this.log.info({ domain: rec.name, pid: rec.pid }, "QEMU exited while the agent was down");
         this.removeRuntime(rec.name);
         continue;
       }
+      alive.add(rec.name);
+      let qmp: QmpClient | undefined;
       try {
-        const qmp = await QmpClient.connect(this.state.qmpSocket(rec.name), { waitMs: 2000 });
+        qmp = await QmpClient.connect(this.state.qmpSocket(rec.name), { waitMs: 2000 });
         const { def } = parseDomainXml(rec.xml);
         let entry = this.entries.get(rec.name);
         if (!entry) {
@@ -223,12 +222,15 @@ export class DomainRegistry {
         });
         this.log.info({ domain: rec.name, pid: rec.pid, status }, "reattached to running QEMU");
       } catch (err) {
+        // QEMU takes one QMP client: let go of it, so that a later agent can try again.
+        qmp?.close();
         this.log.error(
           { domain: rec.name, pid: rec.pid, err: (err as Error).message },
           "cannot reattach to QEMU",
         );
       }
     }
+    return alive;
   }
 
   list(): DomainEntry[] {
@@ -293,6 +295,7 @@ export class DomainRegistry {
     if (existing) {
       existing.def = def;
       existing.persistent = true;
+      existing.dropWith = undefined;
     } else {
       this.entries.set(def.name, { name: def.name, def, persistent: true, lock: new Mutex() });
     }
@@ -320,17 +323,50 @@ export class DomainRegistry {
     }
     fs.rmSync(this.state.definition(name), { force: true });
     e.persistent = false;
-    if (!e.running) {
-      if (nvram && opts.nvram === "remove") fs.rmSync(nvram, { force: true });
-      if (e.def.tpm && !opts.keepTpm) this.removeTpmState(e.def);
-      this.entries.delete(name);
-    } else this.writeRuntime(e);
+    // A running domain goes on as a transient one; what the choices remove goes when it stops.
+    e.dropWith = { nvram: opts.nvram === "remove" ? nvram : undefined, tpm: !opts.keepTpm };
+    if (!e.running) this.dropTransient(e);
+    else this.writeRuntime(e);
     this.log.info({ domain: name }, "domain undefined");
+  }
+
+  /** Forgets a transient domain that has stopped, with what goes with it (`dropWith`). */
+  private dropTransient(e: DomainEntry): void {
+    this.entries.delete(e.name);
+    if (e.dropWith?.nvram) fs.rmSync(e.dropWith.nvram, { force: true });
+    if (e.dropWith?.tpm && e.def.tpm) this.removeTpmState(e.def);
   }
 
   /** Removes a domain's swtpm state (its TPM's keys and NVRAM). */
   removeTpmState(def: DomainDef): void {
-    fs.rmSync(tpmStateDir(this.state, def.uuid), { recursive: true, force: true });
+    fs.rmSync(this.tpmStateDir(def.uuid), { recursive: true, force: true });
+  }
+
+  /** Where a domain's swtpm state lives on this host. */
+  tpmStateDir(uuid: string): string {
+    return tpmStateDir(this.state, uuid);
+  }
+
+  /** Where this host keeps NVRAM files by default. */
+  get nvramDir(): string {
+    return nvramDir(this.state);
+  }
+
+  /**
+   * Announces a guest's MACs after it has moved, so the bridges and switches learn its new port: QEMU sends
+   * a RARP per NIC (and asks a virtio-net guest to send its own gratuitous ARPs), 5 rounds 50, 150, 250 and
+   * 350 ms apart. QEMU 7.2 announces once by itself when the incoming migration completes, with the same
+   * defaults, but the guest is still paused then: the packets wait in QEMU's queue until the resume, so
+   * the announcement is repeated once the guest runs. The guest runs here either way: a failure is logged,
+   * never thrown (the caller must not undo a resume because of it).
+   */
+  async announce(run: RunningDomain): Promise<void> {
+    if (!run.def.interfaces.length) return;
+    await run.qmp
+      .raw("announce-self", { initial: 50, max: 550, rounds: 5, step: 100 })
+      .catch((err: unknown) =>
+        this.log.warn({ domain: run.def.name, err: errorMessage(err) }, "cannot announce the guest's MACs"),
+      );
   }
 
   /** Adds a transient domain (not yet running), e.g. the destination side of a migration. */
@@ -338,7 +374,13 @@ export class DomainRegistry {
     if (this.entries.has(def.name)) {
       throw new DomainStateError("E_DOMAIN_EXISTS", `domain '${def.name}' already exists on this host`);
     }
-    const e: DomainEntry = { name: def.name, def, persistent: false, lock: new Mutex() };
+    const e: DomainEntry = {
+      name: def.name,
+      def,
+      persistent: false,
+      lock: new Mutex(),
+      dropWith: { tpm: true },
+    };
     this.entries.set(def.name, e);
     return e;
   }
@@ -355,6 +397,7 @@ export class DomainRegistry {
     const def = e.running?.def ?? e.def;
     writeFileAtomic(this.state.definition(name), domainToXml(def));
     e.persistent = true;
+    e.dropWith = undefined;
     e.def = def;
     if (e.running) this.writeRuntime(e);
   }
@@ -404,6 +447,7 @@ export class DomainRegistry {
       );
       launched = await launchQemu(args, this.state.qmpSocket(name), this.state.qemuLog(name), res.passFds);
     } catch (err) {
+      res.settle();
       await releaseResources(this.state, name, this.log);
       throw err;
     } finally {
@@ -421,6 +465,8 @@ export class DomainRegistry {
       status: "prelaunch",
     };
     this.attach(e, run);
+    // QEMU holds the taps now, and the live definition (seen by displayPortsInUse) has the ports.
+    res.settle();
     this.writeRuntime(e);
     try {
       await this.configureGuest(run, opts.incoming === true);
@@ -488,12 +534,24 @@ export class DomainRegistry {
   private async onQemuGone(e: DomainEntry, run: RunningDomain): Promise<void> {
     for (let i = 0; i < 50 && pidAlive(run.pid); i++) await sleep(100);
     if (pidAlive(run.pid)) process.kill(run.pid, "SIGKILL");
-    if (e.running !== run) return;
-    e.running = undefined;
-    await this.releaseHost(e.name);
-    this.removeRuntime(e.name);
-    if (!e.persistent && !e.job) this.entries.delete(e.name);
-    this.log.info({ domain: e.name, pid: run.pid }, "QEMU exited; domain is shut off");
+    await this.ended(e, run);
+  }
+
+  /**
+   * The end of one run, once its QEMU is gone, whoever noticed first (kill, or the QMP connection closing):
+   * its taps, macvtaps and swtpm are removed, then its runtime record, and only then does the domain stop
+   * counting as running, so that no new start of it can begin before the old one is cleaned up.
+   */
+  private ended(e: DomainEntry, run: RunningDomain): Promise<void> {
+    run.ended ??= (async () => {
+      await this.releaseHost(e.name);
+      if (e.running !== run) return;
+      this.removeRuntime(e.name);
+      e.running = undefined;
+      if (!e.persistent && !e.job) this.dropTransient(e);
+      this.log.info({ domain: e.name, pid: run.pid }, "QEMU exited; domain is shut off");
+    })();
+    return run.ended;
   }
 
   /** Refreshes the run state from QEMU (events can be missed across an agent restart). */
@@ -531,12 +589,7 @@ export class DomainRegistry {
     for (let i = 0; i < 50 && pidAlive(run.pid); i++) await sleep(100);
     run.qmp.close();
     await run.qmp.closed;
-    if (e.running === run) {
-      e.running = undefined;
-      await this.releaseHost(e.name);
-      this.removeRuntime(e.name);
-      if (!e.persistent && !e.job) this.entries.delete(e.name);
-    }
+    await this.ended(e, run);
   }
 
   async shutdown(name: string): Promise<void> {
@@ -559,7 +612,7 @@ export class DomainRegistry {
     e.running.status = "running";
     if (e.running.announceOnResume) {
       e.running.announceOnResume = false;
-      await announce(e.running);
+      await this.announce(e.running);
     }
   }
 

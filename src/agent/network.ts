@@ -9,8 +9,9 @@
  *   so neither udev nor a shared /dev (two test hosts on one kernel) matters.
  * - libvirt network names map to bridges with `daemon --network NAME=BRIDGE`; `default` means virbr0
  *   when that bridge exists and no mapping says otherwise.
- * Every name created is recorded by the caller before creation (see DomainRegistry), so a restarted agent
- * can remove what a crashed one left.
+ * Every name created is recorded by the caller before creation (acquireResources), so a restarted agent
+ * can remove what a crashed one left; and every link made is tagged with the alias `nbdmig:DOMAIN`, so that
+ * removing one never takes a link of the same name that someone else made (libvirt's own vnet0, say).
  */
 import { execFile } from "node:child_process";
 import fs from "node:fs";
@@ -170,18 +171,22 @@ function mtuOf(name: string): number | undefined {
   }
 }
 
-/** Creates a persistent tap `name`, attached to `bridge` and up. */
+/** The alias nbdmig gives the links it makes for `domain`. */
+export const ownerAlias = (domain: string): string => `nbdmig:${domain}`;
+
+/** Creates a persistent tap `name` for `owner`, attached to `bridge` and up. */
 export async function createTap(
   name: string,
   bridge: string,
-  opts: { mtu?: number; queues?: number },
+  opts: { owner: string; mtu?: number; queues?: number },
 ): Promise<void> {
   await ip("tuntap", "add", "dev", name, "mode", "tap", ...((opts.queues ?? 1) > 1 ? ["multi_queue"] : []));
   try {
     const mtu = opts.mtu ?? mtuOf(bridge);
+    await ip("link", "set", "dev", name, "alias", ownerAlias(opts.owner));
     await ip("link", "set", "dev", name, ...(mtu ? ["mtu", String(mtu)] : []), "master", bridge, "up");
   } catch (err) {
-    await deleteLink(name);
+    await deleteLink(name); // made just now, by this call
     throw err;
   }
 }
@@ -193,10 +198,12 @@ export async function createTap(
 export async function createMacvtap(
   name: string,
   link: string,
-  opts: { mac: string; mtu?: number; queues?: number; nodeDir: string },
+  opts: { owner: string; mac: string; mtu?: number; queues?: number; nodeDir: string },
 ): Promise<{ fds: number[]; node: string }> {
   await ip("link", "add", "link", link, "name", name, "type", "macvtap", "mode", "bridge");
+  const fds: number[] = [];
   try {
+    await ip("link", "set", "dev", name, "alias", ownerAlias(opts.owner));
     await ip(
       "link",
       "set",
@@ -213,8 +220,13 @@ export async function createMacvtap(
     const node = path.join(opts.nodeDir, `${name}.tap`);
     fs.rmSync(node, { force: true });
     await run("mknod", ["-m", "0600", node, "c", major!, minor!]);
-    const fds: number[] = [];
-    for (let q = 0; q < (opts.queues ?? 1); q++) fds.push(fs.openSync(node, "r+"));
+    try {
+      for (let q = 0; q < (opts.queues ?? 1); q++) fds.push(fs.openSync(node, "r+"));
+    } catch (err) {
+      for (const fd of fds) fs.closeSync(fd);
+      fs.rmSync(node, { force: true });
+      throw err;
+    }
     return { fds, node };
   } catch (err) {
     await deleteLink(name);
@@ -224,11 +236,28 @@ export async function createMacvtap(
   }
 }
 
-/** Removes a tap or macvtap (and our device node for it); a missing one is not an error. */
-export async function deleteLink(name: string, node?: string): Promise<void> {
-  if (node) fs.rmSync(node, { force: true });
-  if (!linkExists(name)) return;
+/**
+ * Removes a tap or macvtap (and our device node for it); a missing one is not an error. With `owner`, only a
+ * link that carries owner's alias goes: a record may name a link that someone else made under that name.
+ * Answers whether a link was left because it is not ours.
+ */
+export async function deleteLink(
+  name: string,
+  opts: { node?: string; owner?: string } = {},
+): Promise<boolean> {
+  if (opts.node) fs.rmSync(opts.node, { force: true });
+  if (!linkExists(name)) return false;
+  if (opts.owner !== undefined) {
+    let alias = "";
+    try {
+      alias = fs.readFileSync(path.join(SYS, name, "ifalias"), "utf8").trim();
+    } catch {
+      /* no alias */
+    }
+    if (alias !== ownerAlias(opts.owner)) return true;
+  }
   await ip("link", "del", "dev", name).catch(() => undefined);
+  return false;
 }
 
 /** vhost-net is used when /dev/vhost-net opens (and the guest runs under KVM). */
@@ -243,5 +272,12 @@ export function vhostNetUsable(): boolean {
 
 /** Opens `n` descriptors of /dev/vhost-net for a macvtap's queues (QEMU cannot open them by name). */
 export function openVhostFds(n: number): number[] {
-  return Array.from({ length: n }, () => fs.openSync("/dev/vhost-net", "r+"));
+  const fds: number[] = [];
+  try {
+    for (let i = 0; i < n; i++) fds.push(fs.openSync("/dev/vhost-net", "r+"));
+  } catch (err) {
+    for (const fd of fds) fs.closeSync(fd);
+    throw err;
+  }
+  return fds;
 }

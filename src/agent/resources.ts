@@ -1,8 +1,8 @@
 /**
  * What a guest needs from its host besides QEMU, made before QEMU starts and released when it exits:
  * taps and macvtaps, the swtpm process, the NVRAM file (created from its template at first start, and kept),
- * display ports, channel sockets. Each start writes `<run>/NAME.res.json` *before* creating anything, so an
- * agent that dies at any point leaves a record of exactly what to remove (see `reconcileResources`).
+ * display ports. Each start writes `<run>/resources/NAME.json` *before* creating anything, so an agent that
+ * dies at any point leaves a record of exactly what to remove (see `reconcileResources`).
  */
 import { execFile, spawn } from "node:child_process";
 import fs from "node:fs";
@@ -10,7 +10,7 @@ import net from "node:net";
 import path from "node:path";
 import { promisify } from "node:util";
 import type { Logger } from "pino";
-import { errorMessage, UsageError } from "../errors.js";
+import { assert, DomainXmlError, errorMessage, UsageError } from "../errors.js";
 import { hostNic, type DomainDef } from "../domain/model.js";
 import type { Accel, HostResources, NicBackend } from "../domain/qemu-args.js";
 import { pidAlive, processRuns } from "../qemu/launcher.js";
@@ -37,6 +37,8 @@ export interface ResourceRecord {
 
 export interface Acquired {
   record: ResourceRecord;
+  /** Ends this start's claim on tap names and ports: call once QEMU holds them (or failed to start). */
+  settle(): void;
   host: HostResources;
   /** The definition as it runs: tap names and display ports filled in. */
   live: DomainDef;
@@ -56,7 +58,14 @@ export interface ResourceContext {
   portsInUse: () => Set<number>;
 }
 
-const recordFile = (state: StateDir, name: string) => path.join(state.runDir, `${name}.res.json`);
+const recordFile = (state: StateDir, name: string) => path.join(state.resourcesDir, `${name}.json`);
+
+/**
+ * Tap names and display ports that a start has chosen but QEMU does not hold yet. Two domains starting at
+ * the same time (or a start beside a migration's Prepare) would otherwise both see `vnet0` or port 5900 free.
+ */
+const claimedNames = new Set<string>();
+const claimedPorts = new Set<number>();
 
 /** The swtpm state of a domain: one directory per UUID, as libvirt keeps it. */
 export const tpmStateDir = (state: StateDir, uuid: string): string => path.join(state.root, "swtpm", uuid);
@@ -81,6 +90,12 @@ export async function acquireResources(
   const warnings: string[] = [];
   const nics: NicBackend[] = [];
   const save = () => writeFileAtomic(recordFile(ctx.state, def.name), JSON.stringify(record, null, 2));
+  const names: string[] = [];
+  const ports: number[] = [];
+  const settle = () => {
+    for (const n of names) claimedNames.delete(n);
+    for (const p of ports) claimedPorts.delete(p);
+  };
   save();
   try {
     checkNetworks(def, ctx);
@@ -101,19 +116,22 @@ export async function acquireResources(
         warnings.push(`interface ${nic.mac}: runs without vhost-net under TCG`);
       const useVhost = vhost && nic.driver !== "qemu";
       const at = attachmentOf(nic, ctx.networks, ctx.hostLabel);
-      const name = chooseNicName(nic, taken);
+      const name = chooseNicName(nic, new Set([...taken, ...claimedNames]));
       taken.add(name);
+      claimedNames.add(name);
+      names.push(name);
       live.interfaces[i]!.targetDev = name;
       if (at.kind === "bridge") {
         record.nics.push({ name, kind: "tap" });
         save();
-        await createTap(name, at.bridge, { mtu: nic.mtu, queues: nic.queues });
+        await createTap(name, at.bridge, { owner: def.name, mtu: nic.mtu, queues: nic.queues });
         nics.push({ kind: "tap", ifname: name, vhost: useVhost });
       } else if (at.kind === "direct") {
         const node = path.join(ctx.state.runDir, `${name}.tap`);
         record.nics.push({ name, kind: "macvtap", node });
         save();
         const { fds } = await createMacvtap(name, at.link, {
+          owner: def.name,
           mac: nic.mac,
           mtu: nic.mtu,
           queues: nic.queues,
@@ -136,13 +154,17 @@ export async function acquireResources(
         "features/hyperv: Hyper-V enlightenments need KVM; this start runs under TCG without them",
       );
 
-    await choosePorts(live, ctx.portsInUse());
+    ports.push(...(await choosePorts(live, new Set([...ctx.portsInUse(), ...claimedPorts]))));
+    for (const p of ports) claimedPorts.add(p);
 
     const fw = def.os.firmware;
     if (fw.nvram?.path && !fs.existsSync(fw.nvram.path)) {
-      if (opts.incoming) throw new UsageError(`NVRAM ${fw.nvram.path} was not created by Prepare`);
+      assert(!opts.incoming, `Prepare creates the NVRAM ${fw.nvram.path} of an incoming migration`);
       if (!fw.nvram.template)
-        throw new UsageError(`NVRAM ${fw.nvram.path} does not exist and has no template`);
+        throw new DomainXmlError(
+          "domain/os/nvram",
+          `${fw.nvram.path} does not exist and the definition names no template to create it from; add <nvram template='...'> (e.g. /usr/share/OVMF/OVMF_VARS_4M.fd) or restore the file`,
+        );
       fs.mkdirSync(path.dirname(fw.nvram.path), { recursive: true, mode: 0o700 });
       // The first start creates the variable store from its template; it is kept like a disk afterwards.
       fs.copyFileSync(fw.nvram.template, `${fw.nvram.path}.tmp`);
@@ -166,44 +188,58 @@ export async function acquireResources(
       channelSocket: (ch) => path.join(ctx.state.runDir, `${def.name}.${ch}.sock`),
       consoleLog: (port) => path.join(ctx.state.logDir, `${def.name}.console${port}.log`),
     };
-    return { record, host, live, passFds, warnings };
+    return { record, settle, host, live, passFds, warnings };
   } catch (err) {
+    settle();
     for (const fd of passFds) fs.closeSync(fd);
     await releaseResources(ctx.state, def.name, ctx.log);
     throw err;
   }
 }
 
-/** Picks a free port for every display with autoport, 5900 and up (VNC) or 5900 and up (SPICE). */
-async function choosePorts(live: DomainDef, inUse: Set<number>): Promise<void> {
+/** Picks a free port, 5900 and up, for every display with autoport; answers the ports it picked. */
+async function choosePorts(live: DomainDef, inUse: Set<number>): Promise<number[]> {
+  const picked: number[] = [];
   for (const g of live.graphics) {
     if (g.listen === "none") continue;
     if (!g.autoport) {
-      if (!(await portFree(g.listen, g.port!)))
+      const why = await portTaken(g.listen, g.port!);
+      if (why === "EADDRNOTAVAIL") throw notHere(g.type, g.listen);
+      if (why)
         throw new UsageError(
           `${g.type} port ${g.port} on ${g.listen} is in use here; pick another or use autoport='yes'`,
         );
       continue;
     }
     let p = 5900;
-    while (
-      inUse.has(p) ||
-      live.graphics.some((o) => o !== g && o.port === p) ||
-      !(await portFree(g.listen, p))
-    )
-      p++;
-    if (p > 65535) throw new UsageError(`no free port for the ${g.type} display`);
+    for (; p <= 65535; p++) {
+      if (inUse.has(p) || live.graphics.some((o) => o !== g && o.port === p)) continue;
+      const why = await portTaken(g.listen, p);
+      if (why === "EADDRNOTAVAIL") throw notHere(g.type, g.listen);
+      if (!why) break;
+    }
+    if (p > 65535) throw new UsageError(`no free port from 5900 up on ${g.listen} for the ${g.type} display`);
     g.port = p;
     inUse.add(p);
+    picked.push(p);
   }
+  return picked;
 }
 
-function portFree(host: string, port: number): Promise<boolean> {
+/** Why `port` cannot be bound on `host` (an errno code such as EADDRINUSE), or undefined when it can. */
+function portTaken(host: string, port: number): Promise<string | undefined> {
   return new Promise((resolve) => {
     const s = net.createServer();
-    s.once("error", () => resolve(false));
-    s.listen({ host, port, exclusive: true }, () => s.close(() => resolve(true)));
+    s.once("error", (err: NodeJS.ErrnoException) => resolve(err.code ?? "error"));
+    s.listen({ host, port, exclusive: true }, () => s.close(() => resolve(undefined)));
   });
+}
+
+function notHere(type: string, listen: string): UsageError {
+  return new DomainXmlError(
+    "domain/devices/graphics/@listen",
+    `the ${type} display listens on ${listen}, which is not an address of this host; use 0.0.0.0 (every address), 127.0.0.1, or an address every host of the cluster has`,
+  );
 }
 
 async function startSwtpm(
@@ -224,6 +260,7 @@ async function startSwtpm(
         "--tpmstate",
         dir,
         "--createek",
+        ...(def.tpm!.pcrBanks ? ["--pcr-banks", def.tpm!.pcrBanks.join(",")] : []),
         "--not-overwrite",
       ]);
     } catch (err) {
@@ -251,10 +288,13 @@ async function startSwtpm(
   ];
   const child = spawn("swtpm", args, { detached: true, stdio: ["ignore", "ignore", "pipe"] });
   let stderr = "";
+  let spawnError: Error | undefined;
+  child.once("error", (err) => (spawnError = err));
   child.stderr.on("data", (b: Buffer) => (stderr += b.toString()));
   child.unref();
   const deadline = Date.now() + 10_000;
   while (!fs.existsSync(p.socket)) {
+    if (spawnError) throw new UsageError(`cannot run swtpm for ${def.name}: ${spawnError.message}`);
     if (child.exitCode !== null || child.signalCode !== null)
       throw new UsageError(`swtpm for ${def.name} exited: ${stderr.trim() || "see " + log}`);
     if (Date.now() > deadline) throw new UsageError(`swtpm for ${def.name} did not create ${p.socket}`);
@@ -273,16 +313,19 @@ export async function releaseResources(state: StateDir, name: string, log: Logge
     return;
   }
   for (const n of rec.nics) {
-    await deleteLink(n.name, n.node).catch((err: unknown) =>
-      log.error({ domain: name, link: n.name, err: errorMessage(err) }, "cannot remove a tap"),
-    );
+    const foreign = await deleteLink(n.name, { node: n.node, owner: name }).catch((err: unknown) => {
+      log.error({ domain: name, link: n.name, err: errorMessage(err) }, "cannot remove a tap");
+      return false;
+    });
+    if (foreign) log.warn({ domain: name, link: n.name }, "left a link of that name: nbdmig did not make it");
   }
   if (rec.swtpm) {
     const pid = readPid(rec.swtpm.pidFile);
     if (pid && pidAlive(pid) && processRuns(pid, "swtpm")) {
-      process.kill(pid, "SIGTERM");
+      // swtpm ends by itself with QEMU (--terminate), so it may be gone by the time it is signalled.
+      signal(pid, "SIGTERM");
       for (let i = 0; i < 30 && pidAlive(pid); i++) await new Promise((r) => setTimeout(r, 50));
-      if (pidAlive(pid)) process.kill(pid, "SIGKILL");
+      if (pidAlive(pid)) signal(pid, "SIGKILL");
     }
     fs.rmSync(rec.swtpm.pidFile, { force: true });
     fs.rmSync(rec.swtpm.socket, { force: true });
@@ -294,11 +337,19 @@ export async function releaseResources(state: StateDir, name: string, log: Logge
 
 /** At agent start: releases the resources of every domain whose QEMU is no longer running. */
 export async function reconcileResources(state: StateDir, running: Set<string>, log: Logger): Promise<void> {
-  for (const f of fs.readdirSync(state.runDir).filter((x) => x.endsWith(".res.json"))) {
-    const name = f.slice(0, -".res.json".length);
+  for (const f of fs.readdirSync(state.resourcesDir).filter((x) => x.endsWith(".json"))) {
+    const name = f.slice(0, -".json".length);
     if (running.has(name)) continue;
     log.warn({ domain: name }, "removing host resources left by a QEMU that exited while the agent was down");
     await releaseResources(state, name, log);
+  }
+}
+
+function signal(pid: number, sig: NodeJS.Signals): void {
+  try {
+    process.kill(pid, sig);
+  } catch {
+    /* already gone */
   }
 }
 

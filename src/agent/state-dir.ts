@@ -16,6 +16,10 @@ export class StateDir {
   get logDir(): string {
     return path.join(this.root, "log");
   }
+  /** What each start made on the host (taps, swtpm): `NAME.json`, removed when its QEMU exits. */
+  get resourcesDir(): string {
+    return path.join(this.runDir, "resources");
+  }
   /** Records of incoming migrations in progress: what to remove if the agent dies before they end. */
   get migrationsDir(): string {
     return path.join(this.root, "migrations");
@@ -44,7 +48,14 @@ export class StateDir {
   }
 
   init(): void {
-    for (const d of [this.root, this.domainsDir, this.runDir, this.logDir, this.migrationsDir])
+    for (const d of [
+      this.root,
+      this.domainsDir,
+      this.runDir,
+      this.resourcesDir,
+      this.logDir,
+      this.migrationsDir,
+    ])
       fs.mkdirSync(d, { recursive: true, mode: 0o700 });
   }
 

@@ -84,8 +84,8 @@ export interface InterfaceDef {
   driver?: "vhost" | "qemu";
   /** Queue pairs (multiqueue virtio-net); 1 when absent. */
   queues?: number;
-  /** `<rom bar='off'/>` or `<rom enabled='no'/>`: no option ROM (no PXE). */
-  romOff?: boolean;
+  /** `<rom bar='off'/>`: the ROM is not in a PCI BAR (but still loaded); `<rom enabled='no'/>`: no ROM at all. */
+  rom?: "no-bar" | "disabled";
   address?: DeviceAddress;
 }
 
@@ -164,6 +164,8 @@ export interface InputDef {
 
 export interface SoundDef {
   model: "ich9" | "ich6" | "ac97";
+  /** The HDA codec (`<codec type>`); duplex when absent. */
+  codec?: "micro" | "output";
   address?: DeviceAddress;
 }
 
@@ -183,6 +185,8 @@ export interface MemballoonDef {
 export interface TpmDef {
   model: "tpm-crb" | "tpm-tis";
   version: "2.0" | "1.2";
+  /** `<active_pcr_banks>`: the PCR banks a new TPM 2.0 is manufactured with (swtpm_setup's default else). */
+  pcrBanks?: string[];
 }
 
 export interface WatchdogDef {

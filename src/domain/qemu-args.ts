@@ -10,9 +10,11 @@
  *   nameless ones ("Error unknown block device"), so the agent uses this layout wherever its QEMU still
  *   has block migration (README, Architecture). The UEFI variable store follows the same layout.
  *
- * Devices are emitted in groups: PCI controllers, then devices with an explicit PCI address, then the ones
- * QEMU places itself, then devices on other buses. QEMU places a device in the first free slot when it
- * is created, so a device with a fixed address that came later could find its slot taken.
+ * Devices are emitted in groups: everything with a fixed slot on the root bus (controllers and devices),
+ * then PCI controllers without an address, then fixed slots on the other buses, then what QEMU places
+ * itself, then devices on other kinds of bus (USB, SCSI, virtio-serial). QEMU places a device in the first
+ * free slot when it is created, so a device with a fixed slot that came later could find it taken; and a
+ * bus must exist before its devices (libvirt numbers a controller after the one it sits on).
  */
 import { assert } from "../errors.js";
 import {
@@ -73,14 +75,21 @@ export const FIRMWARE_NODE = "firmware";
 /** The QEMU id of interface i (its netdev has the same id). */
 export const nicId = (i: number): string => `net${i}`;
 
-/** Ordering groups of -device arguments (see the header). */
-const G_PCI_CONTROLLER = 0;
-const G_FIXED = 1;
-const G_AUTO_CONTROLLER = 2;
-const G_AUTO = 3;
+/** Ordering groups of -device arguments (see the header); a group keeps the order of insertion. */
+const G_ROOT_FIXED = 0;
+const G_AUTO_PCI_CONTROLLER = 1;
+const G_FIXED = 2;
+const G_AUTO_CONTROLLER = 3;
+const G_AUTO = 4;
 /** USB hubs, before the USB devices that may sit on them. */
-const G_HUB = 4;
-const G_CHILD = 5;
+const G_HUB = 5;
+const G_CHILD = 6;
+
+/** The group of a PCI device or controller: by its address, or `auto` when it has none. */
+function slotGroup(addr: DeviceAddress | undefined, auto: number): number {
+  if (addr?.type !== "pci") return auto;
+  return addr.bus === 0 ? G_ROOT_FIXED : G_FIXED;
+}
 
 interface Dev {
   group: number;
@@ -93,7 +102,7 @@ export function buildQemuArgs(def: DomainDef, opts: QemuArgsOptions): string[] {
   const a: string[] = [];
   const devs: Dev[] = [];
   const dev = (group: number, ...args: string[]) => devs.push({ group, args });
-  const pciGroup = (addr: DeviceAddress | undefined) => (addr?.type === "pci" ? G_FIXED : G_AUTO);
+  const pciGroup = (addr: DeviceAddress | undefined) => slotGroup(addr, G_AUTO);
 
   a.push("-name", `guest=${def.name},debug-threads=on`);
   a.push("-uuid", def.uuid);
@@ -113,7 +122,7 @@ export function buildQemuArgs(def: DomainDef, opts: QemuArgsOptions): string[] {
   a.push("-chardev", `socket,id=qmp,path=${opts.qmpSocket},server=on,wait=off`);
   a.push("-mon", "chardev=qmp,mode=control");
   a.push(...firmwareArgs(def, layout));
-  a.push(...clockArgs(def));
+  a.push(...clockArgs(def, opts.accel));
   a.push(...pmArgs(def, q35));
   if (def.os.kernel) a.push("-kernel", def.os.kernel);
   if (def.os.initrd) a.push("-initrd", def.os.initrd);
@@ -128,7 +137,7 @@ export function buildQemuArgs(def: DomainDef, opts: QemuArgsOptions): string[] {
     if (def.os.bootmenu.timeoutMs !== undefined) bootOpts.push(`splash-time=${def.os.bootmenu.timeoutMs}`);
   }
   if (bootOpts.length) a.push("-boot", bootOpts.join(","));
-  if (def.onReboot === "destroy") a.push("-no-reboot");
+  a.push(...actionArgs(def));
 
   // Serial ports: port 0 goes to the console log, the others exist for the guest but lead nowhere.
   for (const s of [...def.serials].sort((x, y) => x.port - y.port)) {
@@ -180,7 +189,11 @@ export function buildQemuArgs(def: DomainDef, opts: QemuArgsOptions): string[] {
         "-device",
         `${s.model === "ich9" ? "ich9-intel-hda" : "intel-hda"},id=sound${i}${addr}`,
       );
-      dev(G_CHILD, "-device", `hda-duplex,id=sound${i}-codec0,bus=sound${i}.0,cad=0,audiodev=audio1`);
+      dev(
+        G_CHILD,
+        "-device",
+        `hda-${s.codec ?? "duplex"},id=sound${i}-codec0,bus=sound${i}.0,cad=0,audiodev=audio1`,
+      );
     }
   });
 
@@ -280,7 +293,7 @@ function machineArg(def: DomainDef, layout: DiskLayout): string {
 }
 
 /** Hyper-V enlightenments as QEMU's CPU flags (KVM only; QEMU's TCG has none of them). */
-const HV_FLAGS: Record<string, string> = {
+export const HV_FLAGS: Record<string, string> = {
   relaxed: "hv-relaxed",
   vapic: "hv-vapic",
   spinlocks: "hv-spinlocks",
@@ -313,14 +326,36 @@ function cpuArg(def: DomainDef, accel: Accel): string {
   if (def.clock.timers.some((t) => t.name === "hypervclock" && t.present !== false) && def.features.hyperv)
     flags.push("hv-time=on");
   if (def.panics.some((p) => p.model === "hyperv")) flags.push("hv-crash=on");
+  if (def.clock.timers.some((t) => t.name === "kvmclock" && t.present === false)) flags.push("kvmclock=off");
   if (def.features.kvmHidden) flags.push("kvm=off");
   return flags.join(",");
 }
 
-function clockArgs(def: DomainDef): string[] {
+/**
+ * What QEMU does on poweroff, reboot and panic (`-action`), after on_poweroff, on_reboot and on_crash. A
+ * panic is seen only with a panic device: destroy ends QEMU (QEMU's default, shutdown), preserve and the
+ * coredump actions pause the guest (nbdmig takes no core dumps), restart leaves the panic to the guest
+ * (Linux with panic=N and Windows reboot by themselves). The parser warns where these differ from libvirt.
+ */
+function actionArgs(def: DomainDef): string[] {
+  const a: string[] = [];
+  if (def.onReboot === "destroy") a.push("-no-reboot");
+  if (def.onPoweroff === "preserve") a.push("-action", "shutdown=pause");
+  const crash = def.onCrash;
+  if (crash === "preserve" || crash === "coredump-destroy") a.push("-action", "panic=pause");
+  else if (crash === "restart" || crash === "rename-restart" || crash === "coredump-restart")
+    a.push("-action", "panic=none");
+  return a;
+}
+
+function clockArgs(def: DomainDef, accel: Accel): string[] {
   const rtc = [`base=${def.clock.offset}`];
   if (def.clock.timers.some((t) => t.name === "rtc" && t.tickpolicy === "catchup")) rtc.push("driftfix=slew");
-  return ["-rtc", rtc.join(",")];
+  const a = ["-rtc", rtc.join(",")];
+  // The PIT's lost ticks are KVM's in-kernel PIT's to handle; TCG's PIT has no such policy.
+  const pit = def.clock.timers.find((t) => t.name === "pit")?.tickpolicy;
+  if (pit && accel === "kvm") a.push("-global", `kvm-pit.lost_tick_policy=${pit}`);
+  return a;
 }
 
 function pmArgs(def: DomainDef, q35: boolean): string[] {
@@ -409,9 +444,9 @@ function controllerDevs(def: DomainDef, q35: boolean, dev: (group: number, ...ar
     if (c.chassis !== undefined) p.push(`chassis=${c.chassis}`);
     if (c.model === "pci-bridge") p.push(`chassis_nr=${c.chassisNr ?? c.index}`);
     p.push(`id=${pciBus(def, c.index)}`);
-    dev(G_PCI_CONTROLLER, "-device", p.join(",") + pciProps(def, c.address));
+    dev(slotGroup(c.address, G_AUTO_PCI_CONTROLLER), "-device", p.join(",") + pciProps(def, c.address));
   }
-  const grp = (c: ControllerDef) => (c.address?.type === "pci" ? G_FIXED : G_AUTO_CONTROLLER);
+  const grp = (c: ControllerDef) => slotGroup(c.address, G_AUTO_CONTROLLER);
   for (const c of def.controllers) {
     const addr = pciProps(def, c.address);
     switch (c.type) {
@@ -569,7 +604,8 @@ function nicDevice(def: DomainDef, nic: InterfaceDef, i: number): string {
   if (q > 1) p.push("mq=on", `vectors=${2 * q + 2}`);
   if (nic.mtu !== undefined && nic.model === "virtio") p.push(`host_mtu=${nic.mtu}`);
   if (nic.bootOrder !== undefined) p.push(`bootindex=${nic.bootOrder}`);
-  if (nic.romOff) p.push("romfile=");
+  if (nic.rom === "disabled") p.push("romfile=");
+  else if (nic.rom === "no-bar") p.push("rombar=0");
   return p.join(",") + pciProps(def, nic.address);
 }
 

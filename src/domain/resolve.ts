@@ -4,8 +4,8 @@
  * - the machine type becomes a versioned one (q35 -> pc-q35-7.2; none -> QEMU's default), and must be one
  *   this QEMU lists;
  * - `<os firmware='efi'>` becomes a concrete `<loader>` and `<nvram template>` from QEMU's firmware
- *   descriptors; an explicit loader without a template gets the template of its descriptor; the NVRAM
- *   path defaults to the agent's state directory;
+ *   descriptors; an explicit loader without a template gets the template of its descriptor (and needs
+ *   none when its NVRAM file exists); the NVRAM path defaults to the agent's state directory;
  * - what this host cannot give the guest (SPICE, a device model, swtpm, the firmware files) is an error
  *   naming the element and the fix.
  * `checkForHost` re-checks an already resolved definition (a migration's destination, an agent restart)
@@ -106,15 +106,16 @@ function resolveFirmware(def: DomainDef, host: HostCaps): void {
   }
   if (fw.loader?.type === "pflash") {
     fw.nvram ??= { path: "" };
-    if (!fw.nvram.template && !fw.nvram.path) {
-      const d = descriptorForCode(host.firmware, fw.loader.path);
-      if (!d)
-        throw new DomainXmlError(
-          "domain/os/nvram",
-          `no NVRAM template is known for ${fw.loader.path}; add <nvram template='...'> (e.g. the matching OVMF_VARS file)`,
-        );
-      fw.nvram.template = d.nvramTemplate;
+    // The template of the loader's descriptor, unless one is given; an existing NVRAM file needs none.
+    if (!fw.nvram.template)
+      fw.nvram.template = descriptorForCode(host.firmware, fw.loader.path)?.nvramTemplate;
+    if (!fw.nvram.template && !(fw.nvram.path && fs.existsSync(fw.nvram.path))) {
+      throw new DomainXmlError(
+        "domain/os/nvram",
+        `no NVRAM template is known for ${fw.loader.path} (no firmware descriptor names it); add <nvram template='...'> with the matching OVMF_VARS file`,
+      );
     }
+    if (!fw.nvram.template) delete fw.nvram.template;
     if (!fw.nvram.path) fw.nvram.path = path.join(host.nvramDir, `${def.name}_VARS.fd`);
   }
 }

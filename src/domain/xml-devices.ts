@@ -154,9 +154,18 @@ export function parseDevices(
         if (d.tpm) throw new DomainXmlError(dev.path, "only one <tpm> is allowed");
         d.tpm = parseTpm(dev);
         break;
-      case "watchdog":
-        d.watchdogs.push(parseWatchdog(dev));
+      case "watchdog": {
+        const w = parseWatchdog(dev);
+        if (w.model === "itco" && !q35)
+          throw new DomainXmlError(
+            `${dev.path}/@model`,
+            "the iTCO watchdog is part of q35's chipset; use i6300esb on i440fx",
+          );
+        if (w.action === "dump")
+          warnings.push(`${dev.path}/@action: 'dump' pauses the guest; nbdmig takes no core dumps`);
+        d.watchdogs.push(w);
         break;
+      }
       case "panic": {
         const model = oneOf(dev, "model", ["isa", "hyperv"] as const, "isa");
         d.panics.push({ model });
@@ -734,7 +743,8 @@ function parseInterface(el: XmlElement, warnings: string[]): InterfaceDef {
   if (rom) {
     if (attr(rom, "file") !== undefined)
       throw new DomainXmlError(`${el.path}/rom/@file`, "a custom option ROM file is not supported");
-    if (parseSwitch(rom, "bar") === false || parseSwitch(rom, "enabled") === false) i.romOff = true;
+    if (parseSwitch(rom, "enabled") === false) i.rom = "disabled";
+    else if (parseSwitch(rom, "bar") === false) i.rom = "no-bar";
   }
   i.address = parseAddress(el);
   if (i.address && i.address.type !== "pci")
@@ -906,6 +916,11 @@ function parseGraphics(el: XmlElement, warnings: string[]): GraphicsDef {
     }
   }
   const g: GraphicsDef = { type, autoport, listen: listen ?? "127.0.0.1" };
+  if (type === "spice" && g.listen === "none")
+    throw new DomainXmlError(
+      `${el.path}/listen`,
+      "a SPICE display needs a listen address; give <listen type='address' address='127.0.0.1'/>",
+    );
   if (!autoport) g.port = port;
   else if (port > 0) g.port = port;
   const pw = attr(el, "passwd");
@@ -925,8 +940,17 @@ function parseGraphics(el: XmlElement, warnings: string[]): GraphicsDef {
 // -------------------------------------------------------------------------------- the remaining devices
 
 function parseSound(el: XmlElement): SoundDef {
+  const model = oneOf(el, "model", ["ich9", "ich6", "ac97"] as const);
+  const codecs = children(el, "codec");
+  if (codecs.length > 1 || (codecs.length && model === "ac97"))
+    throw new DomainXmlError(
+      `${el.path}/codec`,
+      "one codec, on an HDA sound card (ich6 or ich9), is supported",
+    );
+  const codec = codecs[0] ? oneOf(codecs[0], "type", ["duplex", "micro", "output"] as const) : "duplex";
   return {
-    model: oneOf(el, "model", ["ich9", "ich6", "ac97"] as const),
+    model,
+    ...(codec !== "duplex" ? { codec } : {}),
     address: parseAddress(el),
   };
 }
@@ -1003,7 +1027,15 @@ function parseTpm(el: XmlElement): TpmDef {
       `${el.path}/backend/@version`,
       "tpm-crb is a TPM 2.0 interface; use version='2.0'",
     );
-  return { model, version };
+  const banks = child(b, "active_pcr_banks");
+  const pcrBanks = banks?.children.map((c) => c.name);
+  for (const bank of pcrBanks ?? [])
+    if (!["sha1", "sha256", "sha384", "sha512"].includes(bank))
+      throw new DomainXmlError(
+        `${el.path}/backend/active_pcr_banks/${bank}`,
+        "not a PCR bank; use sha1, sha256, sha384 or sha512",
+      );
+  return { model, version, ...(pcrBanks?.length ? { pcrBanks } : {}) };
 }
 
 function parseWatchdog(el: XmlElement): WatchdogDef {

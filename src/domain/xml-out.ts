@@ -195,16 +195,24 @@ function devicesXml(def: DomainDef): string[] {
     out.push("    <video>", s, ...addressXml(v.address, "      "), "    </video>");
   }
   for (const snd of def.sounds) {
-    const a = addressXml(snd.address, "      ");
+    const inner = [
+      ...(snd.codec ? [`      <codec type='${snd.codec}'/>`] : []),
+      ...addressXml(snd.address, "      "),
+    ];
     out.push(
-      a.length
-        ? `    <sound model='${snd.model}'>\n${a.join("\n")}\n    </sound>`
+      inner.length
+        ? `    <sound model='${snd.model}'>\n${inner.join("\n")}\n    </sound>`
         : `    <sound model='${snd.model}'/>`,
     );
   }
   if (def.tpm) {
     out.push(`    <tpm model='${def.tpm.model}'>`);
-    out.push(`      <backend type='emulator' version='${def.tpm.version}'/>`);
+    const banks = def.tpm.pcrBanks?.map((b) => `<${b}/>`).join("");
+    out.push(
+      banks
+        ? `      <backend type='emulator' version='${def.tpm.version}'><active_pcr_banks>${banks}</active_pcr_banks></backend>`
+        : `      <backend type='emulator' version='${def.tpm.version}'/>`,
+    );
     out.push("    </tpm>");
   }
   for (const r of def.redirdevs) {
@@ -274,7 +282,8 @@ function interfaceXml(i: InterfaceDef): string[] {
   if (i.mtu !== undefined) out.push(`      <mtu size='${i.mtu}'/>`);
   if (i.linkDown) out.push("      <link state='down'/>");
   if (i.bootOrder !== undefined) out.push(`      <boot order='${i.bootOrder}'/>`);
-  if (i.romOff) out.push("      <rom bar='off'/>");
+  if (i.rom === "disabled") out.push("      <rom enabled='no'/>");
+  else if (i.rom === "no-bar") out.push("      <rom bar='off'/>");
   out.push(...addressXml(i.address, "      "));
   out.push("    </interface>");
   return out;

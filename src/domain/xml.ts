@@ -12,6 +12,7 @@
 import { randomUUID } from "node:crypto";
 import { DomainXmlError } from "../errors.js";
 import type { DomainDef, FirmwareDef, HypervFeature, LifecycleAction } from "./model.js";
+import { HV_FLAGS } from "./qemu-args.js";
 import { parseDevices } from "./xml-devices.js";
 import {
   attr,
@@ -156,6 +157,18 @@ export function parseDomainXml(xml: string): ParsedDomain {
   };
 
   const os = parseOs(requireChild(root, "os"), warnings);
+  const onCrash = lifecycle("on_crash", "destroy");
+  const onPoweroff = lifecycle("on_poweroff", "destroy");
+  const onReboot = lifecycle("on_reboot", "restart");
+  if (onCrash.startsWith("coredump"))
+    warnings.push(
+      `domain/on_crash: '${onCrash}' ${onCrash === "coredump-destroy" ? "pauses" : "restarts"} the guest; nbdmig takes no core dumps`,
+    );
+  if (onCrash === "rename-restart") warnings.push("domain/on_crash: 'rename-restart' is served as restart");
+  if (!["destroy", "preserve"].includes(onPoweroff))
+    warnings.push(`domain/on_poweroff: '${onPoweroff}' is served as destroy`);
+  if (!["restart", "destroy"].includes(onReboot))
+    warnings.push(`domain/on_reboot: '${onReboot}' is served as restart`);
   const partial = {
     type,
     name,
@@ -170,9 +183,9 @@ export function parseDomainXml(xml: string): ParsedDomain {
     features: parseFeatures(child(root, "features"), warnings),
     clock: parseClock(child(root, "clock"), warnings),
     pm: parsePm(child(root, "pm")),
-    onPoweroff: lifecycle("on_poweroff", "destroy"),
-    onReboot: lifecycle("on_reboot", "restart"),
-    onCrash: lifecycle("on_crash", "destroy"),
+    onPoweroff,
+    onReboot,
+    onCrash,
   };
   const devices = parseDevices(child(root, "devices"), partial, warnings);
   const def = dropUndefined({ ...partial, ...devices } as DomainDef);
@@ -403,7 +416,7 @@ function parseFeatures(el: XmlElement | undefined, warnings: string[]): DomainDe
         break;
       }
       case "hyperv":
-        f.hyperv = parseHyperv(c);
+        f.hyperv = parseHyperv(c, warnings);
         break;
       case "kvm":
         for (const k of c.children) {
@@ -428,7 +441,7 @@ function parseFeatures(el: XmlElement | undefined, warnings: string[]): DomainDe
   return f;
 }
 
-function parseHyperv(el: XmlElement): HypervFeature[] {
+function parseHyperv(el: XmlElement, warnings: string[]): HypervFeature[] {
   const mode = attr(el, "mode") ?? "custom";
   if (mode !== "custom") {
     throw new DomainXmlError(
@@ -441,6 +454,8 @@ function parseHyperv(el: XmlElement): HypervFeature[] {
     const state = parseSwitch(c, "state", true)! ? "on" : "off";
     const value =
       c.name === "spinlocks" ? attr(c, "retries") : c.name === "vendor_id" ? attr(c, "value") : undefined;
+    if (!HV_FLAGS[c.name])
+      warnings.push(`${c.path}: Hyper-V feature '${c.name}' ignored (unknown to nbdmig)`);
     out.push({ name: c.name, state, ...(value !== undefined ? { value } : {}) });
     if (c.name === "stimer" && child(c, "direct"))
       out.push({
@@ -466,13 +481,22 @@ function parseClock(el: XmlElement | undefined, warnings: string[]): DomainDef["
     if (!name) throw new DomainXmlError(`${t.path}/@name`, "missing required attribute 'name'");
     const present = parseSwitch(t, "present");
     const tickpolicy = attr(t, "tickpolicy");
+    const policies: Record<string, string[]> = { rtc: ["catchup", "delay"], pit: ["delay", "discard"] };
+    if (tickpolicy !== undefined && !(policies[name] ?? []).includes(tickpolicy)) {
+      throw new DomainXmlError(
+        `${t.path}/@tickpolicy`,
+        `tickpolicy '${tickpolicy}' is not supported for the ${name} timer${policies[name] ? `; use ${policies[name]!.join(" or ")}` : ""}`,
+      );
+    }
     timers.push({
       name,
       ...(present !== undefined ? { present } : {}),
       ...(tickpolicy !== undefined ? { tickpolicy } : {}),
     });
-    if (!["rtc", "pit", "hpet", "kvmclock", "hypervclock", "tsc"].includes(name))
+    if (!["rtc", "pit", "hpet", "kvmclock", "hypervclock"].includes(name))
       warnings.push(`${t.path}: timer '${name}' ignored`);
+    if (present === false && !["hpet", "kvmclock", "hypervclock"].includes(name))
+      warnings.push(`${t.path}: the ${name} timer cannot be removed; it stays`);
   }
   return { offset, timers };
 }

@@ -24,7 +24,7 @@ export interface CookieDisk {
 /** How the disks travel: NBD mirrors, inside the migration stream (QEMU block migration), or not at all. */
 export type StoragePath = "nbd" | "stream" | "none";
 
-/** A guest NIC as the destination must recreate it: same MAC, attached to the same bridge, network or link. */
+/** A guest NIC, as the job reports it (the destination recreates the NICs from the definition itself). */
 export interface CookieInterface {
   mac: string;
   type: InterfaceDef["type"];
@@ -41,6 +41,8 @@ export interface MigrationCookie {
   disks: CookieDisk[];
   storagePath: StoragePath;
   interfaces: CookieInterface[];
+  /** A UEFI guest's variable store, copied or not: its size, for a destination that must create it. */
+  nvram?: { path: string; format: "raw" | "qcow2"; virtualSize: number };
   /** The UEFI code the source runs, so the destination can tell whether its copy is the same. */
   firmware?: { path: string; size: number; sha256: string };
 }
@@ -88,7 +90,7 @@ export function destinationLacks(
   if (n) {
     for (const i of def.interfaces) {
       if (i.type === "bridge" && !n.bridges.includes(i.source!))
-        lacks.push(`interface ${i.mac}: bridge '${i.source}' does not exist there`);
+        lacks.push(`interface ${i.mac}: bridge '${i.source}' does not exist there (create it there first)`);
       else if (i.type === "network") {
         const br = n.networks[i.source!];
         if (!br)
@@ -97,13 +99,17 @@ export function destinationLacks(
           );
         else if (!n.bridges.includes(br))
           lacks.push(
-            `interface ${i.mac}: network '${i.source}' maps to bridge '${br}', which does not exist there`,
+            `interface ${i.mac}: network '${i.source}' maps to bridge '${br}', which does not exist there (create it, or map the network to another bridge there)`,
           );
       } else if (i.type === "direct" && !n.links.includes(i.source!))
-        lacks.push(`interface ${i.mac}: host link '${i.source}' (macvtap) does not exist there`);
+        lacks.push(
+          `interface ${i.mac}: host link '${i.source}' (macvtap) does not exist there (a direct interface needs a link of the same name on every host)`,
+        );
     }
   }
   if (facts.machines && def.os.machine && !facts.machines.includes(def.os.machine))
-    lacks.push(`its QEMU has no machine type ${def.os.machine}, which the guest runs with`);
+    lacks.push(
+      `its QEMU has no machine type ${def.os.machine}, which the guest runs with (migrate to a host whose QEMU has it; a guest keeps its machine type while it runs)`,
+    );
   return lacks;
 }

@@ -12,8 +12,6 @@ import type { DomainEntry, DomainRegistry } from "../agent/domains.js";
 import { parseDomainXml } from "../domain/xml.js";
 import type { DomainDef } from "../domain/model.js";
 import { formatNode, NVRAM_TARGET } from "../domain/qemu-args.js";
-import { announce } from "../agent/domains.js";
-import { nvramDir, tpmStateDir } from "../agent/resources.js";
 import { createImage, imageInfo } from "../qemu/img.js";
 import { sha256File } from "../util/hash.js";
 import { probeKvm } from "../qemu/launcher.js";
@@ -106,7 +104,7 @@ export class IncomingMigration {
         );
       }
     }
-    const ownNvramDir = nvramDir(this.reg.state);
+    const ownNvramDir = this.reg.nvramDir;
     for (const d of cookie.disks) {
       const what = d.target === NVRAM_TARGET ? "the UEFI variable store" : `disk ${d.target}`;
       if (fs.existsSync(d.source)) {
@@ -124,7 +122,7 @@ export class IncomingMigration {
     // devices, and the bridge, network or link of every interface.
     await this.reg.checkHost(def);
     this.checkFirmware(def);
-    const tpmDir = def.tpm ? tpmStateDir(this.reg.state, def.uuid) : undefined;
+    const tpmDir = def.tpm ? this.reg.tpmStateDir(def.uuid) : undefined;
     if (tpmDir && fs.existsSync(tpmDir)) {
       throw new UsageError(
         `TPM state ${tpmDir} already exists here (left by an earlier stay of this domain?); remove it on the destination first`,
@@ -146,14 +144,15 @@ export class IncomingMigration {
       // opens read-only: the base is never written.
       await createImage(d.source, d.format, d.virtualSize, d.mode === "top" ? d.backing : undefined);
     }
-    const nvram = def.os.firmware.loader?.type === "pflash" ? def.os.firmware.nvram : undefined;
+    const nvram = cookie.nvram;
     if (nvram && !copied.has(NVRAM_TARGET) && !fs.existsSync(nvram.path)) {
       // Storage is shared but this variable store is not: QEMU brings the flash contents in the migration
-      // stream and writes them to the file when the guest resumes; the file must exist, with the right size.
+      // stream and writes all of them to the file when the guest resumes. The file must exist with the
+      // source's size (this host's template might have another).
       this.created.push(nvram.path);
       this.saveRecord();
       fs.mkdirSync(path.dirname(nvram.path), { recursive: true, mode: 0o700 });
-      fs.copyFileSync(nvram.template!, nvram.path);
+      await createImage(nvram.path, nvram.format, nvram.virtualSize);
     }
     if (tpmDir) {
       // A fresh state directory: the source's TPM state arrives in the migration stream.
@@ -338,7 +337,7 @@ export class IncomingMigration {
       await qmp.execute("stop");
       if (!opts.suspend) {
         await qmp.execute("cont");
-        await announce(run);
+        await this.reg.announce(run);
       } else {
         run.announceOnResume = true;
       }

@@ -226,16 +226,24 @@ export class OutgoingMigration {
     }
     const def = run.def;
     const nvram = def.os.firmware.loader?.type === "pflash" ? def.os.firmware.nvram : undefined;
-    if (nvram && req.copyStorage !== "none") {
-      // The UEFI variable store is writable guest state on local storage: it moves like a disk.
+    let nvramInfo: MigrationCookie["nvram"];
+    if (nvram) {
       const b = blocks.find((x) => x.inserted?.["node-name"] === formatNode(NVRAM_TARGET));
       if (!b?.inserted) throw new MigrationError("begin", "the UEFI variable store is not attached in QEMU");
-      cookieDisks.push({
-        target: NVRAM_TARGET,
-        source: nvram.path,
+      nvramInfo = {
+        path: nvram.path,
         format: nvram.format ?? "raw",
         virtualSize: b.inserted.image["virtual-size"],
-        allocated: b.inserted.image["virtual-size"],
+      };
+    }
+    if (nvramInfo && req.copyStorage !== "none") {
+      // The UEFI variable store is writable guest state on local storage: it moves like a disk.
+      cookieDisks.push({
+        target: NVRAM_TARGET,
+        source: nvramInfo.path,
+        format: nvramInfo.format,
+        virtualSize: nvramInfo.virtualSize,
+        allocated: nvramInfo.virtualSize,
         mode: "full",
       });
     }
@@ -297,6 +305,7 @@ export class OutgoingMigration {
       disks: cookieDisks,
       storagePath,
       interfaces: cookieInterfaces(def),
+      ...(nvramInfo ? { nvram: nvramInfo } : {}),
       ...(firmware ? { firmware } : {}),
     };
     const m = new OutgoingMigration(reg, entry, req, log, onDone, cookie, peer);
@@ -607,9 +616,9 @@ export class OutgoingMigration {
     clearInterval(this.heartbeat);
     this.entry.job = undefined;
     await this.reg.kill(this.entry);
-    // The NVRAM stays, like the disk images; the TPM state goes with the definition, as on undefine.
+    // The NVRAM stays, like the disk images; the TPM state goes with the definition, as on undefine (and a
+    // transient domain's went with it when its QEMU stopped).
     if (this.req.undefineSource && this.entry.persistent) this.reg.undefine(this.name, { nvram: "keep" });
-    else if (!this.entry.persistent && this.run.def.tpm) this.reg.removeTpmState(this.run.def);
     this.machine.advance("completed");
     this.log.info(
       {

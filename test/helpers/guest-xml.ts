@@ -41,6 +41,8 @@ export interface GuestSpec {
   /** Set this EFI variable at boot (after printing the old value). */
   efivar?: string;
   tpm?: "tpm-crb" | "tpm-tis";
+  /** A display (autoport, on 127.0.0.1). */
+  graphics?: "vnc" | "spice";
 }
 
 export function guestXml(g: GuestSpec): string {
@@ -64,6 +66,9 @@ export function guestXml(g: GuestSpec): string {
     ? `\n    <loader readonly='yes' type='pflash'>${g.uefi.loader ?? "/usr/share/OVMF/OVMF_CODE_4M.fd"}</loader>\n    <nvram template='/usr/share/OVMF/OVMF_VARS_4M.fd'/>`
     : "";
   const tpm = g.tpm ? `\n    <tpm model='${g.tpm}'><backend type='emulator' version='2.0'/></tpm>` : "";
+  const display = g.graphics
+    ? `\n    <graphics type='${g.graphics}' autoport='yes' listen='127.0.0.1'/>`
+    : "";
   // The guest has virtio-scsi's driver (libvirt's default SCSI controller would be an LSI one).
   const scsi = g.disks.some((d) => (d.bus ?? (d.target.startsWith("vd") ? "virtio" : "scsi")) === "scsi")
     ? "\n    <controller type='scsi' index='0' model='virtio-scsi'/>"
@@ -100,7 +105,7 @@ export function guestXml(g: GuestSpec): string {
   <on_reboot>destroy</on_reboot>
   <devices>
 ${disks}${scsi}
-${nics}${tpm}
+${nics}${tpm}${display}
     <serial type='pty'><target port='0'/></serial>
     <console type='pty'><target type='serial' port='0'/></console>
   </devices>
