@@ -206,7 +206,9 @@ export class DomainRegistry {
         const { def } = parseDomainXml(rec.xml);
         let entry = this.entries.get(rec.name);
         if (!entry) {
-          entry = { name: rec.name, def, persistent: false, lock: new Mutex() };
+          // A transient domain's TPM state goes when it stops (an `undefine --nvram` made while it ran,
+          // before this restart, is not remembered: its NVRAM stays).
+          entry = { name: rec.name, def, persistent: false, lock: new Mutex(), dropWith: { tpm: true } };
           this.entries.set(rec.name, entry);
         }
         const status = (await qmp.execute("query-status")).status;
