@@ -174,7 +174,6 @@ describe("guests on bridged networks across a migration", { timeout: 900_000 }, 
           accel: "tcg",
           disks: [],
           storagePath: "none",
-          interfaces: [],
         },
         listenHost: tb!.b.addr,
       })

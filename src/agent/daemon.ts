@@ -8,7 +8,7 @@ import type { Accel, DiskLayout } from "../domain/qemu-args.js";
 import { domainRoutes } from "./api.js";
 import { parseAgentUri, readToken } from "./client.js";
 import { DomainRegistry } from "./domains.js";
-import { hostNetworks, hostPools, parseNetworkFlags, parsePoolFlags } from "./network.js";
+import { hostNetworks, hostPools } from "./network.js";
 import { Router } from "./http.js";
 import { StateDir, writeFileAtomic } from "./state-dir.js";
 import { migrationRoutes, MigrationManager } from "../migration/manager.js";
@@ -38,12 +38,12 @@ export async function runDaemon(opts: DaemonOptions): Promise<void> {
     throw new UsageError(`cannot create the state directory ${opts.stateDir}: ${(err as Error).message}`);
   }
   const token = opts.tokenFile ? readToken(opts.tokenFile) : state.ensureToken();
-  const networks = hostNetworks(parseNetworkFlags(opts.networks));
+  const networks = hostNetworks(opts.networks);
   const reg = new DomainRegistry(state, log, {
     accel: opts.accel,
     layout: opts.diskLayout,
     networks,
-    pools: hostPools(parsePoolFlags(opts.pools)),
+    pools: hostPools(opts.pools),
     hostLabel: addr.host === "0.0.0.0" || addr.host === "::" ? os.hostname() : addr.host,
   });
   await reg.load();

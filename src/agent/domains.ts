@@ -127,9 +127,7 @@ export class DomainRegistry {
       firmware: loadFirmwareDescriptors(),
       pools: this.pools,
       nvramDir: nvramDir(this.state),
-      swtpm:
-        spawnSync("sh", ["-c", "command -v swtpm && command -v swtpm_setup"], { stdio: "ignore" }).status ===
-        0,
+      swtpm: swtpmInstalled(),
     };
   }
 
@@ -711,6 +709,14 @@ export class DomainRegistry {
       }
     }
   }
+}
+
+let swtpmFound = false;
+/** swtpm and swtpm_setup are on the PATH; looked for until found (it may be installed while the agent runs). */
+function swtpmInstalled(): boolean {
+  swtpmFound ||=
+    spawnSync("sh", ["-c", "command -v swtpm && command -v swtpm_setup"], { stdio: "ignore" }).status === 0;
+  return swtpmFound;
 }
 
 /** RAM plus swap, from /proc/meminfo: more than this cannot be given to a guest. */

@@ -51,50 +51,52 @@ export function listBridges(): string[] {
   return listLinks().filter(isBridge);
 }
 
-/** `--network NAME=BRIDGE` flags -> map; refuses malformed or repeated names. */
-export function parseNetworkFlags(flags: string[]): Map<string, string> {
-  const m = new Map<string, string>();
+/**
+ * Repeated `--FLAG NAME=VALUE` options -> NAME -> VALUE; refuses a malformed value (`usage` says what is
+ * wanted) or a name given twice. `libvirtDefault`, when it exists on this host and no option names
+ * `default`, is what libvirt's `default` would be.
+ */
+function namedValues(
+  flag: string,
+  flags: string[],
+  valid: (value: string) => boolean,
+  usage: string,
+  libvirtDefault: { value: string; exists: boolean },
+): Record<string, string> {
+  const out: Record<string, string> = {};
   for (const f of flags) {
     const eq = f.indexOf("=");
     const name = f.slice(0, eq);
-    const bridge = f.slice(eq + 1);
-    if (eq <= 0 || !bridge || !/^[A-Za-z0-9_.-]{1,15}$/.test(bridge)) {
-      throw new UsageError(`--network takes NAME=BRIDGE (e.g. --network default=virbr0), not '${f}'`);
-    }
-    if (m.has(name)) throw new UsageError(`--network ${name} is given twice`);
-    m.set(name, bridge);
+    const value = f.slice(eq + 1);
+    if (eq <= 0 || !valid(value)) throw new UsageError(`--${flag} takes ${usage}, not '${f}'`);
+    if (name in out) throw new UsageError(`--${flag} ${name} is given twice`);
+    out[name] = value;
   }
-  return m;
-}
-
-/** The networks this host offers: the explicit mappings, plus default -> virbr0 when that bridge exists. */
-export function hostNetworks(mapped: Map<string, string>): Record<string, string> {
-  const out = Object.fromEntries(mapped);
-  if (!("default" in out) && isBridge("virbr0")) out.default = "virbr0";
+  if (!("default" in out) && libvirtDefault.exists) out.default = libvirtDefault.value;
   return out;
 }
 
-/** `--pool NAME=DIR` flags (libvirt directory pools) -> map. */
-export function parsePoolFlags(flags: string[]): Map<string, string> {
-  const m = new Map<string, string>();
-  for (const f of flags) {
-    const eq = f.indexOf("=");
-    const dir = f.slice(eq + 1);
-    if (eq <= 0 || !dir.startsWith("/"))
-      throw new UsageError(
-        `--pool takes NAME=DIR with an absolute DIR (e.g. --pool default=/var/lib/libvirt/images), not '${f}'`,
-      );
-    m.set(f.slice(0, eq), dir);
-  }
-  return m;
+/** The networks this host offers (`--network NAME=BRIDGE`), with default -> virbr0 when that bridge exists. */
+export function hostNetworks(flags: string[]): Record<string, string> {
+  return namedValues(
+    "network",
+    flags,
+    (bridge) => /^[A-Za-z0-9_.-]{1,15}$/.test(bridge),
+    "NAME=BRIDGE (e.g. --network default=virbr0)",
+    { value: "virbr0", exists: isBridge("virbr0") },
+  );
 }
 
-/** The pools this host offers: the explicit ones, plus libvirt's default pool directory when it exists. */
-export function hostPools(mapped: Map<string, string>): Record<string, string> {
-  const out = Object.fromEntries(mapped);
-  if (!("default" in out) && fs.existsSync("/var/lib/libvirt/images"))
-    out.default = "/var/lib/libvirt/images";
-  return out;
+/** The directory pools this host offers (`--pool NAME=DIR`), with libvirt's default pool when it exists. */
+export function hostPools(flags: string[]): Record<string, string> {
+  const images = "/var/lib/libvirt/images";
+  return namedValues(
+    "pool",
+    flags,
+    (dir) => dir.startsWith("/"),
+    "NAME=DIR with an absolute DIR (e.g. --pool default=/var/lib/libvirt/images)",
+    { value: images, exists: fs.existsSync(images) },
+  );
 }
 
 export type Attachment =

@@ -36,7 +36,6 @@ export interface ResourceRecord {
 }
 
 export interface Acquired {
-  record: ResourceRecord;
   /** Ends this start's claim on tap names and ports: call once QEMU holds them (or failed to start). */
   settle(): void;
   host: HostResources;
@@ -100,7 +99,6 @@ export async function acquireResources(
   try {
     checkNetworks(def, ctx);
     const vhost = opts.accel === "kvm" && vhostNetUsable();
-    const taken = new Set<string>();
     for (const [i, nic] of def.interfaces.entries()) {
       if (!hostNic(nic)) {
         nics.push({ kind: "user" });
@@ -116,8 +114,7 @@ export async function acquireResources(
         warnings.push(`interface ${nic.mac}: runs without vhost-net under TCG`);
       const useVhost = vhost && nic.driver !== "qemu";
       const at = attachmentOf(nic, ctx.networks, ctx.hostLabel);
-      const name = chooseNicName(nic, new Set([...taken, ...claimedNames]));
-      taken.add(name);
+      const name = chooseNicName(nic, claimedNames);
       claimedNames.add(name);
       names.push(name);
       live.interfaces[i]!.targetDev = name;
@@ -188,7 +185,7 @@ export async function acquireResources(
       channelSocket: (ch) => path.join(ctx.state.runDir, `${def.name}.${ch}.sock`),
       consoleLog: (port) => path.join(ctx.state.logDir, `${def.name}.console${port}.log`),
     };
-    return { record, settle, host, live, passFds, warnings };
+    return { settle, host, live, passFds, warnings };
   } catch (err) {
     settle();
     for (const fd of passFds) fs.closeSync(fd);

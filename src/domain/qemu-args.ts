@@ -25,9 +25,8 @@ import {
   type DomainDef,
   type InterfaceDef,
 } from "./model.js";
-import { diskIndex, driveAddress, PCI_CONTROLLER_DEVICES } from "./xml-devices.js";
+import { driveAddress, PCI_CONTROLLER_DEVICES } from "./xml-devices.js";
 
-export { isQ35 };
 export type Accel = "kvm" | "tcg";
 export type DiskLayout = "blockdev" | "drive";
 export const DISK_LAYOUTS: DiskLayout[] = ["blockdev", "drive"];
@@ -669,8 +668,6 @@ function graphicsArgs(g: DomainDef["graphics"][number]): string[] {
   a.push("-spice", s.join(","));
   return a;
 }
-
-export { diskIndex };
 
 /**
  * Arguments for `block_set_io_throttle` from a disk's <iotune>, or undefined when it has none. `qdev` is the

@@ -128,11 +128,9 @@ export function parseDevices(
       case "channel":
         d.channels.push(parseChannel(dev));
         break;
-      case "input": {
-        const i = parseInput(dev);
-        if (i) d.inputs.push(i);
+      case "input":
+        d.inputs.push(parseInput(dev));
         break;
-      }
       case "graphics":
         d.graphics.push(parseGraphics(dev, warnings));
         break;
@@ -846,7 +844,7 @@ function parseChannel(el: XmlElement): ChannelDef {
 
 // ------------------------------------------------------------------------------- input, video, graphics
 
-function parseInput(el: XmlElement): InputDef | undefined {
+function parseInput(el: XmlElement): InputDef {
   const type = attr(el, "type");
   if (type !== "tablet" && type !== "mouse" && type !== "keyboard") {
     throw new DomainXmlError(
@@ -1113,18 +1111,19 @@ function checkDevices(d: Devices, q35: boolean, name: string): void {
     drives.set(key, x.target);
   }
   const pci = new Map<string, string>();
-  const addrOf: [string, DeviceAddress | undefined][] = [
-    ...d.disks.map((x): [string, DeviceAddress | undefined] => [`disk ${x.target}`, x.address]),
-    ...d.controllers.map((x): [string, DeviceAddress | undefined] => [
-      `controller ${x.type} ${x.index}`,
-      x.address,
-    ]),
-    ...d.interfaces.map((x): [string, DeviceAddress | undefined] => [`interface ${x.mac}`, x.address]),
-    ...d.videos.map((x, i): [string, DeviceAddress | undefined] => [`video ${i}`, x.address]),
-    ...d.sounds.map((x, i): [string, DeviceAddress | undefined] => [`sound ${i}`, x.address]),
-    ...d.rngs.map((x, i): [string, DeviceAddress | undefined] => [`rng ${i}`, x.address]),
-    ...d.watchdogs.map((x, i): [string, DeviceAddress | undefined] => [`watchdog ${i}`, x.address]),
-    ["memballoon", d.memballoon?.address],
+  // Every kind of device that can sit at a PCI address, each named for the error.
+  const named = <T extends { address?: DeviceAddress }>(list: T[], name: (x: T, i: number) => string) =>
+    list.map((x, i): [string, DeviceAddress | undefined] => [name(x, i), x.address]);
+  const addrOf = [
+    ...named(d.disks, (x) => `disk ${x.target}`),
+    ...named(d.controllers, (x) => `controller ${x.type} ${x.index}`),
+    ...named(d.interfaces, (x) => `interface ${x.mac}`),
+    ...named(d.videos, (_, i) => `video ${i}`),
+    ...named(d.inputs, (x, i) => `input ${i} (${x.type})`),
+    ...named(d.sounds, (_, i) => `sound ${i}`),
+    ...named(d.rngs, (_, i) => `rng ${i}`),
+    ...named(d.watchdogs, (_, i) => `watchdog ${i}`),
+    ...named(d.memballoon ? [d.memballoon] : [], () => "memballoon"),
   ];
   for (const [what, a] of addrOf) {
     if (a?.type !== "pci") continue;

@@ -3,7 +3,7 @@
  * unless it is shareable, read-only or has no source; `--migrate-disks` picks exactly the listed ones.
  */
 import { UsageError } from "../errors.js";
-import { isMigratableDisk, type DiskDef, type DomainDef, type InterfaceDef } from "../domain/model.js";
+import { isMigratableDisk, type DiskDef, type DomainDef } from "../domain/model.js";
 import type { Accel } from "../domain/qemu-args.js";
 
 export interface CookieDisk {
@@ -24,13 +24,6 @@ export interface CookieDisk {
 /** How the disks travel: NBD mirrors, inside the migration stream (QEMU block migration), or not at all. */
 export type StoragePath = "nbd" | "stream" | "none";
 
-/** A guest NIC, as the job reports it (the destination recreates the NICs from the definition itself). */
-export interface CookieInterface {
-  mac: string;
-  type: InterfaceDef["type"];
-  source?: string;
-}
-
 export interface MigrationCookie {
   /** The running definition, as domain XML. */
   xml: string;
@@ -40,7 +33,6 @@ export interface MigrationCookie {
   /** Every disk to copy; the UEFI variable store is one of them (target `nvram`) when storage is copied. */
   disks: CookieDisk[];
   storagePath: StoragePath;
-  interfaces: CookieInterface[];
   /** A UEFI guest's variable store, copied or not: its size, for a destination that must create it. */
   nvram?: { path: string; format: "raw" | "qcow2"; virtualSize: number };
   /** The UEFI code the source runs, so the destination can tell whether its copy is the same. */
@@ -67,14 +59,6 @@ export function selectDisks(def: DomainDef, migrateDisks?: string[]): DiskDef[] 
     out.push(d);
   }
   return out;
-}
-
-export function cookieInterfaces(def: DomainDef): CookieInterface[] {
-  return def.interfaces.map((i) => ({
-    mac: i.mac,
-    type: i.type,
-    ...(i.source !== undefined ? { source: i.source } : {}),
-  }));
 }
 
 /** What a destination's facts lack for these interfaces and this machine type (Begin's early refusal). */

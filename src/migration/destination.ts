@@ -3,7 +3,7 @@
  * serve every copied disk over NBD, and accept the migration stream. Any failure, an abort, or losing the
  * source removes exactly what Prepare created: the QEMU process, the images, the transient domain.
  */
-import { createHash, randomUUID } from "node:crypto";
+import { randomUUID } from "node:crypto";
 import fs from "node:fs";
 import path from "node:path";
 import type { Logger } from "pino";
@@ -121,7 +121,7 @@ export class IncomingMigration {
     // Everything the guest needs from this host, checked before anything is made: machine type, firmware,
     // devices, and the bridge, network or link of every interface.
     await this.reg.checkHost(def);
-    this.checkFirmware(def);
+    await this.checkFirmware(def);
     const tpmDir = def.tpm ? this.reg.tpmStateDir(def.uuid) : undefined;
     if (tpmDir && fs.existsSync(tpmDir)) {
       throw new UsageError(
@@ -239,7 +239,7 @@ export class IncomingMigration {
    * build of the same size is allowed, and said: the guest keeps the source's copy, migrated in RAM, until
    * it reboots. A different size cannot work (QEMU refuses the flash's RAM block) and is refused.
    */
-  private checkFirmware(def: DomainDef): void {
+  private async checkFirmware(def: DomainDef): Promise<void> {
     const fw = this.req.cookie.firmware;
     if (!fw) return;
     const size = fs.statSync(fw.path).size;
@@ -249,7 +249,7 @@ export class IncomingMigration {
         "E_FIRMWARE",
       );
     }
-    const here = createHash("sha256").update(fs.readFileSync(fw.path)).digest("hex");
+    const here = await sha256File(fw.path);
     if (here !== fw.sha256) {
       this.notes.push(
         `firmware ${fw.path} differs here from the source's (sha256 ${here.slice(0, 12)} vs ${fw.sha256.slice(0, 12)}): '${def.name}' runs the source's copy until it reboots, then this host's`,

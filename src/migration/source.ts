@@ -20,7 +20,6 @@ import { probeQemuFeatures, type QemuFeatures } from "../qemu/features.js";
 import { backingChain } from "../qemu/img.js";
 import { sha256File } from "../util/hash.js";
 import {
-  cookieInterfaces,
   destinationLacks,
   selectDisks,
   type CookieDisk,
@@ -304,7 +303,6 @@ export class OutgoingMigration {
       accel: run.accel,
       disks: cookieDisks,
       storagePath,
-      interfaces: cookieInterfaces(def),
       ...(nvramInfo ? { nvram: nvramInfo } : {}),
       ...(firmware ? { firmware } : {}),
     };
