@@ -6,12 +6,13 @@
 import assert from "node:assert/strict";
 import fs from "node:fs";
 import path from "node:path";
-import { after, before, describe, it } from "node:test";
+import { after, afterEach, before, describe, it } from "node:test";
 import { guestAddress, Testbed } from "../src/testbed/testbed.js";
 import { sha256File } from "../src/util/hash.js";
 import { available, need, testGuest } from "./helpers/env.js";
 import {
   assertDestClean,
+  destroyAll,
   IMG,
   makeImage,
   MIGRATION_TOOLS,
@@ -35,6 +36,7 @@ describe("UEFI and TPM guests across a migration", { timeout: 900_000 }, () => {
     tb = await Testbed.up();
   });
   after(async () => tb?.down());
+  afterEach(async () => tb && destroyAll(tb, ["a", "b"]));
 
   const get = async (url: string) => {
     const r = await tb!.clientGet(url, 20_000);

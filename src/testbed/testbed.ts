@@ -329,26 +329,32 @@ export class Testbed {
 
   /**
    * Starts polling `url` from the client every `everyMs` (one process in the client namespace, not one per
-   * request). `stop()` ends it and returns every request: when it was sent and whether it was answered.
+   * request). `samples()` are the requests finished so far (when each was sent and whether it was
+   * answered); `stop()` ends the poller and returns them all.
    */
-  startPoller(url: string, everyMs = 50): { stop(): Promise<PollSample[]> } {
+  startPoller(url: string, everyMs = 50): { samples(): PollSample[]; stop(): Promise<PollSample[]> } {
     const poller = fileURLToPath(new URL("./http-poller.js", import.meta.url));
     const argv = this.clientArgv([process.execPath, poller, url, String(everyMs), "1000"]);
     const child = spawn(argv[0]!, argv.slice(1), { stdio: ["pipe", "pipe", "inherit"] });
     let out = "";
     child.stdout.on("data", (b: Buffer) => (out += b.toString()));
     const closed = new Promise<void>((resolve) => child.on("close", () => resolve()));
+    // Only whole lines: a line still being written is not a sample yet.
+    const samples = () =>
+      out
+        .slice(0, out.lastIndexOf("\n") + 1)
+        .split("\n")
+        .filter(Boolean)
+        .map((l) => {
+          const [at, ok, ms, ...detail] = l.split(" ");
+          return { at: Number(at), ok: ok === "ok", ms: Number(ms), detail: detail.join(" ") };
+        });
     return {
+      samples,
       stop: async () => {
         child.stdin.end();
         await closed;
-        return out
-          .split("\n")
-          .filter(Boolean)
-          .map((l) => {
-            const [at, ok, ms, ...detail] = l.split(" ");
-            return { at: Number(at), ok: ok === "ok", ms: Number(ms), detail: detail.join(" ") };
-          });
+        return samples();
       },
     };
   }
