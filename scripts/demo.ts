@@ -1,18 +1,30 @@
 /**
  * The demo: two hosts (network + mount namespaces joined by a veth, and a bridged VM network with a client),
- * a VM whose guest writes to its disks and serves HTTP on a bridged NIC, migrated live from host a to host
- * b with --copy-storage-all while the client polls it, with progress; then the disks verified and the
- * longest pause the client saw. Run with `sudo npm run demo`.
+ * a real Debian 12 VM running PostgreSQL 15 on host a, pgbench from the client, and a live migration to host
+ * b with --copy-storage-all while pgbench keeps running: nbdmig's progress bars beside pgbench's progress,
+ * then the checks in one result line (no failed transaction, no reconnect, pgbench's invariant, pg_amcheck,
+ * e2fsck on the destination's image after a clean shutdown). Run with `sudo npm run demo`.
  */
-import { execFileSync, spawnSync } from "node:child_process";
-import fs from "node:fs";
-import path from "node:path";
+import { spawn, spawnSync } from "node:child_process";
 import { setTimeout as sleep } from "node:timers/promises";
-import { fileURLToPath } from "node:url";
+import {
+  buildDbGuest,
+  checkDb,
+  describeRun,
+  failedTransactions,
+  fsckImage,
+  longestStall,
+  pgbenchSessions,
+  shutdownDbGuest,
+  startDbGuest,
+  startPgbench,
+  tpsBetween,
+  type Pgbench,
+} from "../src/testbed/db-guest.js";
 import { guestAddress, longestGap, Testbed } from "../src/testbed/testbed.js";
 
-const repo = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..");
 const step = (s: string) => console.log(`\n\x1b[1m==> ${s}\x1b[0m`);
+const CLIENTS = 4;
 
 function nbdmig(tb: Testbed, host: "a" | "b", args: string[], show = true): string {
   const argv = tb[host].cliArgv(args);
@@ -23,139 +35,134 @@ function nbdmig(tb: Testbed, host: "a" | "b", args: string[], show = true): stri
   return r.stdout;
 }
 
-step("building the writing test guest from Debian packages (cached)");
-execFileSync("bash", [path.join(repo, "scripts/build-test-guest.sh")], { stdio: "inherit" });
-const guestDir = path.join(repo, ".cache/test-guest");
+/** A progress line of pgbench (the latest, or `back` before it), with the time since `t0`. */
+function lastProgress(bench: Pgbench, t0: number, back = 0): string {
+  const p = bench.progress().at(-1 - back);
+  return p
+    ? `pgbench ${((p.at - t0) / 1000).toFixed(0).padStart(3)} s: ${p.tps.toFixed(1).padStart(5)} tps, lat ${p.latMs.toFixed(0)} ms, ${p.failed} failed`
+    : "pgbench: (no progress yet)";
+}
+
+async function waitSeconds(bench: Pgbench, since: number, n: number): Promise<void> {
+  for (let i = 0; i < (n + 60) * 4 && bench.progress().filter((p) => p.at > since).length < n; i++)
+    await sleep(250);
+}
+
+/**
+ * Runs `nbdmig migrate --verbose` on host a and shows its progress bars (printed once a second when its
+ * output is not a terminal) with pgbench's latest progress beside the first bar of each frame.
+ */
+function migrateBeside(tb: Testbed, args: string[], bench: Pgbench, t0: number): Promise<number> {
+  console.log(`[host a]$ nbdmig ${args.join(" ")}`);
+  const argv = tb.a.cliArgv(args);
+  const child = spawn(argv[0]!, argv.slice(1), { stdio: ["ignore", "pipe", "pipe"] });
+  let pending = "";
+  const onData = (b: Buffer) => {
+    pending += b.toString();
+    const lines = pending.split("\n");
+    pending = lines.pop()!;
+    for (const line of lines) {
+      if (!line.trim()) continue;
+      if (line.startsWith(" Migration")) console.log(`${line.padEnd(100)} │ ${lastProgress(bench, t0)}`);
+      else console.log(line);
+    }
+  };
+  child.stdout.on("data", onData);
+  child.stderr.on("data", onData);
+  return new Promise((resolve) =>
+    child.on("close", (code) => {
+      if (pending.trim()) console.log(pending);
+      resolve(code ?? -1);
+    }),
+  );
+}
+
+step("building (or reusing) the database guest from Debian packages: Debian 12, systemd, PostgreSQL 15");
+const img = buildDbGuest();
+const b = img.build;
+console.log(
+  `${img.built ? "built" : "reused from .cache/db-guest (built"} in ${b.totalSeconds} s${img.built ? "" : ")"}: kernel ${b.kernel}, PostgreSQL ${b.postgresql} (data checksums, pgbench scale ${b.pgbenchScale}), ${Math.round(b.allocatedBytes / 2 ** 20)} MiB of a 4 GiB qcow2`,
+);
 
 step("creating two hosts: network namespaces joined by a veth pair, private /var/lib/nbdmig each");
 const tb = await Testbed.up();
-const addr = guestAddress(10);
+const addr = guestAddress(20);
 try {
   for (const h of tb.hosts)
     console.log(`host ${h.name}: ${h.addr} (agent ${h.uri}); /var/lib/nbdmig there is ${h.dir}`);
   console.log(`VM network: bridge br0 on each host, joined; a client at 10.77.0.100 on host a's side`);
 
-  step(
-    "creating the VM's disks on host a: 2 GiB qcow2 system disk with 512 MiB of data, 1 GiB raw data disk",
-  );
-  const sys = path.join(tb.a.imagesDir, "demo-sys.qcow2");
-  const data = path.join(tb.a.imagesDir, "demo-data.raw");
-  execFileSync("qemu-img", ["create", "-q", "-f", "qcow2", sys, "2G"]);
-  execFileSync("sh", ["-c", `head -c 512M /dev/urandom > ${tb.dir}/fill.bin`]);
-  execFileSync("qemu-io", ["-f", "qcow2", "-c", `write -s ${tb.dir}/fill.bin 0 512M`, sys], {
-    stdio: "ignore",
-  });
-  execFileSync("qemu-img", ["create", "-q", "-f", "raw", data, "1G"]);
-  const xml = `<domain type='kvm'>
-  <name>demo</name>
-  <memory unit='MiB'>256</memory>
-  <vcpu>1</vcpu>
-  <os>
-    <type arch='x86_64' machine='q35'>hvm</type>
-    <kernel>${guestDir}/vmlinuz</kernel>
-    <initrd>${guestDir}/initrd.img</initrd>
-    <cmdline>console=ttyS0 quiet nbdmig.rate=20 nbdmig.ip=${addr}/24</cmdline>
-  </os>
-  <features><acpi/><apic/></features>
-  <devices>
-    <disk type='file' device='disk'>
-      <driver name='qemu' type='qcow2'/>
-      <source file='/var/lib/nbdmig/images/demo-sys.qcow2'/>
-      <target dev='vda' bus='virtio'/>
-    </disk>
-    <disk type='file' device='disk'>
-      <driver name='qemu' type='raw'/>
-      <source file='/var/lib/nbdmig/images/demo-data.raw'/>
-      <target dev='vdb' bus='virtio'/>
-    </disk>
-    <interface type='bridge'>
-      <source bridge='br0'/>
-      <model type='virtio'/>
-    </interface>
-    <serial type='pty'><target port='0'/></serial>
-  </devices>
-</domain>
-`;
-  fs.writeFileSync(path.join(tb.a.dir, "demo.xml"), xml);
-  nbdmig(tb, "a", ["define", "/var/lib/nbdmig/demo.xml"]);
-  nbdmig(tb, "a", ["start", "demo"]);
+  step(`starting the VM on host a (TCG: no KVM needed); PostgreSQL answers on ${addr}:5432`);
+  const { bootMs } = await startDbGuest(tb, "a", img, { name: "pg", addr });
+  console.log(`booted to PostgreSQL in ${(bootMs / 1000).toFixed(1)} s`);
+  nbdmig(tb, "a", ["domblklist", "pg"]);
+  nbdmig(tb, "a", ["domiflist", "pg"]);
 
-  step("the guest boots, writes 20 MiB/s of random 1 MiB blocks to its system disk, and serves HTTP");
-  let lines: string[] = [];
-  for (let i = 0; i < 120 && lines.length < 3; i++) {
-    await sleep(500);
-    lines = nbdmig(tb, "a", ["console", "demo"], false)
-      .split("\n")
-      .filter((l) => l.startsWith("nbdmig-guest: t="));
-  }
-  console.log(lines.slice(-3).join("\n"));
-  nbdmig(tb, "a", ["domiflist", "demo"]);
-  let hello = await tb.clientGet(`http://${addr}/`);
-  for (let i = 0; i < 60 && hello.status !== 200; i++) {
-    await sleep(500);
-    hello = await tb.clientGet(`http://${addr}/`);
-  }
-  console.log(
-    `client -> http://${addr}/: ${hello.status === 200 ? "answers" : `no answer (${hello.error})`}`,
-  );
-  nbdmig(tb, "a", ["list", "--all"]);
-  nbdmig(tb, "b", ["list", "--all"]);
-
-  step("live migration to host b, copying both disks over NBD while the guest keeps writing");
-  console.log(`(the client polls http://${addr}/ every 50 ms meanwhile)`);
-  const poll = tb.startPoller(`http://${addr}/`, 50);
+  step(`pgbench from the client: TPC-B-like, ${CLIENTS} connections held open, progress every second`);
+  const bench = startPgbench(tb, addr, CLIENTS);
   const t0 = Date.now();
-  nbdmig(tb, "a", ["migrate", "--live", "--copy-storage-all", "--suspend", "--verbose", "demo", tb.b.uri]);
-  const t1 = Date.now();
-  nbdmig(tb, "a", ["domjobinfo", "demo", "--completed"]);
+  await waitSeconds(bench, t0, 8);
+  for (let i = 2; i >= 0; i--) console.log(lastProgress(bench, t0, i));
+  const sessions = pgbenchSessions(tb, addr);
+  console.log(`pgbench's sessions on the server (pid@start): ${sessions.join(", ")}`);
+  // The network gap: how long the client's new TCP connections to PostgreSQL went unanswered.
+  const poll = tb.startPoller(`tcp://${addr}:5432`, 100);
 
-  step("verifying: the destination is paused (--suspend), so its disks must equal the source's final state");
-  let identical = true;
-  for (const f of ["demo-sys.qcow2", "demo-data.raw"]) {
-    const r = spawnSync(
-      "qemu-img",
-      ["compare", "-U", path.join(tb.a.imagesDir, f), path.join(tb.b.imagesDir, f)],
-      { encoding: "utf8" },
-    );
-    console.log(`${f}: ${r.stdout.trim() || r.stderr.trim()}`);
-    identical &&= r.status === 0;
-  }
-
-  step("resuming on host b: the guest carries on writing there, and answers the client from there");
-  nbdmig(tb, "b", ["resume", "demo"]);
-  const t2 = Date.now();
-  for (let i = 0; i < 600 && !poll.samples().some((x) => x.ok && x.at > t2); i++) await sleep(50);
-  const samples = await poll.stop();
-  const answeredAfter = samples.some((x) => x.ok && x.at > t2);
-  // --suspend keeps the guest paused until the resume: the gap the client saw runs from the switchover to
-  // the resume, which the demo chose; without --suspend it is QEMU's downtime plus the switchover.
-  const gap = longestGap(samples, t0, Date.now());
-  nbdmig(tb, "b", ["domiflist", "demo"]);
-  const before = nbdmig(tb, "b", ["console", "demo"], false)
-    .split("\n")
-    .filter((l) => l.startsWith("nbdmig-guest: t=")).length;
-  let after = before;
-  for (let i = 0; i < 40 && after < before + 3; i++) {
-    await sleep(500);
-    after = nbdmig(tb, "b", ["console", "demo"], false)
-      .split("\n")
-      .filter((l) => l.startsWith("nbdmig-guest: t=")).length;
-  }
-  console.log(
-    nbdmig(tb, "b", ["console", "demo"], false)
-      .split("\n")
-      .filter((l) => l.startsWith("nbdmig-guest"))
-      .slice(-3)
-      .join("\n"),
+  step("live migration to host b with --copy-storage-all while pgbench runs (nbdmig │ pgbench)");
+  const m0 = Date.now();
+  const code = await migrateBeside(
+    tb,
+    ["migrate", "--live", "--copy-storage-all", "--verbose", "pg", tb.b.uri],
+    bench,
+    t0,
   );
+  const m1 = Date.now();
+  if (code !== 0) throw new Error(`the migration failed (exit ${code})`);
+  nbdmig(tb, "a", ["domjobinfo", "pg", "--completed"]);
+  const job = JSON.parse(nbdmig(tb, "a", ["domjobinfo", "pg", "--completed", "--json"], false)) as {
+    downtimeMs: number;
+  };
+  await waitSeconds(bench, m1, 8);
+  console.log(lastProgress(bench, t0));
+  const gap = longestGap(await poll.stop(), m0, Date.now());
+  const kept = JSON.stringify(pgbenchSessions(tb, addr)) === JSON.stringify(sessions);
+  const run = await bench.stop();
+  const windows = [
+    { name: "before", from: t0, to: m0 },
+    { name: "during", from: m0, to: m1 },
+    { name: "after", from: m1, to: Date.now() },
+  ];
+  for (const line of describeRun(run, windows)) console.log(`pgbench ${line}`);
   nbdmig(tb, "a", ["list", "--all"]);
   nbdmig(tb, "b", ["list", "--all"]);
-  nbdmig(tb, "b", ["destroy", "demo"]);
-  const writing = after > before;
+
+  step("checking on host b: pgbench's invariant, pg_amcheck; then a clean shutdown and e2fsck of its image");
+  const c = checkDb(tb, addr);
+  console.log(`sums of balances (accounts, tellers, branches, history): ${Object.values(c.sums).join(", ")}`);
   console.log(
-    `\nresult: disks ${identical ? "IDENTICAL" : "DIFFERENT"}, guest ${writing ? "writing on host b" : "NOT writing on host b"}, client ${answeredAfter ? "answered from host b" : "NOT answered after the move"} (migration ${((t1 - t0) / 1000).toFixed(1)} s; longest pause ${gap.ms} ms, paused on purpose until the resume)`,
+    `pg_amcheck --all --heapallindexed: ${c.amcheck.status === 0 && !c.amcheck.output ? "nothing found" : c.amcheck.output}`,
   );
-  if (!identical || !writing || !answeredAfter) process.exitCode = 1;
+  console.log(`[host b]$ nbdmig shutdown pg`);
+  console.log(`shut down cleanly in ${((await shutdownDbGuest(tb, "b", "pg")) / 1000).toFixed(1)} s`);
+  const fsck = fsckImage(`${tb.b.imagesDir}/pg.qcow2`, tb.dir);
+  console.log(`e2fsck -fn on host b's image: ${fsck.output.split("\n").at(-1)}`);
+
+  const failed = failedTransactions(run);
+  const stall = longestStall(run.progress, m0, m1);
+  const amcheckClean = c.amcheck.status === 0 && c.amcheck.output === "";
+  const passed =
+    failed === 0 &&
+    run.aborted.length === 0 &&
+    run.ranToTheEnd &&
+    kept &&
+    c.invariantHolds &&
+    amcheckClean &&
+    fsck.status === 0;
+  const tps = windows.map((w) => tpsBetween(run.progress, w.from, w.to).toFixed(1)).join("/");
+  console.log(
+    `\nresult: ${passed ? "PASS" : "FAIL"}: ${failed} failed transactions, ${run.aborted.length} aborted clients, ${kept ? "no reconnect" : "SESSIONS CHANGED"}; TPS before/during/after ${tps}, longest stall ${stall.seconds} s (slowest second ${stall.minTps.toFixed(1)} tps); downtime ${job.downtimeMs} ms, network gap ${gap.ms} ms; migration ${((m1 - m0) / 1000).toFixed(1)} s; invariant ${c.invariantHolds ? "holds" : "BROKEN"}, pg_amcheck ${amcheckClean ? "clean" : "FOUND PROBLEMS"}, e2fsck ${fsck.status === 0 ? "clean" : "FOUND PROBLEMS"}`,
+  );
+  if (!passed) process.exitCode = 1;
 } finally {
   step("tearing the hosts down");
   await tb.down();
