@@ -1,9 +1,10 @@
 /**
  * `npm run bench`: benchmarks that compare nbdmig with real peers measured in the same run. Needs root (the
- * namespace test bed). `--only migration|converge|nbd`, `--runs N` (default 3), `--bound S` (default 180),
+ * namespace test bed). `--only migration|db|converge|nbd`, `--runs N` (default 3), `--bound S` (default 180),
  * `--modes auto,throttle,...` (converge only).
  */
 import { convergeBench } from "./converge.js";
+import { dbBench } from "./db.js";
 import { migrationBench, type MigrationRow } from "./migration.js";
 import { nbdBench } from "./nbd.js";
 
@@ -63,6 +64,53 @@ if (!only || only === "migration") {
   guest moved (goal: at most QEMU's downtime + 300 ms, and under 1 s). Not measured in this run (libvirt 9.0
   on this machine kind, medians of 3, from shared/notes): unshaped 4.7 s total, 162 ms downtime; tbf 1 Gbit/s
   9.7 s, 194 ms (those runs used --suspend; these resume the guest on the destination).`);
+}
+
+if (!only || only === "db") {
+  const rows = await dbBench(runs);
+  console.log(
+    `\nDatabase: Debian 12 guest (512 MiB RAM, PostgreSQL 15, ~600 MiB on a 4 GiB qcow2) under pgbench (4 clients, TPC-B-like) from the client, migrated live with --copy-storage-all; medians of ${runs}, a fresh guest per run\n`,
+  );
+  console.log(
+    table(
+      [
+        "link",
+        "--storage-converge",
+        "total s",
+        "to READY s",
+        "downtime ms",
+        "network gap ms",
+        "TPS before",
+        "TPS during",
+        "TPS after",
+        "longest stall s",
+        "slowest second tps",
+        "failed tx",
+        "checks held",
+      ],
+      rows.map((r) => [
+        r.link,
+        r.mode,
+        f(r.totalS, 1),
+        f(r.readyS, 1),
+        f(r.downtimeMs, 0),
+        f(r.gapMs, 0),
+        f(r.tpsBefore, 1),
+        f(r.tpsDuring, 1),
+        f(r.tpsAfter, 1),
+        f(r.stallS, 0),
+        f(r.slowestTps, 1),
+        String(r.failed),
+        r.clean,
+      ]),
+    ),
+  );
+  console.log(`
+  "longest stall" is the longest run of seconds in which pgbench completed no transaction, "slowest second"
+  the lowest per-second TPS during the migration (worst of all runs); "network gap" the longest time
+  without an answer to the client's pings (one every 50 ms; the guest's kernel answers them, so they cost
+  the guest nothing, unlike a connection to PostgreSQL). "checks held": runs with no
+  failed transaction, no aborted client and pgbench's invariant intact.`);
 }
 
 if (!only || only === "converge") {

@@ -24,7 +24,7 @@ import {
   type PgbenchOutcome,
   type PgbenchWindow,
 } from "../src/testbed/db-guest.js";
-import { guestAddress, Testbed } from "../src/testbed/testbed.js";
+import { guestAddress, longestGap, Testbed } from "../src/testbed/testbed.js";
 import { available, need } from "./helpers/env.js";
 import {
   assertDestClean,
@@ -127,6 +127,8 @@ describe("a Debian guest running PostgreSQL, migrated under pgbench", { timeout:
     await secondsOfProgress(bench, t0);
     const sessions = pgbenchSessions(tb!, addr);
     assert.equal(sessions.length, CLIENTS, "pgbench's sessions are open");
+    // Not judged, reported: the longest time the client's pings went unanswered.
+    const poll = tb!.startPinger(addr, 50);
     const m0 = Date.now();
     const r = nbdmig(tb!, "a", ["migrate", "--live", "--copy-storage-all", "pg1", tb!.b.uri]);
     const m1 = Date.now();
@@ -134,6 +136,9 @@ describe("a Debian guest running PostgreSQL, migrated under pgbench", { timeout:
     t.diagnostic(`migration: ${downtimeOf(tb!, "a", "pg1")}`);
     assert.deepEqual(tb!.a.qemuPids(), [], "no QEMU left on the source");
     await secondsOfProgress(bench, m1);
+    t.diagnostic(
+      `network gap (a ping every 50 ms): ${Math.round(longestGap(await poll.stop(), m0, Date.now()).ms)} ms`,
+    );
     assert.deepEqual(pgbenchSessions(tb!, addr), sessions, "the same sessions, now served by host b");
     const run = await bench.stop();
     assertUnnoticed(t, run, [

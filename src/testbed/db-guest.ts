@@ -339,7 +339,7 @@ export async function startDbGuest(
   }
 }
 
-/** Shuts the guest down through ACPI (systemd stops PostgreSQL cleanly) and waits until its QEMU is gone. */
+/** Shuts the guest down through ACPI (systemd stops PostgreSQL cleanly) and waits until it is off. */
 export async function shutdownDbGuest(
   tb: Testbed,
   host: "a" | "b",
@@ -348,7 +348,15 @@ export async function shutdownDbGuest(
 ): Promise<number> {
   const t0 = Date.now();
   cliOk(tb, host, ["shutdown", name]);
-  while (tb[host].qemuPids().length > 0) {
+  // A transient domain (as a migration leaves it) is gone once off; a persistent one says "shut off".
+  const off = () => {
+    const argv = tb[host].cliArgv(["dominfo", name]);
+    const r = spawnSync(argv[0]!, argv.slice(1), { encoding: "utf8" });
+    if (r.status === 0) return /State:\s+shut off/.test(r.stdout);
+    if (/not found on this host/.test(r.stderr)) return true;
+    throw new Error(`nbdmig dominfo ${name} on host ${host}: ${r.stderr}`);
+  };
+  while (!off()) {
     if (Date.now() - t0 > timeoutMs)
       throw new Error(`guest ${name} on host ${host} did not shut down within ${timeoutMs} ms`);
     await new Promise((r) => setTimeout(r, 250));
@@ -366,8 +374,10 @@ export interface PgbenchWindow {
 export function describeRun(o: PgbenchOutcome, windows: PgbenchWindow[]): string[] {
   return windows.map((w) => {
     const s = longestStall(o.progress, w.from, w.to);
-    const lat = Math.max(...o.progress.filter((p) => p.at > w.from && p.at <= w.to).map((p) => p.latMs));
-    return `${w.name} (${((w.to - w.from) / 1000).toFixed(1)} s): ${tpsBetween(o.progress, w.from, w.to).toFixed(1)} tps, slowest second ${s.minTps.toFixed(1)} tps, worst second's mean latency ${lat.toFixed(0)} ms, longest stall ${s.seconds} s`;
+    // A second without transactions has no latency (pgbench prints 0 or NaN).
+    const lats = o.progress.filter((p) => p.at > w.from && p.at <= w.to && p.tps > 0).map((p) => p.latMs);
+    const lat = lats.length ? `${Math.max(...lats).toFixed(0)} ms` : "-";
+    return `${w.name} (${((w.to - w.from) / 1000).toFixed(1)} s): ${tpsBetween(o.progress, w.from, w.to).toFixed(1)} tps, slowest second ${s.minTps.toFixed(1)} tps, worst second's mean latency ${lat}, longest stall ${s.seconds} s`;
   });
 }
 

@@ -2,12 +2,10 @@
  * Polls a URL every N ms from inside the client namespace and prints one line per request on stdout:
  * `<epoch ms when sent> <ok|fail> <round trip ms> <detail>`. It runs until stdin closes (its parent went
  * away) or SIGTERM. A request gets at most `timeoutMs`; a new one starts every `everyMs` regardless, so a
- * pause in the answers shows as a run of failures (or of late answers) of its real length. A
- * `tcp://HOST:PORT` URL polls a TCP service that is not HTTP (PostgreSQL): answered when it accepts.
+ * pause in the answers shows as a run of failures (or of late answers) of its real length.
  *   node http-poller.js URL [everyMs=50] [timeoutMs=1000]
  */
 import http from "node:http";
-import net from "node:net";
 
 const [url, every = "50", timeout = "1000"] = process.argv.slice(2);
 if (!url) {
@@ -22,18 +20,6 @@ function once(): void {
   const sent = Date.now();
   const done = (ok: boolean, detail: string) =>
     process.stdout.write(`${sent} ${ok ? "ok" : "fail"} ${Date.now() - sent} ${detail}\n`);
-  if (url!.startsWith("tcp://")) {
-    // A TCP service that is not HTTP (PostgreSQL): answered = the connection was accepted.
-    const u = new URL(url!);
-    const sock = net.connect({ host: u.hostname, port: Number(u.port) });
-    sock.setTimeout(timeoutMs, () => sock.destroy(new Error("timeout")));
-    sock.on("connect", () => {
-      done(true, "connected");
-      sock.destroy();
-    });
-    sock.on("error", (e) => done(false, e.message));
-    return;
-  }
   const req = http.get(url!, { agent, timeout: timeoutMs }, (res) => {
     let body = "";
     res.setEncoding("utf8");

@@ -334,27 +334,64 @@ export class Testbed {
    */
   startPoller(url: string, everyMs = 50): { samples(): PollSample[]; stop(): Promise<PollSample[]> } {
     const poller = fileURLToPath(new URL("./http-poller.js", import.meta.url));
-    const argv = this.clientArgv([process.execPath, poller, url, String(everyMs), "1000"]);
-    const child = spawn(argv[0]!, argv.slice(1), { stdio: ["pipe", "pipe", "inherit"] });
-    let out = "";
-    child.stdout.on("data", (b: Buffer) => (out += b.toString()));
-    const closed = new Promise<void>((resolve) => child.on("close", () => resolve()));
+    const run = this.runToFile("poller", [process.execPath, poller, url, String(everyMs), "1000"], "SIGTERM");
     // Only whole lines: a line still being written is not a sample yet.
     const samples = () =>
-      out
-        .slice(0, out.lastIndexOf("\n") + 1)
+      run
+        .output()
         .split("\n")
+        .slice(0, -1)
         .filter(Boolean)
         .map((l) => {
           const [at, ok, ms, ...detail] = l.split(" ");
           return { at: Number(at), ok: ok === "ok", ms: Number(ms), detail: detail.join(" ") };
         });
+    return { samples, stop: async () => (await run.stop(), samples()) };
+  }
+
+  /**
+   * Pings `addr` from the client every `everyMs` (ICMP echo, answered by the guest's kernel: it costs the
+   * guest next to nothing, unlike a connection to a service). `samples()` are the answers so far (sent at
+   * `at`, answered after `ms`), in the form longestGap() takes; `stop()` ends it and returns them all.
+   */
+  startPinger(addr: string, everyMs = 50): { samples(): PollSample[]; stop(): Promise<PollSample[]> } {
+    const run = this.runToFile(
+      "ping",
+      ["stdbuf", "-oL", "ping", "-n", "-D", "-W", "1", "-i", String(everyMs / 1000), addr],
+      "SIGINT",
+    );
+    // "[1764640000.123456] 64 bytes from 10.77.0.20: icmp_seq=12 ttl=64 time=0.512 ms": stamped on arrival.
+    const samples = () =>
+      [...run.output().matchAll(/^\[([\d.]+)\] .* icmp_seq=(\d+) .*time=([\d.]+) ms/gm)].map((m) => {
+        const ms = Number(m[3]);
+        return { at: Math.round(Number(m[1]) * 1000 - ms), ok: true, ms, detail: `seq ${m[2]}` };
+      });
+    return { samples, stop: async () => (await run.stop(), samples()) };
+  }
+
+  private outputs = 0;
+  /**
+   * Runs `argv` in the client namespace with its output in a file of the test bed, not a pipe: a test that
+   * blocks its event loop (spawnSync of a long migration) would leave a pipe unread, and a full pipe stops
+   * the writer, which then reports a pause that never was.
+   */
+  private runToFile(
+    what: string,
+    argv: string[],
+    stopSignal: NodeJS.Signals,
+  ): { output(): string; stop(): Promise<void> } {
+    const file = path.join(this.dir, `${what}-${++this.outputs}.out`);
+    const fd = fs.openSync(file, "w");
+    const full = this.clientArgv(argv);
+    // stdin a pipe that is never written: the poller ends when it closes, so also when this process dies.
+    const child = spawn(full[0]!, full.slice(1), { stdio: ["pipe", fd, "inherit"] });
+    fs.closeSync(fd);
+    const closed = new Promise<void>((resolve) => child.on("close", () => resolve()));
     return {
-      samples,
+      output: () => fs.readFileSync(file, "utf8"),
       stop: async () => {
-        child.stdin.end();
+        child.kill(stopSignal);
         await closed;
-        return samples();
       },
     };
   }
