@@ -317,6 +317,7 @@ export class IncomingMigration {
     requirePhase(this.machine, ["prepared"], "finish", "finish");
     this.machine.advance("finish");
     clearInterval(this.watchdog);
+    let resumed = false;
     try {
       const run = this.entry!.running;
       if (!run) throw new Error(this.error ?? "the destination QEMU is not running");
@@ -337,24 +338,50 @@ export class IncomingMigration {
       await qmp.execute("stop");
       if (!opts.suspend) {
         await qmp.execute("cont");
+        resumed = true;
         await this.reg.announce(run);
       } else {
         run.announceOnResume = true;
       }
-      this.entry!.job = undefined;
-      if (opts.persistent) this.reg.persist(this.name);
-      this.machine.advance("running");
-      this.removeRecord();
-      this.log.info(
-        { domain: this.name, id: this.id, suspended: opts.suspend },
-        "incoming migration finished",
-      );
-      this.onDone(this);
+      this.handedOver(opts.persistent);
     } catch (err) {
+      // A guest that runs here is the only copy now: it is never killed, and Finish reports success (the
+      // source then stops its copy); what failed after the resume is only logged.
+      if (resumed) {
+        this.log.error({ domain: this.name, err: errorMessage(err) }, "after the resume on the destination");
+        this.handedOver(opts.persistent);
+        return;
+      }
       this.error = errorMessage(err);
       await this.cleanup(`finish failed: ${this.error}`);
       throw new MigrationError("finish", `on ${this.req.listenHost}: ${this.error}`, "E_FINISH");
     }
+  }
+
+  /** The domain is this host's now (running, or paused for --suspend). */
+  private handedOver(persistent: boolean): void {
+    this.entry!.job = undefined;
+    if (persistent) {
+      try {
+        this.reg.persist(this.name);
+      } catch (err) {
+        this.log.error({ domain: this.name, err: errorMessage(err) }, "cannot make the domain persistent");
+      }
+    }
+    if (!this.machine.is("running")) this.machine.advance("running");
+    this.removeRecord();
+    this.log.info({ domain: this.name, id: this.id }, "incoming migration finished");
+    this.onDone(this);
+  }
+
+  /** The source's cancel: refused while Finish runs, which may be resuming the guest here. */
+  cancel(): Promise<void> {
+    if (this.machine.is("finish"))
+      throw new DomainStateError(
+        "E_MIGRATION_PHASE",
+        `the incoming migration of '${this.name}' is finishing (the guest may be resuming here); ask again`,
+      );
+    return this.cleanup("cancelled by the source");
   }
 
   /** Removes what Prepare created. Safe to call more than once and from any phase before `running`. */

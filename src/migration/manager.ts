@@ -133,7 +133,7 @@ export function migrationRoutes(router: Router, mm: MigrationManager): Router {
       return {};
     })
     .add("POST", "/v1/migrations/:id/cancel", async (r) => {
-      await mm.incomingById(r.params.id!).cleanup("cancelled by the source");
+      await mm.incomingById(r.params.id!).cancel();
       return {};
     });
 }

@@ -12,6 +12,7 @@ export type SourcePhase =
   | "perform:memory"
   | "perform:switchover"
   | "finish"
+  | "finish:unknown"
   | "confirm"
   | "completed"
   | "rollback"
@@ -25,7 +26,10 @@ const SOURCE_NEXT: Record<SourcePhase, SourcePhase[]> = {
   "perform:mirror": ["perform:memory", "rollback"],
   "perform:memory": ["perform:switchover", "rollback"],
   "perform:switchover": ["finish", "rollback"],
-  finish: ["confirm", "rollback"],
+  // Finish sent, no answer: the destination may run the guest. The source guest stays paused until the
+  // destination says it does (confirm) or that it does not and never will (rollback); else it fails paused.
+  finish: ["confirm", "rollback", "finish:unknown"],
+  "finish:unknown": ["confirm", "rollback", "failed"],
   confirm: ["completed"],
   rollback: ["failed", "cancelled"],
   completed: [],
@@ -82,6 +86,7 @@ export const destMachine = (): PhaseMachine<DestPhase> => new PhaseMachine<DestP
 /** The protocol phase (begin/prepare/perform/finish/confirm) a source sub-phase belongs to, for errors. */
 export function protocolPhase(p: SourcePhase): MigrationPhase {
   if (p.startsWith("perform")) return "perform";
+  if (p === "finish:unknown") return "finish";
   if (p === "begin" || p === "prepare" || p === "finish" || p === "confirm") return p;
   return "confirm";
 }

@@ -95,6 +95,16 @@ interface DestinationFacts {
 
 /** Without an answer from the destination agent for this long, the migration is rolled back. */
 const PEER_TIMEOUT_MS = Number(process.env.NBDMIG_PEER_TIMEOUT_MS ?? 10_000);
+/** Whether a failed call may still have been carried out by the peer: no answer, or none we could read. */
+function outcomeUnknown(err: unknown): boolean {
+  return (
+    err instanceof NbdmigError && (err.code === "E_AGENT_UNREACHABLE" || err.code === "E_AGENT_PROTOCOL")
+  );
+}
+/** How long Finish may take before its outcome counts as unknown (the destination waits up to 30 s itself). */
+const FINISH_TIMEOUT_MS = 60_000;
+/** How long a source whose Finish went unanswered keeps asking the destination before it gives up, paused. */
+const FINISH_SETTLE_MS = Number(process.env.NBDMIG_FINISH_SETTLE_MS ?? 600_000);
 /** QEMU's migration bandwidth cap is 128 MiB/s by default; "unlimited" lifts it as libvirt does. */
 const UNLIMITED_BPS = 2 ** 40;
 
@@ -333,7 +343,8 @@ export class OutgoingMigration {
       await this.finishRemote();
       await this.confirm();
     } catch (err) {
-      await this.rollback(err);
+      if (this.machine.is("finish") && outcomeUnknown(err)) await this.settleFinish(err);
+      else await this.rollback(err);
     } finally {
       this.finishedAt = Date.now();
       clearInterval(this.heartbeat);
@@ -598,15 +609,104 @@ export class OutgoingMigration {
   private async finishRemote(): Promise<void> {
     this.machine.advance("finish");
     await this.peer
-      .call("POST", `/v1/migrations/${this.prepared!.id}/finish`, {
-        // A guest paused on the source stays paused on the destination, as with libvirt.
-        suspend: this.req.suspend || !this.wasRunning,
-        persistent: this.req.persistent,
-      })
+      .call(
+        "POST",
+        `/v1/migrations/${this.prepared!.id}/finish`,
+        {
+          // A guest paused on the source stays paused on the destination, as with libvirt.
+          suspend: this.req.suspend || !this.wasRunning,
+          persistent: this.req.persistent,
+        },
+        FINISH_TIMEOUT_MS,
+      )
       .catch((err: unknown) => {
-        if (err instanceof MigrationError) throw err;
+        // No answer: kept as it is, so that execute() settles the outcome instead of rolling back.
+        if (err instanceof MigrationError || outcomeUnknown(err)) throw err;
         throw new MigrationError("finish", errorMessage(err), "E_FINISH");
       });
+  }
+
+  /**
+   * Finish went out and no answer came back: the destination may have resumed the guest, so the source must
+   * not. Its guest stays paused (the stream completed, so QEMU keeps it so) while the destination is asked,
+   * with backoff, whether it runs the guest: yes -> Confirm; no, and it never will -> rollback, which
+   * resumes it here; no answer for FINISH_SETTLE_MS -> the job fails with the guest still paused and the
+   * outcome reported as unknown, for the operator to decide.
+   */
+  private async settleFinish(err: unknown): Promise<void> {
+    this.machine.advance("finish:unknown");
+    clearTimeout(this.timeoutTimer); // --timeout acts on a running migration; this one has switched over
+    const why = errorMessage(err);
+    this.log.warn({ domain: this.name, err: why }, "Finish unanswered; asking the destination, guest paused");
+    this.notes.push(
+      `Finish went unanswered (${why}); the guest stays paused here until the destination says whether it runs it`,
+    );
+    const deadline = Date.now() + FINISH_SETTLE_MS;
+    let last = why;
+    for (let wait = 1000; ; wait = Math.min(wait * 2, 15_000)) {
+      const verdict = await this.askDestination().catch((e: unknown) => {
+        last = errorMessage(e);
+        return "unknown" as const;
+      });
+      if (verdict === "runs") {
+        this.notes.push("the destination confirmed that it runs the guest: migration completed");
+        await this.confirm();
+        return;
+      }
+      if (verdict === "never") {
+        await this.rollback(
+          new MigrationError(
+            "finish",
+            `${why}; the destination confirmed that it does not run the guest`,
+            "E_FINISH",
+          ),
+        );
+        return;
+      }
+      if (Date.now() + wait > deadline) break;
+      await sleep(wait);
+    }
+    clearInterval(this.heartbeat);
+    clearTimeout(this.timeoutTimer);
+    this.errorPhase = "finish";
+    this.errorCode = "E_OUTCOME_UNKNOWN";
+    this.errorDetail = `no answer from the destination for ${Math.round(FINISH_SETTLE_MS / 1000)} s (last: ${last}); the guest is paused here so that two copies never run. See on ${this.req.dest} whether '${this.name}' runs there ('nbdmig list'): if it does, 'nbdmig destroy ${this.name}' here; if it does not, 'nbdmig resume ${this.name}' here`;
+    this.error = `finish: ${this.errorDetail}`;
+    this.log.error({ domain: this.name, err: this.error }, "migration outcome unknown");
+    this.entry.job = undefined;
+    this.machine.advance("failed");
+  }
+
+  /** After an unanswered Finish: does the destination run the guest ("runs"), or will it never ("never")? */
+  private async askDestination(): Promise<"runs" | "never" | "unknown"> {
+    const id = this.prepared!.id;
+    try {
+      const r = await this.peer.call<{ phase: string }>("GET", `/v1/migrations/${id}`, undefined, 5000);
+      if (r.phase === "running") return "runs";
+      if (r.phase === "cleanup" || r.phase === "cleaned") return "never";
+      if (r.phase === "prepared") {
+        // Finish never arrived: cancelled, it cannot arrive late and resume the guest there.
+        await this.peer.call("POST", `/v1/migrations/${id}/cancel`, {}, 5000);
+        return "never";
+      }
+      return "unknown"; // still finishing
+    } catch (e) {
+      if (!(e instanceof NbdmigError && e.code === "E_NO_MIGRATION")) throw e;
+    }
+    // The destination forgot the migration (its record lives 60 s after the end, and not across a restart
+    // of its agent): whether it runs the domain decides.
+    try {
+      const d = await this.peer.call<{ state: string }>(
+        "GET",
+        `/v1/domains/${encodeURIComponent(this.name)}`,
+        undefined,
+        5000,
+      );
+      return d.state === "shut off" ? "never" : "runs";
+    } catch (e) {
+      if (e instanceof NbdmigError && e.code === "E_NO_DOMAIN") return "never";
+      throw e;
+    }
   }
 
   private async confirm(): Promise<void> {

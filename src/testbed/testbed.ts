@@ -254,6 +254,19 @@ export class TestHost {
     return (JSON.parse(out || "[]") as { ifname: string }[]).map((l) => l.ifname);
   }
 
+  /**
+   * Drops this host's TCP packets from local port `sport` to `daddr` (nftables in its namespace): replies
+   * lost in one direction, while the link itself stays up. Answers the function that lifts the drop.
+   */
+  dropOutgoing(daddr: string, sport: number): () => void {
+    const table = `nbdmig_drop_${sport}`;
+    const nft = (...args: string[]) => execFileSync("ip", ["netns", "exec", this.netns, "nft", ...args]);
+    nft("add", "table", "inet", table);
+    nft("add", "chain", "inet", table, "out", "{ type filter hook output priority 0; }");
+    nft("add", "rule", "inet", table, "out", "ip", "daddr", daddr, "tcp", "sport", String(sport), "drop");
+    return () => nft("delete", "table", "inet", table);
+  }
+
   /** QEMU processes running in this host. */
   qemuPids(): number[] {
     return this.pids().filter((p) => {

@@ -1,0 +1,126 @@
+/**
+ * The handoff: once Finish has gone out, the source resumes its guest only when it knows the destination
+ * does not run it. Here the destination's answers to the source's agent are dropped (nftables in the
+ * destination's namespace) from the start of the mirror, so Finish's reply is lost: the destination resumes
+ * the guest, and the source keeps its own copy paused and asks until it knows, or gives up, paused.
+ * QEMU's own state is checked on both sides, not only the agents' view.
+ */
+import assert from "node:assert/strict";
+import { after, before, describe, it } from "node:test";
+import { AGENT_PORT, Testbed } from "../src/testbed/testbed.js";
+import { available, need, testGuest } from "./helpers/env.js";
+import {
+  guestWritten,
+  IMG,
+  jobOf,
+  makeImage,
+  migrateInBackground,
+  MIGRATION_TOOLS,
+  ok,
+  startGuest,
+} from "./helpers/migration.js";
+import { waitFor } from "./helpers/wait.js";
+
+const TOOLS = [...MIGRATION_TOOLS, "nft"];
+
+describe("a lost Finish reply never leaves two running copies", { timeout: 900_000 }, () => {
+  let tb: Testbed | undefined;
+  let guest: { kernel: string; initrd: string };
+
+  before(async () => {
+    if (!available(TOOLS, true)) return;
+    guest = testGuest();
+    // The agents inherit these: a source that hears nothing from its peer keeps migrating for 120 s (the
+    // drop starts with the mirror), and asks about an unanswered Finish for 20 s before it gives up.
+    process.env.NBDMIG_PEER_TIMEOUT_MS = "120000";
+    process.env.NBDMIG_FINISH_SETTLE_MS = "20000";
+    tb = await Testbed.up();
+  });
+  after(async () => {
+    delete process.env.NBDMIG_PEER_TIMEOUT_MS;
+    delete process.env.NBDMIG_FINISH_SETTLE_MS;
+    await tb?.down();
+  });
+
+  /** QEMU's own run state of a domain on a host (query-status), or "gone" when no QEMU runs it. */
+  async function qemuStatus(host: "a" | "b", name: string): Promise<string> {
+    try {
+      const r = await tb![host]
+        .client()
+        .call<{ result: { status: string } }>("POST", `/v1/domains/${name}/monitor`, {
+          command: '{"execute":"query-status"}',
+        });
+      return r.result.status;
+    } catch {
+      return "gone";
+    }
+  }
+
+  /** Starts a writing guest, migrates it with the destination's agent answers dropped from the mirror on. */
+  async function migrateWithRepliesDropped(name: string) {
+    makeImage(tb!, "a", { name: `${name}.qcow2`, size: "256M", fillMiB: 32 });
+    await startGuest(
+      tb!,
+      { name, rate: 2, span: 64, disks: [{ target: "vda", source: `${IMG}/${name}.qcow2` }] },
+      guest,
+    );
+    const m = migrateInBackground(tb!, ["--live", "--copy-storage-all", name, tb!.b.uri]);
+    await waitFor(
+      "the mirror to start",
+      async () => (await jobOf(tb!, name))?.phase === "perform:mirror",
+      60_000,
+      50,
+    );
+    const lift = tb!.b.dropOutgoing(tb!.a.addr, AGENT_PORT);
+    // Finish times out after 60 s; then the source settles.
+    await waitFor(
+      "the source to find Finish's outcome unknown",
+      async () => (await jobOf(tb!, name))?.phase === "finish:unknown",
+      150_000,
+      200,
+    );
+    // One copy runs, on the destination; the source's QEMU holds its copy paused after the stream.
+    assert.equal(await qemuStatus("b", name), "running", "the destination resumed the guest");
+    assert.equal(await qemuStatus("a", name), "postmigrate", "the source's copy is paused");
+    return { m, lift };
+  }
+
+  it("keeps the source paused while it cannot know, and completes once the destination answers", async (t) => {
+    if (!need(t, TOOLS, true)) return;
+    const { m, lift } = await migrateWithRepliesDropped("lost");
+    // Still unknown a few seconds later: nothing resumed the source meanwhile.
+    await new Promise((r) => setTimeout(r, 3000));
+    assert.equal(await qemuStatus("a", "lost"), "postmigrate");
+    lift();
+    const res = await m.done;
+    assert.equal(res.status, 0, `the migration completes once the destination answers: ${res.stderr}`);
+    assert.deepEqual(tb!.a.qemuPids(), [], "the source stopped its copy");
+    assert.equal(await qemuStatus("b", "lost"), "running");
+    const info = JSON.parse(ok(tb!, "a", ["domjobinfo", "lost", "--completed", "--json"])) as {
+      notes?: string[];
+    };
+    assert.ok(
+      info.notes?.some((n) => /confirmed that it runs the guest/.test(n)),
+      `the job says how it ended: ${JSON.stringify(info.notes)}`,
+    );
+    const w = guestWritten(tb!, "b", "lost");
+    await waitFor("the guest to write on the destination", () => guestWritten(tb!, "b", "lost") > w, 30_000);
+    ok(tb!, "b", ["destroy", "lost"]);
+  });
+
+  it("gives up with the source still paused and says what to do", async (t) => {
+    if (!need(t, TOOLS, true)) return;
+    const { m, lift } = await migrateWithRepliesDropped("unsure");
+    const res = await m.done;
+    lift();
+    assert.equal(res.status, 1);
+    assert.match(res.stderr, /the guest is paused here so that two copies never run/);
+    assert.match(res.stderr, /'nbdmig destroy unsure' here; if it does not, 'nbdmig resume unsure' here/);
+    assert.equal(await qemuStatus("a", "unsure"), "postmigrate", "never resumed on the source");
+    assert.equal(await qemuStatus("b", "unsure"), "running");
+    // The operator follows the message: the guest runs on b, so the source's copy goes.
+    ok(tb!, "a", ["destroy", "unsure"]);
+    assert.deepEqual(tb!.a.qemuPids(), []);
+    ok(tb!, "b", ["destroy", "unsure"]);
+  });
+});
