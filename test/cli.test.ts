@@ -1,11 +1,11 @@
 import assert from "node:assert/strict";
-import { execFileSync } from "node:child_process";
+import { execFileSync, spawn } from "node:child_process";
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { after, before, describe, it } from "node:test";
 import { Testbed } from "../src/testbed/testbed.js";
-import { available, cli, need, testGuest } from "./helpers/env.js";
+import { available, cli, cliPath, need, testGuest } from "./helpers/env.js";
 import { guestXml } from "./helpers/guest-xml.js";
 import { waitFor } from "./helpers/wait.js";
 
@@ -50,6 +50,34 @@ describe("nbdmig CLI usage errors (no agent needed)", () => {
       r.stderr,
       /cannot reach the agent at nbdmig:\/\/127.0.0.1:1: ECONNREFUSED; is 'nbdmig daemon' running there\?/,
     );
+  });
+
+  it("daemon --token-file: the agent takes the given token, not its state dir's", async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), "nbdmig-token-"));
+    const shared = path.join(dir, "cluster-token");
+    fs.writeFileSync(shared, "0123456789abcdef0123456789abcdef\n", { mode: 0o600 });
+    const port = 17000 + (process.pid % 1000);
+    const daemon = spawn(
+      process.execPath,
+      [cliPath, "daemon", "--listen", `127.0.0.1:${port}`, "--state-dir", dir, "--token-file", shared],
+      { stdio: "ignore" },
+    );
+    try {
+      const uri = `nbdmig://127.0.0.1:${port}`;
+      await waitFor(
+        "the agent to listen",
+        () => cli(["-c", uri, "--token-file", shared, "list"]).status === 0,
+        20_000,
+      );
+      const own = path.join(dir, "token");
+      if (fs.existsSync(own)) {
+        const r = cli(["-c", uri, "--token-file", own, "list"]);
+        assert.equal(r.status, 1, "the state dir's token is not the agent's");
+      }
+    } finally {
+      daemon.kill();
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
   });
 
   it("prints help and version with exit 0", () => {

@@ -42,17 +42,19 @@ export function register(program: Command): void {
     )
     .option("--log-level <level>", "trace, debug, info, warn, error", "info")
     .action(
-      async (o: {
-        listen: string;
-        stateDir: string;
-        tokenFile?: string;
-        accel: string;
-        nbd: boolean;
-        diskLayout: string;
-        logLevel: string;
-        network: string[];
-        pool: string[];
-      }) => {
+      async (
+        o: {
+          listen: string;
+          stateDir: string;
+          accel: string;
+          nbd: boolean;
+          diskLayout: string;
+          logLevel: string;
+          network: string[];
+          pool: string[];
+        },
+        cmd: Command,
+      ) => {
         if (!["auto", "kvm", "tcg"].includes(o.accel))
           throw new UsageError(`--accel takes auto, kvm or tcg, not '${o.accel}'`);
         if (!["auto", ...DISK_LAYOUTS].includes(o.diskLayout))
@@ -63,7 +65,9 @@ export function register(program: Command): void {
         await runDaemon({
           listen: o.listen,
           stateDir: o.stateDir,
-          tokenFile: o.tokenFile,
+          // The program-level --token-file (the CLI's) has the same name and takes the option wherever it
+          // stands, so the daemon's own comes through the merged options.
+          tokenFile: (cmd.optsWithGlobals() as { tokenFile?: string }).tokenFile,
           accel: o.accel as "auto" | "kvm" | "tcg",
           noNbd: !o.nbd,
           diskLayout: o.diskLayout as "auto" | DiskLayout,
