@@ -10,7 +10,8 @@ import { probeQemuFeatures } from "../qemu/features.js";
 import { probeKvm } from "../qemu/launcher.js";
 import type { DomainRegistry } from "./domains.js";
 import { listBridges, listLinks } from "./network.js";
-import { Router, str } from "./http.js";
+import { Router } from "./http.js";
+import { CreateSchema, DefineSchema, MonitorSchema, StartSchema, UndefineSchema } from "./schemas.js";
 
 import { VERSION } from "../version.js";
 
@@ -108,9 +109,9 @@ export function domainRoutes(router: Router, reg: DomainRegistry, host: HostFact
       }
       return { domains: out };
     })
-    .add("POST", "/v1/domains", (r) => reg.define(str(r.body, "xml")))
-    .add("POST", "/v1/domains/create", async (r) => {
-      const { def, warnings } = await reg.resolveXml(str(r.body, "xml"));
+    .add("POST", "/v1/domains", DefineSchema, (r) => reg.define(r.body.xml))
+    .add("POST", "/v1/domains/create", CreateSchema, async (r) => {
+      const { def, warnings } = await reg.resolveXml(r.body.xml);
       const e = reg.addTransient(def);
       try {
         await e.lock.run(() => reg.start(def.name, { paused: r.body.paused === true }));
@@ -121,10 +122,8 @@ export function domainRoutes(router: Router, reg: DomainRegistry, host: HostFact
       return { name: def.name, warnings };
     })
     .add("GET", "/v1/domains/:name", (r) => info(r.params.name!))
-    .add("DELETE", "/v1/domains/:name", (r) => {
+    .add("DELETE", "/v1/domains/:name", UndefineSchema, (r) => {
       const nvram = r.body.nvram;
-      if (nvram !== undefined && nvram !== "remove" && nvram !== "keep")
-        throw new UsageError(`nvram must be 'remove' or 'keep', not '${String(nvram)}'`);
       return reg
         .get(r.params.name!)
         .lock.run(async () => reg.undefine(r.params.name!, { nvram, keepTpm: r.body.keepTpm === true }));
@@ -134,7 +133,7 @@ export function domainRoutes(router: Router, reg: DomainRegistry, host: HostFact
       const inactive = r.query.get("inactive") === "1";
       return { xml: domainToXml(inactive ? e.def : (e.running?.def ?? e.def)) };
     })
-    .add("POST", "/v1/domains/:name/start", async (r) => {
+    .add("POST", "/v1/domains/:name/start", StartSchema, async (r) => {
       const e = reg.get(r.params.name!);
       const run = await e.lock.run(() => reg.start(e.name, { paused: r.body.paused === true }));
       return { id: run.id, pid: run.pid, accel: run.accel };
@@ -187,7 +186,7 @@ export function domainRoutes(router: Router, reg: DomainRegistry, host: HostFact
         throw new UsageError("bytes must be a positive whole number");
       return { text: reg.consoleLog(r.params.name!, bytes) };
     })
-    .add("POST", "/v1/domains/:name/monitor", async (r) => ({
-      result: await reg.monitor(r.params.name!, str(r.body, "command"), r.body.hmp === true),
+    .add("POST", "/v1/domains/:name/monitor", MonitorSchema, async (r) => ({
+      result: await reg.monitor(r.params.name!, r.body.command, r.body.hmp === true),
     }));
 }

@@ -2,21 +2,41 @@
 import { timingSafeEqual } from "node:crypto";
 import http from "node:http";
 import type { Logger } from "pino";
+import { z } from "zod";
 import { DomainStateError, MigrationError, NbdmigError, QmpError, UsageError } from "../errors.js";
 
-export interface Request {
+export interface Request<B = Record<string, never>> {
   params: Record<string, string>;
   query: URLSearchParams;
-  body: Record<string, unknown>;
+  /** The body as its route's schema parsed it (defaults applied); `{}` for a route that takes none. */
+  body: B;
 }
 
-export type Handler = (req: Request) => Promise<unknown> | unknown;
+export type Handler<B = Record<string, never>> = (req: Request<B>) => Promise<unknown> | unknown;
 
 interface Route {
   method: string;
   pattern: RegExp;
   keys: string[];
-  handler: Handler;
+  schema: z.ZodType;
+  handler: Handler<unknown>;
+}
+
+/** A route without a body schema takes none: `{}` or nothing. */
+const NO_BODY = z.strictObject({});
+
+/** `cookie.disks[0].virtualSize: Invalid input: expected number, received string`, for a 400. */
+export function describeIssues(err: z.ZodError): string {
+  return err.issues
+    .slice(0, 3)
+    .map((i) => {
+      const where = i.path.reduce<string>(
+        (acc, k) => (typeof k === "number" ? `${acc}[${k}]` : acc ? `${acc}.${String(k)}` : String(k)),
+        "",
+      );
+      return `${where || "body"}: ${i.message}`;
+    })
+    .join("; ");
 }
 
 const MAX_BODY = 8 * 1024 * 1024;
@@ -24,14 +44,26 @@ const MAX_BODY = 8 * 1024 * 1024;
 export class Router {
   private readonly routes: Route[] = [];
 
-  /** `path` may hold `:name` segments, e.g. `/v1/domains/:name/start`. */
-  add(method: string, path: string, handler: Handler): this {
+  /**
+   * `path` may hold `:name` segments, e.g. `/v1/domains/:name/start`. The body is checked against `schema`
+   * (none: the call takes no body) before the handler runs; a body that fails is a 400 naming the field.
+   */
+  add(method: string, path: string, handler: Handler): this;
+  add<S extends z.ZodType>(method: string, path: string, schema: S, handler: Handler<z.output<S>>): this;
+  add(method: string, path: string, a: z.ZodType | Handler, b?: Handler<never>): this {
+    const [schema, handler] = typeof a === "function" ? [NO_BODY, a] : [a, b!];
     const keys: string[] = [];
     const re = path.replace(/:([a-z]+)/g, (_, k: string) => {
       keys.push(k);
       return "([^/]+)";
     });
-    this.routes.push({ method, pattern: new RegExp(`^${re}$`), keys, handler });
+    this.routes.push({
+      method,
+      pattern: new RegExp(`^${re}$`),
+      keys,
+      schema,
+      handler: handler as Handler<unknown>,
+    });
     return this;
   }
 
@@ -75,23 +107,40 @@ export class Router {
         return;
       }
       const params: Record<string, string> = {};
-      route.keys.forEach((k, i) => (params[k] = decodeURIComponent(match![i + 1]!)));
+      try {
+        route.keys.forEach((k, i) => (params[k] = decodeURIComponent(match![i + 1]!)));
+      } catch {
+        send(400, { error: { code: "E_USAGE", message: `malformed %-escape in ${url.pathname}` } });
+        req.resume();
+        return;
+      }
       const chunks: Buffer[] = [];
       let size = 0;
       req.on("data", (c: Buffer) => {
         size += c.length;
-        if (size > MAX_BODY) req.destroy();
-        else chunks.push(c);
+        if (size <= MAX_BODY) chunks.push(c);
+        else chunks.length = 0; // the rest is read and dropped, so that the client gets its 413
       });
       req.on("end", () => {
-        let body: Record<string, unknown> = {};
+        if (size > MAX_BODY) {
+          const message = `request body of ${size} bytes is over the limit of ${MAX_BODY}`;
+          send(413, { error: { code: "E_TOO_LARGE", message } });
+          return;
+        }
+        let raw: unknown = {};
         try {
-          if (chunks.length)
-            body = JSON.parse(Buffer.concat(chunks).toString("utf8")) as Record<string, unknown>;
+          if (chunks.length) raw = JSON.parse(Buffer.concat(chunks).toString("utf8"));
         } catch {
           send(400, { error: { code: "E_USAGE", message: "request body is not JSON" } });
           return;
         }
+        const parsed = route.schema.safeParse(raw);
+        if (!parsed.success) {
+          const message = `${req.method} ${url.pathname}: ${describeIssues(parsed.error)}`;
+          send(400, { error: { code: "E_BAD_BODY", message } });
+          return;
+        }
+        const body = parsed.data;
         Promise.resolve()
           .then(() => route.handler({ params, query: url.searchParams, body }))
           .then(
@@ -107,6 +156,9 @@ export class Router {
   }
 }
 
+/** Codes that say the thing named in the path does not exist here. */
+const NOT_FOUND = new Set(["E_NO_DOMAIN", "E_NO_MIGRATION"]);
+
 export function errorToHttp(err: unknown): [number, Record<string, unknown>] {
   if (err instanceof NbdmigError) {
     const payload: Record<string, unknown> = { code: err.code, message: err.message, class: err.name };
@@ -115,16 +167,10 @@ export function errorToHttp(err: unknown): [number, Record<string, unknown>] {
       payload.detail = err.detail;
     }
     if (err instanceof QmpError) payload.qmpClass = err.errorClass;
+    if (NOT_FOUND.has(err.code)) return [404, payload];
     if (err instanceof UsageError) return [400, payload];
-    if (err instanceof DomainStateError) return [err.code === "E_NO_DOMAIN" ? 404 : 409, payload];
+    if (err instanceof DomainStateError) return [409, payload];
     return [500, payload];
   }
   return [500, { code: "E_INTERNAL", message: (err as Error)?.message ?? String(err) }];
-}
-
-/** Reads a string field of a request body, or fails with a usage error naming it. */
-export function str(body: Record<string, unknown>, key: string): string {
-  const v = body[key];
-  if (typeof v !== "string" || v === "") throw new UsageError(`request needs a string '${key}'`);
-  return v;
 }

@@ -24,8 +24,8 @@ import { blockOf } from "../qemu/qmp-util.js";
 import type { QmpClient } from "../qemu/qmp.js";
 import type { MirrorState } from "./mirror.js";
 
-export type ConvergeMode = "auto" | "throttle" | "sync" | "none";
-export const CONVERGE_MODES: ConvergeMode[] = ["auto", "throttle", "sync", "none"];
+export const CONVERGE_MODES = ["auto", "throttle", "sync", "none"] as const;
+export type ConvergeMode = (typeof CONVERGE_MODES)[number];
 
 const MIN_CAP = 1024 * 1024;
 /**

@@ -4,40 +4,8 @@
  */
 import { UsageError } from "../errors.js";
 import { isMigratableDisk, type DiskDef, type DomainDef } from "../domain/model.js";
-import type { Accel } from "../domain/qemu-args.js";
 
-export interface CookieDisk {
-  target: string;
-  source: string;
-  format: "raw" | "qcow2";
-  virtualSize: number;
-  /** Bytes allocated in the source image (the top image for "top"): what the destination needs room for. */
-  allocated: number;
-  /** "full" copies the whole disk; "top" (--copy-storage-inc) only the top image of its backing chain. */
-  mode: "full" | "top";
-  /** For "top": the backing as written in the top image's header, to precreate the overlay the same way. */
-  backing?: { file: string; format: string };
-  /** For "top": the chain below the top image, which the destination must already hold. */
-  chain?: { path: string; format: string; virtualSize: number; sha256?: string }[];
-}
-
-/** How the disks travel: NBD mirrors, inside the migration stream (QEMU block migration), or not at all. */
-export type StoragePath = "nbd" | "stream" | "none";
-
-export interface MigrationCookie {
-  /** The running definition, as domain XML. */
-  xml: string;
-  name: string;
-  uuid: string;
-  accel: Accel;
-  /** Every disk to copy; the UEFI variable store is one of them (target `nvram`) when storage is copied. */
-  disks: CookieDisk[];
-  storagePath: StoragePath;
-  /** A UEFI guest's variable store, copied or not: its size, for a destination that must create it. */
-  nvram?: { path: string; format: "raw" | "qcow2"; virtualSize: number };
-  /** The UEFI code the source runs, so the destination can tell whether its copy is the same. */
-  firmware?: { path: string; size: number; sha256: string };
-}
+export type { CookieDisk, MigrationCookie, StoragePath } from "./schemas.js";
 
 export function selectDisks(def: DomainDef, migrateDisks?: string[]): DiskDef[] {
   if (!migrateDisks) return def.disks.filter(isMigratableDisk);

@@ -17,16 +17,11 @@ import { sha256File } from "../util/hash.js";
 import { probeKvm } from "../qemu/launcher.js";
 import { writeFileAtomic } from "../agent/state-dir.js";
 import { formatBytes } from "../util/format.js";
-import type { CookieDisk, MigrationCookie } from "./cookie.js";
+import type { CookieDisk, PrepareRequest } from "./schemas.js";
+
+export type { PrepareRequest } from "./schemas.js";
 import { destMachine, requirePhase } from "./phases.js";
 import { bindFromPool, MIGRATION_PORTS, NBD_PORTS } from "./ports.js";
-
-export interface PrepareRequest {
-  cookie: MigrationCookie;
-  /** The address the source used to reach this agent: QEMU listens there for NBD and the migration. */
-  listenHost: string;
-  disksPort?: number;
-}
 
 export interface PrepareResult {
   id: string;

@@ -10,8 +10,8 @@ import type { Router } from "../agent/http.js";
 import { errorMessage } from "../errors.js";
 import { IncomingMigration, recoverIncoming, type PrepareRequest } from "./destination.js";
 import { recoverMirrors } from "./mirror.js";
-import { CONVERGE_MODES, type ConvergeMode } from "./converge.js";
 import { OutgoingMigration, type MigrateRequest } from "./source.js";
+import { FinishRequestSchema, MigrateRequestSchema, PrepareRequestSchema } from "./schemas.js";
 
 export interface ManagerOptions {
   /** This agent's own token; used for the peer unless the request brings one. */
@@ -114,67 +114,24 @@ export class MigrationManager {
 
 export function migrationRoutes(router: Router, mm: MigrationManager): Router {
   return router
-    .add("POST", "/v1/domains/:name/migrate", (r) => mm.migrate(r.params.name!, parseMigrateRequest(r.body)))
+    .add("POST", "/v1/domains/:name/migrate", MigrateRequestSchema, (r) => mm.migrate(r.params.name!, r.body))
     .add("GET", "/v1/domains/:name/job", (r) => mm.jobInfo(r.params.name!))
     .add("POST", "/v1/domains/:name/job/abort", async (r) => {
       await mm.abort(r.params.name!);
       return {};
     })
-    .add("POST", "/v1/migrations/prepare", (r) => mm.prepare(r.body as unknown as PrepareRequest))
+    .add("POST", "/v1/migrations/prepare", PrepareRequestSchema, (r) => mm.prepare(r.body))
     .add("GET", "/v1/migrations/:id", (r) => {
       const m = mm.incomingById(r.params.id!);
       m.lastSeen = Date.now();
       return m.describe();
     })
-    .add("POST", "/v1/migrations/:id/finish", async (r) => {
-      await mm
-        .incomingById(r.params.id!)
-        .finish({ suspend: r.body.suspend === true, persistent: r.body.persistent === true });
+    .add("POST", "/v1/migrations/:id/finish", FinishRequestSchema, async (r) => {
+      await mm.incomingById(r.params.id!).finish(r.body);
       return {};
     })
     .add("POST", "/v1/migrations/:id/cancel", async (r) => {
       await mm.incomingById(r.params.id!).cancel();
       return {};
     });
-}
-
-function parseMigrateRequest(b: Record<string, unknown>): MigrateRequest {
-  const optNum = (k: string): number | undefined => {
-    const v = b[k];
-    if (v === undefined || v === null) return undefined;
-    if (typeof v !== "number") throw new UsageError(`'${k}' must be a number`);
-    return v;
-  };
-  if (typeof b.dest !== "string") throw new UsageError("migrate needs 'dest' (nbdmig://HOST:PORT)");
-  const copy = b.copyStorage ?? "none";
-  if (copy !== "all" && copy !== "inc" && copy !== "none") {
-    throw new UsageError(`copyStorage must be 'all', 'inc' or 'none', not '${String(copy)}'`);
-  }
-  const disks = b.migrateDisks;
-  if (disks !== undefined && !(Array.isArray(disks) && disks.every((d) => typeof d === "string"))) {
-    throw new UsageError("migrateDisks must be a list of disk targets");
-  }
-  return {
-    dest: b.dest,
-    destToken: typeof b.destToken === "string" ? b.destToken : undefined,
-    live: b.live !== false,
-    copyStorage: copy,
-    verifyBacking: b.verifyBacking === true,
-    storageConverge: parseConverge(b.storageConverge),
-    migrateDisks: disks as string[] | undefined,
-    bandwidthMiB: optNum("bandwidthMiB"),
-    disksPort: optNum("disksPort"),
-    timeoutSec: optNum("timeoutSec"),
-    persistent: b.persistent === true,
-    undefineSource: b.undefineSource === true,
-    suspend: b.suspend === true,
-  };
-}
-
-function parseConverge(v: unknown): ConvergeMode {
-  if (v === undefined || v === null) return "auto";
-  if (typeof v !== "string" || !(CONVERGE_MODES as string[]).includes(v)) {
-    throw new UsageError(`storageConverge must be one of ${CONVERGE_MODES.join(", ")}, not '${String(v)}'`);
-  }
-  return v as ConvergeMode;
 }

@@ -27,28 +27,13 @@ import {
   type StoragePath,
 } from "./cookie.js";
 import type { PrepareResult } from "./destination.js";
+import type { MigrateRequest } from "./schemas.js";
+
+export type { MigrateRequest } from "./schemas.js";
 import { Mirrors } from "./mirror.js";
-import { StorageConverger, type ConvergeMode } from "./converge.js";
+import { StorageConverger } from "./converge.js";
 import { tcpBytesAcked } from "./wire.js";
 import { PhaseMachine, protocolPhase, sourceMachine, type SourcePhase } from "./phases.js";
-
-export interface MigrateRequest {
-  /** The destination agent, nbdmig://HOST:PORT; HOST is also where its QEMU listens. */
-  dest: string;
-  destToken?: string;
-  live: boolean;
-  copyStorage: "all" | "inc" | "none";
-  /** With "inc": compare the destination's backing files with the source's by content hash. */
-  verifyBacking?: boolean;
-  storageConverge: ConvergeMode;
-  migrateDisks?: string[];
-  bandwidthMiB?: number;
-  disksPort?: number;
-  persistent: boolean;
-  undefineSource: boolean;
-  suspend: boolean;
-  timeoutSec?: number;
-}
 
 /**
  * How the disks travel: NBD mirrors when the destination can serve NBD; else inside the migration stream

@@ -255,15 +255,20 @@ export class TestHost {
   }
 
   /**
-   * Drops this host's TCP packets from local port `sport` to `daddr` (nftables in its namespace): replies
-   * lost in one direction, while the link itself stays up. Answers the function that lifts the drop.
+   * Loses this host's answers on local TCP port `sport` to `daddr` (nftables in its namespace): every packet
+   * from that port to that address is dropped except the SYN-ACK, so connections still open and requests
+   * still arrive and are carried out here, but nothing of what this host answers gets back (a lost reply,
+   * while the link stays up). Answers the function that lifts the drop.
    */
-  dropOutgoing(daddr: string, sport: number): () => void {
+  dropAnswers(daddr: string, sport: number): () => void {
     const table = `nbdmig_drop_${sport}`;
     const nft = (...args: string[]) => execFileSync("ip", ["netns", "exec", this.netns, "nft", ...args]);
     nft("add", "table", "inet", table);
     nft("add", "chain", "inet", table, "out", "{ type filter hook output priority 0; }");
-    nft("add", "rule", "inet", table, "out", "ip", "daddr", daddr, "tcp", "sport", String(sport), "drop");
+    nft(
+      ...["add", "rule", "inet", table, "out", "ip", "daddr", daddr, "tcp", "sport", String(sport)],
+      ...["tcp", "flags", "&", "(syn", "|", "ack)", "!=", "syn", "|", "ack", "drop"],
+    );
     return () => nft("delete", "table", "inet", table);
   }
 

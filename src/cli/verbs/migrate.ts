@@ -213,7 +213,7 @@ export function register(program: Command): void {
         throw new UsageError("--verify-backing goes with --copy-storage-inc");
       if (o.timeoutSuspend && !o.timeout) throw new UsageError("--timeout-suspend goes with --timeout SEC");
       let converge = o.storageConverge === undefined ? undefined : String(o.storageConverge);
-      if (converge !== undefined && !(CONVERGE_MODES as string[]).includes(converge)) {
+      if (converge !== undefined && !(CONVERGE_MODES as readonly string[]).includes(converge)) {
         const modes = `${CONVERGE_MODES.slice(0, -1).join(", ")} or ${CONVERGE_MODES.at(-1)}`;
         throw new UsageError(`--storage-converge takes ${modes}, not '${converge}'`);
       }

@@ -1,0 +1,105 @@
+/**
+ * The bodies of the migration API, CLI -> agent (migrate) and agent -> agent (prepare, finish): one zod
+ * schema each, from which both the validation and the TypeScript types come. Strict: an unknown field is
+ * refused, as is anything out of range, so a peer's body is never trusted as it arrives.
+ */
+import { z } from "zod";
+import { CONVERGE_MODES } from "./converge.js";
+
+/** Byte counts and sizes: whole, not negative, exact in a double. */
+const bytes = z.number().int().nonnegative().max(Number.MAX_SAFE_INTEGER);
+const port = z.number().int().min(1).max(65535);
+const filePath = z.string().min(1).max(4096).startsWith("/", "must be an absolute path");
+const sha256 = z.string().regex(/^[0-9a-f]{64}$/, "must be a SHA-256 in hex");
+const imageFormat = z.enum(["raw", "qcow2"]);
+/** A disk target (vda, sdb, hdc...) or the UEFI variable store's pseudo-target `nvram`. */
+export const diskTarget = z.string().regex(/^[A-Za-z0-9_-]{1,32}$/, "must be a disk target such as vda");
+
+export const CookieDiskSchema = z.strictObject({
+  target: diskTarget,
+  source: filePath,
+  format: imageFormat,
+  virtualSize: bytes,
+  /** Bytes allocated in the source image (the top image for "top"): what the destination needs room for. */
+  allocated: bytes,
+  /** "full" copies the whole disk; "top" (--copy-storage-inc) only the top image of its backing chain. */
+  mode: z.enum(["full", "top"]),
+  /** For "top": the backing as written in the top image's header, to precreate the overlay the same way. */
+  backing: z
+    .strictObject({ file: z.string().min(1).max(4096), format: z.string().min(1).max(32) })
+    .optional(),
+  /** For "top": the chain below the top image, which the destination must already hold. */
+  chain: z
+    .array(
+      z.strictObject({
+        path: filePath,
+        format: z.string().min(1).max(32),
+        virtualSize: bytes,
+        sha256: sha256.optional(),
+      }),
+    )
+    .max(64)
+    .optional(),
+});
+export type CookieDisk = z.infer<typeof CookieDiskSchema>;
+
+/** How the disks travel: NBD mirrors, inside the migration stream (QEMU block migration), or not at all. */
+export const StoragePathSchema = z.enum(["nbd", "stream", "none"]);
+export type StoragePath = z.infer<typeof StoragePathSchema>;
+
+/** What Begin tells the destination about the domain (libvirt's migration cookie). */
+export const MigrationCookieSchema = z.strictObject({
+  /** The running definition, as domain XML. */
+  xml: z
+    .string()
+    .min(1)
+    .max(4 * 1024 * 1024),
+  name: z.string().min(1).max(200),
+  uuid: z.string().regex(/^[0-9a-fA-F-]{32,36}$/, "must be a UUID"),
+  accel: z.enum(["kvm", "tcg"]),
+  /** Every disk to copy; the UEFI variable store is one of them (target `nvram`) when storage is copied. */
+  disks: z.array(CookieDiskSchema).max(256),
+  storagePath: StoragePathSchema,
+  /** A UEFI guest's variable store, copied or not: its size, for a destination that must create it. */
+  nvram: z.strictObject({ path: filePath, format: imageFormat, virtualSize: bytes }).optional(),
+  /** The UEFI code the source runs, so the destination can tell whether its copy is the same. */
+  firmware: z.strictObject({ path: filePath, size: bytes, sha256 }).optional(),
+});
+export type MigrationCookie = z.infer<typeof MigrationCookieSchema>;
+
+/** POST /v1/migrations/prepare (source agent -> destination agent). */
+export const PrepareRequestSchema = z.strictObject({
+  cookie: MigrationCookieSchema,
+  /** The address the source used to reach this agent: QEMU listens there for NBD and the migration. */
+  listenHost: z.string().min(1).max(255),
+  disksPort: port.optional(),
+});
+export type PrepareRequest = z.infer<typeof PrepareRequestSchema>;
+
+/** POST /v1/migrations/ID/finish. */
+export const FinishRequestSchema = z.strictObject({ suspend: z.boolean(), persistent: z.boolean() });
+
+/** POST /v1/domains/NAME/migrate (CLI -> source agent); absent fields take virsh's defaults. */
+export const MigrateRequestSchema = z.strictObject({
+  /** The destination agent, nbdmig://HOST:PORT; HOST is also where its QEMU listens. */
+  dest: z.string().min(1).max(300),
+  destToken: z.string().min(1).max(1024).optional(),
+  live: z.boolean().default(true),
+  copyStorage: z.enum(["all", "inc", "none"]).default("none"),
+  /** With "inc": compare the destination's backing files with the source's by content hash. */
+  verifyBacking: z.boolean().optional(),
+  storageConverge: z.enum(CONVERGE_MODES).default("auto"),
+  migrateDisks: z.array(diskTarget).max(256).optional(),
+  bandwidthMiB: z.number().positive().max(1_000_000).optional(),
+  disksPort: port.optional(),
+  timeoutSec: z
+    .number()
+    .int()
+    .positive()
+    .max(86_400 * 30)
+    .optional(),
+  persistent: z.boolean().default(false),
+  undefineSource: z.boolean().default(false),
+  suspend: z.boolean().default(false),
+});
+export type MigrateRequest = z.infer<typeof MigrateRequestSchema>;
