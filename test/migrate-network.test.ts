@@ -173,7 +173,7 @@ describe("guests on bridged networks across a migration", { timeout: 900_000 }, 
         cookie: {
           xml: ok(tb!, "a", ["dumpxml", "lost"]),
           name: "lost",
-          uuid: "x",
+          uuid: "00000000-0000-4000-8000-000000000001",
           accel: "tcg",
           disks: [],
           storagePath: "none",

@@ -34,7 +34,7 @@ export interface ParsedDomain {
 }
 
 const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$/;
-const UUID_RE = /^[0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{12}$/i;
+export const UUID_RE = /^[0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{12}$/i;
 
 /** libvirt's memory units, as factors to bytes. */
 const UNITS: Record<string, number> = {

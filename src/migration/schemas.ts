@@ -4,6 +4,7 @@
  * refused, as is anything out of range, so a peer's body is never trusted as it arrives.
  */
 import { z } from "zod";
+import { UUID_RE } from "../domain/xml.js";
 import { CONVERGE_MODES } from "./converge.js";
 
 /** Byte counts and sizes: whole, not negative, exact in a double. */
@@ -55,7 +56,7 @@ export const MigrationCookieSchema = z.strictObject({
     .min(1)
     .max(4 * 1024 * 1024),
   name: z.string().min(1).max(200),
-  uuid: z.string().regex(/^[0-9a-fA-F-]{32,36}$/, "must be a UUID"),
+  uuid: z.string().regex(UUID_RE, "must be a UUID"),
   accel: z.enum(["kvm", "tcg"]),
   /** Every disk to copy; the UEFI variable store is one of them (target `nvram`) when storage is copied. */
   disks: z.array(CookieDiskSchema).max(256),

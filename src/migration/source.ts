@@ -694,6 +694,20 @@ export class OutgoingMigration {
     }
   }
 
+  /** Why the destination gave up, if it has (asked for up to about a second, as it may be cleaning up). */
+  private async destinationsReason(): Promise<string | undefined> {
+    if (!this.prepared) return undefined;
+    for (let i = 0; i < 5; i++) {
+      const r = await this.peer
+        .call<{ phase: string; error?: string }>("GET", `/v1/migrations/${this.prepared.id}`, undefined, 1000)
+        .catch(() => undefined);
+      if (!r) return undefined;
+      if (r.error && (r.phase === "cleanup" || r.phase === "cleaned")) return r.error;
+      await sleep(200);
+    }
+    return undefined;
+  }
+
   private async confirm(): Promise<void> {
     this.machine.advance("confirm");
     clearInterval(this.heartbeat);
@@ -728,6 +742,15 @@ export class OutgoingMigration {
     this.errorDetail = me.detail;
     this.errorCode = me.code;
     this.error = me.message;
+    // A mirror fails with QEMU's bare errno ("Input/output error") when the other end goes away: the
+    // destination usually knows why.
+    if (me.code === "E_MIRROR") {
+      const why = await this.destinationsReason();
+      if (why) {
+        this.errorDetail += ` (the destination: ${why})`;
+        this.error += ` (the destination: ${why})`;
+      }
+    }
     this.machine.advance("rollback");
     clearInterval(this.heartbeat);
     clearTimeout(this.timeoutTimer);
