@@ -28,12 +28,12 @@ import {
 } from "./cookie.js";
 import type { PrepareResult } from "./destination.js";
 import type { MigrateRequest } from "./schemas.js";
-
-export type { MigrateRequest } from "./schemas.js";
 import { Mirrors } from "./mirror.js";
 import { StorageConverger } from "./converge.js";
 import { tcpBytesAcked } from "./wire.js";
 import { PhaseMachine, protocolPhase, sourceMachine, type SourcePhase } from "./phases.js";
+
+export type { MigrateRequest } from "./schemas.js";
 
 /**
  * How the disks travel: NBD mirrors when the destination can serve NBD; else inside the migration stream
