@@ -1,5 +1,5 @@
 /** What both benchmarks need: the CLI inside a test host, the reference image, a median. */
-import { execFileSync, spawnSync } from "node:child_process";
+import { execFileSync } from "node:child_process";
 import fs from "node:fs";
 import path from "node:path";
 import type { Testbed } from "../src/testbed/testbed.js";
@@ -9,16 +9,12 @@ export function nbdmig(
   host: "a" | "b",
   args: string[],
 ): { status: number; stdout: string; stderr: string } {
-  const argv = tb[host].cliArgv(args);
-  const r = spawnSync(argv[0]!, argv.slice(1), { encoding: "utf8" });
-  return { status: r.status ?? -1, stdout: r.stdout, stderr: r.stderr };
+  return tb[host].cli(args);
 }
 
 /** The CLI's output, or an error when it fails. */
 export function nbdmigOk(tb: Testbed, host: "a" | "b", args: string[]): string {
-  const r = nbdmig(tb, host, args);
-  if (r.status !== 0) throw new Error(`nbdmig ${args.join(" ")}: ${r.stderr}`);
-  return r.stdout;
+  return tb[host].cliOk(args);
 }
 
 /** A 2 GiB qcow2 with 512 MiB of random data at its start, in a host's image directory. */

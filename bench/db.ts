@@ -16,7 +16,6 @@ import {
   startDbGuest,
   startPgbench,
   tpsBetween,
-  type Pgbench,
 } from "../src/testbed/db-guest.js";
 import { guestAddress, longestGap, Testbed } from "../src/testbed/testbed.js";
 import { median, nbdmigOk } from "./common.js";
@@ -40,14 +39,6 @@ export interface DbRow {
 
 const WINDOW = 8;
 
-async function seconds(bench: Pgbench, since: number, n: number): Promise<void> {
-  const deadline = Date.now() + (n + 60) * 1000;
-  while (bench.progress().filter((p) => p.at > since).length < n) {
-    if (Date.now() > deadline) throw new Error("pgbench reports no progress");
-    await new Promise((r) => setTimeout(r, 250));
-  }
-}
-
 async function once(
   tb: Testbed,
   img: ReturnType<typeof buildDbGuest>,
@@ -60,9 +51,9 @@ async function once(
   const addr = guestAddress(30 + (i % 60));
   await startDbGuest(tb, "a", img, { name, addr });
   const bench = startPgbench(tb, addr, 4);
-  await seconds(bench, 0, 4);
+  await bench.waitSeconds(4, 0);
   const t0 = Date.now();
-  await seconds(bench, t0, WINDOW);
+  await bench.waitSeconds(WINDOW, t0);
   const poll = tb.startPinger(addr, 50);
   const args = [
     "migrate",
@@ -73,7 +64,7 @@ async function once(
   const m0 = Date.now();
   nbdmigOk(tb, "a", [...args, name, tb.b.uri]);
   const m1 = Date.now();
-  await seconds(bench, m1, WINDOW);
+  await bench.waitSeconds(WINDOW, m1);
   const samples = await poll.stop();
   const run = await bench.stop();
   const t1 = Date.now();

@@ -6,7 +6,6 @@
  * e2fsck on the destination's image after a clean shutdown). Run with `sudo npm run demo`.
  */
 import { spawn, spawnSync } from "node:child_process";
-import { setTimeout as sleep } from "node:timers/promises";
 import {
   buildDbGuest,
   checkDb,
@@ -41,11 +40,6 @@ function lastProgress(bench: Pgbench, t0: number, back = 0): string {
   return p
     ? `pgbench ${((p.at - t0) / 1000).toFixed(0).padStart(3)} s: ${p.tps.toFixed(1).padStart(5)} tps, lat ${p.latMs.toFixed(0)} ms, ${p.failed} failed`
     : "pgbench: (no progress yet)";
-}
-
-async function waitSeconds(bench: Pgbench, since: number, n: number): Promise<void> {
-  for (let i = 0; i < (n + 60) * 4 && bench.progress().filter((p) => p.at > since).length < n; i++)
-    await sleep(250);
 }
 
 /**
@@ -101,7 +95,7 @@ try {
   step(`pgbench from the client: TPC-B-like, ${CLIENTS} connections held open, progress every second`);
   const bench = startPgbench(tb, addr, CLIENTS);
   const t0 = Date.now();
-  await waitSeconds(bench, t0, 8);
+  await bench.waitSeconds(8, t0);
   for (let i = 2; i >= 0; i--) console.log(lastProgress(bench, t0, i));
   const sessions = pgbenchSessions(tb, addr);
   console.log(`pgbench's sessions on the server (pid@start): ${sessions.join(", ")}`);
@@ -122,7 +116,7 @@ try {
   const job = JSON.parse(nbdmig(tb, "a", ["domjobinfo", "pg", "--completed", "--json"], false)) as {
     downtimeMs: number;
   };
-  await waitSeconds(bench, m1, 8);
+  await bench.waitSeconds(8, m1);
   console.log(lastProgress(bench, t0));
   const gap = longestGap(await poll.stop(), m0, Date.now());
   const kept = JSON.stringify(pgbenchSessions(tb, addr)) === JSON.stringify(sessions);

@@ -20,7 +20,6 @@ import {
   startPgbench,
   tpsBetween,
   type DbGuestImage,
-  type Pgbench,
   type PgbenchOutcome,
   type PgbenchWindow,
 } from "../src/testbed/db-guest.js";
@@ -44,16 +43,6 @@ const CLIENTS = 4;
 const WINDOW = 8;
 /** Seconds of pgbench before the first window: a guest that just booted is still warming its caches. */
 const WARMUP = 4;
-
-/** Waits until pgbench has reported `n` more seconds of progress after `since`. */
-async function secondsOfProgress(bench: Pgbench, since: number, n = WINDOW): Promise<void> {
-  await waitFor(
-    `${n} s of pgbench progress`,
-    () => bench.progress().filter((p) => p.at > since).length >= n,
-    (n + 60) * 1000,
-    250,
-  );
-}
 
 /** pgbench saw nothing: no failed transaction, no aborted client, and it ran until told to stop. */
 function assertUnnoticed(t: TestContext, run: PgbenchOutcome, windows: PgbenchWindow[]): void {
@@ -122,9 +111,9 @@ describe("a Debian guest running PostgreSQL, migrated under pgbench", { timeout:
     t.diagnostic(`boot under TCG until PostgreSQL answers: ${bootMs} ms`);
 
     const bench = startPgbench(tb!, addr, CLIENTS);
-    await secondsOfProgress(bench, 0, WARMUP);
+    await bench.waitSeconds(WARMUP, 0);
     const t0 = Date.now();
-    await secondsOfProgress(bench, t0);
+    await bench.waitSeconds(WINDOW, t0);
     const sessions = pgbenchSessions(tb!, addr);
     assert.equal(sessions.length, CLIENTS, "pgbench's sessions are open");
     // Not judged, reported: the longest time the client's pings went unanswered.
@@ -135,7 +124,7 @@ describe("a Debian guest running PostgreSQL, migrated under pgbench", { timeout:
     assert.equal(r.status, 0, `migrate failed: ${r.stderr}`);
     t.diagnostic(`migration: ${downtimeOf(tb!, "a", "pg1")}`);
     assert.deepEqual(tb!.a.qemuPids(), [], "no QEMU left on the source");
-    await secondsOfProgress(bench, m1);
+    await bench.waitSeconds(WINDOW, m1);
     t.diagnostic(
       `network gap (a ping every 50 ms): ${Math.round(longestGap(await poll.stop(), m0, Date.now()).ms)} ms`,
     );
@@ -156,9 +145,9 @@ describe("a Debian guest running PostgreSQL, migrated under pgbench", { timeout:
     const pid = (await tb!.a.client().call<{ pid: number }>("GET", "/v1/domains/pg2")).pid;
     tb!.setRate("200mbit");
     const bench = startPgbench(tb!, addr, CLIENTS);
-    await secondsOfProgress(bench, 0, WARMUP);
+    await bench.waitSeconds(WARMUP, 0);
     const t0 = Date.now();
-    await secondsOfProgress(bench, t0);
+    await bench.waitSeconds(WINDOW, t0);
     const sessions = pgbenchSessions(tb!, addr);
     const args = ["--live", "--copy-storage-all", "--storage-converge", "auto", "pg2", tb!.b.uri];
 
@@ -184,7 +173,7 @@ describe("a Debian guest running PostgreSQL, migrated under pgbench", { timeout:
     t.diagnostic(`attempt 1: ${res.stderr.trim().split("\n").at(-1)}`);
     await assertDestClean(tb!, "pg2", ["pg2.qcow2"]);
     await assertSourceIntact(tb!, "pg2", pid, false);
-    await secondsOfProgress(bench, k1, 4);
+    await bench.waitSeconds(4, k1);
 
     // Attempt 2, same command: it completes while pgbench writes.
     const m0 = Date.now();
@@ -192,7 +181,7 @@ describe("a Debian guest running PostgreSQL, migrated under pgbench", { timeout:
     const m1 = Date.now();
     assert.equal(r.status, 0, `migrate failed: ${r.stderr}`);
     t.diagnostic(`attempt 2: ${downtimeOf(tb!, "a", "pg2")}`);
-    await secondsOfProgress(bench, m1);
+    await bench.waitSeconds(WINDOW, m1);
     assert.deepEqual(pgbenchSessions(tb!, addr), sessions, "the same sessions through both attempts");
     const run = await bench.stop();
     const before = tpsBetween(run.progress, t0, k0);

@@ -651,8 +651,7 @@ export class OutgoingMigration {
       if (Date.now() + wait > deadline) break;
       await sleep(wait);
     }
-    clearInterval(this.heartbeat);
-    clearTimeout(this.timeoutTimer);
+    // (execute()'s finally stops the heartbeat.)
     this.errorPhase = "finish";
     this.errorCode = "E_OUTCOME_UNKNOWN";
     this.errorDetail = `no answer from the destination for ${Math.round(FINISH_SETTLE_MS / 1000)} s (last: ${last}); the guest is paused here so that two copies never run. See on ${this.req.dest} whether '${this.name}' runs there ('nbdmig list'): if it does, 'nbdmig destroy ${this.name}' here; if it does not, 'nbdmig resume ${this.name}' here`;

@@ -145,6 +145,8 @@ export interface PgbenchOutcome {
 
 export interface Pgbench {
   progress(): PgbenchProgress[];
+  /** Waits until pgbench has reported `n` seconds of progress after `since` (epoch ms); throws after n + 60 s. */
+  waitSeconds(n: number, since: number): Promise<void>;
   /** Ends pgbench (SIGINT: it has no graceful stop; everything judged here comes from its progress lines). */
   stop(): Promise<PgbenchOutcome>;
 }
@@ -181,6 +183,16 @@ export function startPgbench(tb: Testbed, addr: string, clients = 4): Pgbench {
   const progress = () => parseProgress(stderr);
   return {
     progress,
+    waitSeconds: async (n, since) => {
+      const deadline = Date.now() + (n + 60) * 1000;
+      while (progress().filter((p) => p.at > since).length < n) {
+        if (Date.now() > deadline)
+          throw new Error(
+            `pgbench reported fewer than ${n} s of progress within ${n + 60} s:\n${stderr.slice(-1000)}`,
+          );
+        await new Promise((r) => setTimeout(r, 250));
+      }
+    },
     stop: async () => {
       const ranToTheEnd = !exited;
       child.kill("SIGINT");
@@ -297,13 +309,8 @@ export function fsckImage(image: string, scratchDir: string): { status: number; 
   }
 }
 
-function cliOk(tb: Testbed, host: "a" | "b", args: string[]): string {
-  const argv = tb[host].cliArgv(args);
-  const r = spawnSync(argv[0]!, argv.slice(1), { encoding: "utf8", timeout: 120_000 });
-  if (r.status !== 0)
-    throw new Error(`[host ${host}] nbdmig ${args.join(" ")} failed: ${r.stderr}${r.stdout}`);
-  return r.stdout;
-}
+/** The CLI on a host, for the short calls here (define, start, console, shutdown). */
+const cliOk = (tb: Testbed, host: "a" | "b", args: string[]) => tb[host].cliOk(args, 120_000);
 
 /**
  * Copies the built image into a host's image directory as `${name}.qcow2`, defines and starts the guest
@@ -350,8 +357,7 @@ export async function shutdownDbGuest(
   cliOk(tb, host, ["shutdown", name]);
   // A transient domain (as a migration leaves it) is gone once off; a persistent one says "shut off".
   const off = () => {
-    const argv = tb[host].cliArgv(["dominfo", name]);
-    const r = spawnSync(argv[0]!, argv.slice(1), { encoding: "utf8" });
+    const r = tb[host].cli(["dominfo", name]);
     if (r.status === 0) return /State:\s+shut off/.test(r.stdout);
     if (/not found on this host/.test(r.stderr)) return true;
     throw new Error(`nbdmig dominfo ${name} on host ${host}: ${r.stderr}`);

@@ -130,6 +130,19 @@ export class TestHost {
   cliArgv(args: string[]): string[] {
     return [...this.execPrefix(), process.execPath, cliPath, ...args];
   }
+  /** Runs the CLI inside this host; `timeoutMs` bounds it (none by default: a migration may take long). */
+  cli(args: string[], timeoutMs?: number): { status: number; stdout: string; stderr: string } {
+    const argv = this.cliArgv(args);
+    const r = spawnSync(argv[0]!, argv.slice(1), { encoding: "utf8", timeout: timeoutMs });
+    return { status: r.status ?? -1, stdout: r.stdout, stderr: r.stderr };
+  }
+  /** The CLI's output inside this host; throws with what it said when it fails. */
+  cliOk(args: string[], timeoutMs?: number): string {
+    const r = this.cli(args, timeoutMs);
+    if (r.status !== 0)
+      throw new Error(`[host ${this.name}] nbdmig ${args.join(" ")} failed: ${r.stderr}${r.stdout}`);
+    return r.stdout;
+  }
 
   async startAgent(extra: string[] = []): Promise<void> {
     fs.mkdirSync(this.dir, { recursive: true });
