@@ -147,6 +147,9 @@ function httpJson(
           ...(data !== undefined ? { "content-length": Buffer.byteLength(data) } : {}),
         },
         timeout: timeoutMs,
+        // A connection per call: a kept-alive socket that the agent closes after its idle timeout fails the
+        // next call that picks it up with ECONNRESET (seen here: a test's call 5 s after the previous one).
+        agent: false,
       },
       (res) => {
         const chunks: Buffer[] = [];
