@@ -144,7 +144,8 @@ export class TestHost {
     return r.stdout;
   }
 
-  async startAgent(extra: string[] = []): Promise<void> {
+  /** Starts this host's agent; `env` adds to its environment (NBDMIG_FAILPOINTS, say). */
+  async startAgent(extra: string[] = [], env: Record<string, string> = {}): Promise<void> {
     fs.mkdirSync(this.dir, { recursive: true });
     fs.copyFileSync(this.tb.tokenFile, path.join(this.dir, "token"));
     fs.chmodSync(path.join(this.dir, "token"), 0o600);
@@ -174,7 +175,7 @@ export class TestHost {
         this.tb.opts.accel ?? "tcg",
         ...extra,
       ],
-      { stdio: ["ignore", log, log], detached: true },
+      { stdio: ["ignore", log, log], detached: true, env: { ...process.env, ...env } },
     );
     fs.closeSync(log);
     child.unref();
@@ -188,6 +189,16 @@ export class TestHost {
         );
       }
       await sleep(50);
+    }
+  }
+
+  /** Whether this host's agent process is alive. */
+  alive(): boolean {
+    try {
+      process.kill(this.agentPid, 0);
+      return true;
+    } catch {
+      return false;
     }
   }
 
@@ -577,6 +588,13 @@ export class Testbed {
 
   downSync(): void {
     process.removeListener("exit", this.exitHook);
+    // NBDMIG_KEEP_LOGS=DIR keeps the agents' logs of a run that is being debugged.
+    const keep = process.env.NBDMIG_KEEP_LOGS;
+    if (keep) {
+      fs.mkdirSync(keep, { recursive: true });
+      for (const f of fs.readdirSync(this.dir).filter((x) => x.endsWith(".log")))
+        fs.copyFileSync(path.join(this.dir, f), path.join(keep, `${this.id}-${f}`));
+    }
     teardown(this.id, this.dir);
   }
 }

@@ -202,3 +202,18 @@ export async function destroyAll(tb: Testbed, hosts: ("a" | "b")[]): Promise<voi
       if (d.state !== "shut off") await tb[h].client().call("POST", `/v1/domains/${d.name}/destroy`);
   }
 }
+
+/** QEMU's own run state of a domain on a host (query-status), or "gone" when no QEMU runs it. */
+export async function qemuStatus(tb: Testbed, host: "a" | "b", name: string): Promise<string> {
+  try {
+    const r = await tb[host]
+      .client()
+      .call<{ result: { status: string } }>("POST", `/v1/domains/${name}/monitor`, {
+        command: '{"execute":"query-status"}',
+      });
+    return r.result.status;
+  } catch (err) {
+    if (process.env.NBDMIG_TEST_DEBUG) console.error(`qemuStatus ${host} ${name}: ${String(err)}`);
+    return "gone";
+  }
+}
