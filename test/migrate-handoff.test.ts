@@ -18,7 +18,9 @@ import {
   makeImage,
   migrateInBackground,
   MIGRATION_TOOLS,
+  nbdmig,
   ok,
+  qemuStatus,
   startGuest,
 } from "./helpers/migration.js";
 import { waitFor } from "./helpers/wait.js";
@@ -56,20 +58,6 @@ describe("a lost Finish reply never leaves two running copies", { timeout: 900_0
     await tb?.down();
   });
 
-  /** QEMU's own run state of a domain on a host (query-status), or "gone" when no QEMU runs it. */
-  async function qemuStatus(host: "a" | "b", name: string): Promise<string> {
-    try {
-      const r = await tb![host]
-        .client()
-        .call<{ result: { status: string } }>("POST", `/v1/domains/${name}/monitor`, {
-          command: '{"execute":"query-status"}',
-        });
-      return r.result.status;
-    } catch {
-      return "gone";
-    }
-  }
-
   /** Starts a writing guest, migrates it with the destination's agent answers dropped from the mirror on. */
   async function migrateWithRepliesDropped(name: string) {
     makeImage(tb!, "a", { name: `${name}.qcow2`, size: "256M", fillMiB: 32 });
@@ -96,8 +84,8 @@ describe("a lost Finish reply never leaves two running copies", { timeout: 900_0
       200,
     );
     // One copy runs, on the destination; the source's QEMU holds its copy paused after the stream.
-    assert.equal(await qemuStatus("b", name), "running", "the destination resumed the guest");
-    assert.equal(await qemuStatus("a", name), "postmigrate", "the source's copy is paused");
+    assert.equal(await qemuStatus(tb!, "b", name), "running", "the destination resumed the guest");
+    assert.equal(await qemuStatus(tb!, "a", name), "postmigrate", "the source's copy is paused");
     return { m, lift };
   }
 
@@ -106,12 +94,12 @@ describe("a lost Finish reply never leaves two running copies", { timeout: 900_0
     const { m, lift } = await migrateWithRepliesDropped("lost");
     // Still unknown a few seconds later: nothing resumed the source meanwhile.
     await new Promise((r) => setTimeout(r, 3000));
-    assert.equal(await qemuStatus("a", "lost"), "postmigrate");
+    assert.equal(await qemuStatus(tb!, "a", "lost"), "postmigrate");
     lift();
     const res = await m.done;
     assert.equal(res.status, 0, `the migration completes once the destination answers: ${res.stderr}`);
     assert.deepEqual(tb!.a.qemuPids(), [], "the source stopped its copy");
-    assert.equal(await qemuStatus("b", "lost"), "running");
+    assert.equal(await qemuStatus(tb!, "b", "lost"), "running");
     const info = JSON.parse(ok(tb!, "a", ["domjobinfo", "lost", "--completed", "--json"])) as {
       notes?: string[];
     };
@@ -124,19 +112,38 @@ describe("a lost Finish reply never leaves two running copies", { timeout: 900_0
     ok(tb!, "b", ["destroy", "lost"]);
   });
 
-  it("gives up with the source still paused and says what to do", async (t) => {
+  it("gives up with the source still paused; the operator's --recover is checked against the destination", async (t) => {
     if (!need(t, TOOLS, true)) return;
     const { m, lift } = await migrateWithRepliesDropped("unsure");
     const res = await m.done;
-    lift();
     assert.equal(res.status, 1);
     assert.match(res.stderr, /the guest is paused here so that two copies never run/);
-    assert.match(res.stderr, /'nbdmig destroy unsure' here; if it does not, 'nbdmig resume unsure' here/);
-    assert.equal(await qemuStatus("a", "unsure"), "postmigrate", "never resumed on the source");
-    assert.equal(await qemuStatus("b", "unsure"), "running");
-    // The operator follows the message: the guest runs on b, so the source's copy goes.
-    ok(tb!, "a", ["destroy", "unsure"]);
+    assert.match(res.stderr, /'nbdmig migrate --recover destination unsure' here if it does/);
+    assert.equal(await qemuStatus(tb!, "a", "unsure"), "postmigrate", "never resumed on the source");
+    assert.equal(await qemuStatus(tb!, "b", "unsure"), "running");
+    // A plain resume would run a second copy: refused while the outcome is open.
+    const resume = nbdmig(tb!, "a", ["resume", "unsure"]);
+    assert.equal(resume.status, 1);
+    assert.match(resume.stderr, /cannot be resumed: the outcome of its migration to .* is unknown/);
+    // Still no answer: --recover cannot check the choice, and says how to force it.
+    const blind = nbdmig(tb!, "a", ["migrate", "--recover", "source", "unsure"]);
+    assert.equal(blind.status, 1);
+    assert.match(
+      blind.stderr,
+      /cannot learn from nbdmig:\/\/198\.18\.0\.2:7800 whether it runs 'unsure'.*add --force/,
+    );
+    lift();
+    // The destination answers again: keeping the source would run two copies.
+    const wrong = nbdmig(tb!, "a", ["migrate", "--recover", "source", "unsure"]);
+    assert.equal(wrong.status, 1);
+    assert.match(wrong.stderr, /runs 'unsure': resuming the copy here would run two; keep the destination's/);
+    assert.equal(await qemuStatus(tb!, "a", "unsure"), "postmigrate");
+    assert.match(
+      ok(tb!, "a", ["migrate", "--recover", "destination", "unsure"]),
+      /'unsure' runs on nbdmig:\/\/198\.18\.0\.2:7800; the copy here is stopped/,
+    );
     assert.deepEqual(tb!.a.qemuPids(), []);
+    assert.equal(await qemuStatus(tb!, "b", "unsure"), "running");
     ok(tb!, "b", ["destroy", "unsure"]);
   });
 });

@@ -58,6 +58,8 @@ export interface DomainEntry {
   /** Set while a migration job owns the domain; other lifecycle calls are refused. */
   job?: { kind: string; describe(): Record<string, unknown>; abort(): Promise<void> };
   lastJob?: Record<string, unknown>;
+  /** Why this guest must stay paused (its migration's outcome is unknown): `resume` is refused with it. */
+  hold?: string;
   lock: Mutex;
   /**
    * What goes with a transient domain when it is dropped (stops, or is undefined while stopped): its TPM
@@ -548,6 +550,7 @@ export class DomainRegistry {
       if (e.running !== run) return;
       this.removeRuntime(e.name);
       e.running = undefined;
+      e.hold = undefined;
       if (!e.persistent && !e.job) this.dropTransient(e);
       this.log.info({ domain: e.name, pid: run.pid }, "QEMU exited; domain is shut off");
     })();
@@ -608,6 +611,7 @@ export class DomainRegistry {
   async resume(name: string): Promise<void> {
     const e = this.running(name);
     this.refuseIfBusy(e);
+    if (e.hold) throw new DomainStateError("E_DOMAIN_HELD", `domain '${name}' cannot be resumed: ${e.hold}`);
     await e.running.qmp.execute("cont");
     e.running.status = "running";
     if (e.running.announceOnResume) {

@@ -24,6 +24,10 @@ export class StateDir {
   get migrationsDir(): string {
     return path.join(this.root, "migrations");
   }
+  /** Records of outgoing migrations: each source's last phase decision, so a restarted agent continues. */
+  get outgoingDir(): string {
+    return path.join(this.migrationsDir, "outgoing");
+  }
   get tokenFile(): string {
     return path.join(this.root, "token");
   }
@@ -55,6 +59,7 @@ export class StateDir {
       this.resourcesDir,
       this.logDir,
       this.migrationsDir,
+      this.outgoingDir,
     ])
       fs.mkdirSync(d, { recursive: true, mode: 0o700 });
   }

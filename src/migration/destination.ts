@@ -7,6 +7,7 @@ import { randomUUID } from "node:crypto";
 import fs from "node:fs";
 import path from "node:path";
 import type { Logger } from "pino";
+import { z } from "zod";
 import { DomainStateError, errorMessage, MigrationError, UsageError } from "../errors.js";
 import type { DomainEntry, DomainRegistry } from "../agent/domains.js";
 import { parseDomainXml } from "../domain/xml.js";
@@ -20,7 +21,8 @@ import { formatBytes } from "../util/format.js";
 import type { CookieDisk, PrepareRequest } from "./schemas.js";
 
 export type { PrepareRequest } from "./schemas.js";
-import { destMachine, requirePhase } from "./phases.js";
+import { DEST_PHASES, destMachine, requirePhase, type DestPhase } from "./phases.js";
+import { failpoint, holdpoint } from "../util/failpoint.js";
 import { bindFromPool, MIGRATION_PORTS, NBD_PORTS } from "./ports.js";
 
 export interface PrepareResult {
@@ -54,13 +56,20 @@ export class IncomingMigration {
   private entry?: DomainEntry;
   private watchdog?: NodeJS.Timeout;
   private cleaning?: Promise<void>;
+  private finishOpts?: { suspend: boolean; persistent: boolean };
 
   constructor(
     private readonly reg: DomainRegistry,
     private readonly log: Logger,
     readonly req: PrepareRequest,
     private readonly onDone: (m: IncomingMigration) => void,
-  ) {}
+  ) {
+    // Each decision is on disk before it is acted on: see recoverIncoming.
+    this.machine.onEnter = (phase) => {
+      if (phase === "running" || phase === "cleaned") this.removeRecord();
+      else this.saveRecord(phase);
+    };
+  }
 
   get name(): string {
     return this.req.cookie.name;
@@ -310,8 +319,10 @@ export class IncomingMigration {
   /** Finish: the migration stream is complete; stop serving NBD and hand the domain over. */
   async finish(opts: { suspend: boolean; persistent: boolean }): Promise<void> {
     requirePhase(this.machine, ["prepared"], "finish", "finish");
+    this.finishOpts = opts;
     this.machine.advance("finish");
     clearInterval(this.watchdog);
+    await holdpoint("dest:finish-received");
     let resumed = false;
     try {
       const run = this.entry!.running;
@@ -331,9 +342,13 @@ export class IncomingMigration {
       // must be on disk here too. `stop` on a paused VM drains and flushes every disk (QEMU's do_vm_stop);
       // block migration in particular leaves its writes in QEMU's caches.
       await qmp.execute("stop");
+      failpoint("dest:finish");
+      // From here on this copy is the guest: persisted first, so that a restarted agent keeps it too.
+      this.machine.advance("resume");
       if (!opts.suspend) {
         await qmp.execute("cont");
         resumed = true;
+        failpoint("dest:resumed");
         await this.reg.announce(run);
       } else {
         run.announceOnResume = true;
@@ -342,7 +357,7 @@ export class IncomingMigration {
     } catch (err) {
       // A guest that runs here is the only copy now: it is never killed, and Finish reports success (the
       // source then stops its copy); what failed after the resume is only logged.
-      if (resumed) {
+      if (resumed || this.machine.is("resume")) {
         this.log.error({ domain: this.name, err: errorMessage(err) }, "after the resume on the destination");
         this.handedOver(opts.persistent);
         return;
@@ -364,14 +379,13 @@ export class IncomingMigration {
       }
     }
     if (!this.machine.is("running")) this.machine.advance("running");
-    this.removeRecord();
     this.log.info({ domain: this.name, id: this.id }, "incoming migration finished");
     this.onDone(this);
   }
 
   /** The source's cancel: refused while Finish runs, which may be resuming the guest here. */
   cancel(): Promise<void> {
-    if (this.machine.is("finish"))
+    if (this.machine.is("finish", "resume"))
       throw new DomainStateError(
         "E_MIGRATION_PHASE",
         `the incoming migration of '${this.name}' is finishing (the guest may be resuming here); ask again`,
@@ -381,7 +395,7 @@ export class IncomingMigration {
 
   /** Removes what Prepare created. Safe to call more than once and from any phase before `running`. */
   cleanup(reason: string): Promise<void> {
-    if (this.machine.is("running")) return Promise.resolve();
+    if (this.machine.is("resume", "running")) return Promise.resolve();
     this.cleaning ??= (async () => {
       this.machine.advance("cleanup");
       clearInterval(this.watchdog);
@@ -404,7 +418,6 @@ export class IncomingMigration {
         }
       }
       this.machine.advance("cleaned");
-      this.removeRecord();
       this.onDone(this);
     })();
     return this.cleaning;
@@ -414,12 +427,17 @@ export class IncomingMigration {
     return path.join(this.reg.state.migrationsDir, `${this.id}.json`);
   }
 
-  /** Persists what this migration created, so a restarted agent can remove it (see recoverIncoming). */
-  private saveRecord(): void {
-    writeFileAtomic(
-      this.recordFile,
-      JSON.stringify({ id: this.id, name: this.name, created: this.created, createdDirs: this.createdDirs }),
-    );
+  /** Persists what this migration created and its phase, for a restarted agent (see recoverIncoming). */
+  private saveRecord(phase: DestPhase = this.machine.phase): void {
+    const rec: IncomingRecord = {
+      id: this.id,
+      name: this.name,
+      phase,
+      created: this.created,
+      createdDirs: this.createdDirs,
+      finish: this.finishOpts,
+    };
+    writeFileAtomic(this.recordFile, JSON.stringify(rec));
   }
 
   private removeRecord(): void {
@@ -433,7 +451,7 @@ export class IncomingMigration {
       operation: "Incoming migration",
       domain: this.name,
       phase: this.machine.phase,
-      status: this.machine.is("running")
+      status: this.machine.is("resume", "running")
         ? "completed"
         : this.machine.is("cleaned", "cleanup")
           ? "failed"
@@ -446,33 +464,74 @@ export class IncomingMigration {
   }
 }
 
+/** What a destination persists per incoming migration. Not strict: a newer agent may add fields. */
+const IncomingRecordSchema = z.object({
+  id: z.string(),
+  name: z.string(),
+  /** Absent in records of agents before the phase was kept: they never got as far as `resume`. */
+  phase: z.enum(DEST_PHASES).default("prepare"),
+  created: z.array(z.string()),
+  createdDirs: z.array(z.string()).default([]),
+  finish: z.object({ suspend: z.boolean(), persistent: z.boolean() }).optional(),
+});
+type IncomingRecord = z.infer<typeof IncomingRecordSchema>;
+
 /**
- * At agent start: an incoming migration whose agent died cannot complete (its source has rolled back or
- * will). Stop its QEMU and remove exactly the images it created.
+ * At agent start, for each incoming migration its predecessor left. Before `resume` it cannot complete:
+ * its source finds the migration gone and rolls back (or has), so its QEMU is stopped and exactly what it
+ * created is removed. From `resume` on the guest is this host's: it is kept, resumed if the agent died before
+ * the `cont`, made persistent if Finish asked; its images are never removed. A QEMU found running is kept
+ * whatever the record says (a guest that ran here is never killed).
  */
 export async function recoverIncoming(reg: DomainRegistry, log: Logger): Promise<void> {
   for (const f of fs.readdirSync(reg.state.migrationsDir).filter((x) => x.endsWith(".json"))) {
     const file = path.join(reg.state.migrationsDir, f);
-    let rec: { id: string; name: string; created: string[]; createdDirs?: string[] };
+    let rec: IncomingRecord;
     try {
-      rec = JSON.parse(fs.readFileSync(file, "utf8")) as typeof rec;
+      rec = IncomingRecordSchema.parse(JSON.parse(fs.readFileSync(file, "utf8")));
     } catch {
       fs.rmSync(file, { force: true });
       continue;
     }
+    const e = reg.has(rec.name) ? reg.get(rec.name) : undefined;
+    const run = e?.running;
+    if (run && (rec.phase === "resume" || rec.phase === "running" || run.status === "running")) {
+      log.warn(
+        { domain: rec.name, id: rec.id, phase: rec.phase },
+        "keeping an incoming guest handed over before an agent restart",
+      );
+      try {
+        if (run.status !== "running" && !rec.finish?.suspend) {
+          await run.qmp.execute("cont");
+          run.status = "running";
+          await reg.announce(run);
+        }
+        if (rec.finish?.persistent) reg.persist(rec.name);
+      } catch (err) {
+        log.error({ domain: rec.name, err: errorMessage(err) }, "after the handover, on restart");
+      }
+      fs.rmSync(file, { force: true });
+      continue;
+    }
+    if (rec.phase === "resume" || rec.phase === "running") {
+      // Its QEMU died after the handover: the images are the guest's only disks now.
+      log.error(
+        { domain: rec.name, id: rec.id },
+        "an incoming guest handed over before an agent restart is gone; its images are kept",
+      );
+      fs.rmSync(file, { force: true });
+      continue;
+    }
     log.warn(
-      { domain: rec.name, id: rec.id, created: rec.created },
+      { domain: rec.name, id: rec.id, phase: rec.phase, created: rec.created },
       "removing an incoming migration interrupted by an agent restart",
     );
-    if (reg.has(rec.name)) {
-      const e = reg.get(rec.name);
-      if (!e.persistent) {
-        await reg.kill(e);
-        reg.forgetTransient(rec.name);
-      }
+    if (e && !e.persistent) {
+      await reg.kill(e);
+      reg.forgetTransient(rec.name);
     }
     for (const img of rec.created) fs.rmSync(img, { force: true });
-    for (const dir of rec.createdDirs ?? []) fs.rmSync(dir, { force: true, recursive: true });
+    for (const dir of rec.createdDirs) fs.rmSync(dir, { force: true, recursive: true });
     fs.rmSync(file, { force: true });
   }
 }

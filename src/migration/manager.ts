@@ -11,7 +11,14 @@ import { errorMessage } from "../errors.js";
 import { IncomingMigration, recoverIncoming, type PrepareRequest } from "./destination.js";
 import { recoverMirrors } from "./mirror.js";
 import { OutgoingMigration, type MigrateRequest } from "./source.js";
-import { FinishRequestSchema, MigrateRequestSchema, PrepareRequestSchema } from "./schemas.js";
+import {
+  FinishRequestSchema,
+  MigrateRequestSchema,
+  PrepareRequestSchema,
+  RecoverRequestSchema,
+  type RecoverRequest,
+} from "./schemas.js";
+import { OutgoingRecords, SourceHandoff, type OutgoingRecord } from "./handoff.js";
 
 export interface ManagerOptions {
   /** This agent's own token; used for the peer unless the request brings one. */
@@ -23,18 +30,37 @@ export class MigrationManager {
   readonly incoming = new Map<string, IncomingMigration>();
   /** The last finished job per domain (domjobinfo --completed, and the CLI's final answer). */
   readonly finished = new Map<string, Record<string, unknown>>();
+  private readonly records: OutgoingRecords;
+  /** Outgoing migrations continued from their records (after a restart, or for `--recover`). */
+  private readonly handoffs = new Map<string, SourceHandoff>();
 
   constructor(
     private readonly reg: DomainRegistry,
     private readonly log: Logger,
     private readonly opts: ManagerOptions,
-  ) {}
+  ) {
+    this.records = new OutgoingRecords(reg.state.outgoingDir);
+  }
 
-  /** Cleans up after migrations that were in progress when this agent last stopped. */
+  /** Continues or cleans up after migrations that were in progress when this agent last stopped. */
   async recover(): Promise<void> {
     await recoverIncoming(this.reg, this.log);
+    const continued = new Set<string>();
+    for (const rec of this.records.all(this.log)) {
+      const h = this.handoffFor(rec);
+      if (!h) continue;
+      continued.add(rec.name);
+      try {
+        await h.afterRestart();
+      } catch (err) {
+        this.log.error(
+          { domain: rec.name, err: errorMessage(err) },
+          "cannot continue an interrupted migration; its guest stays as it is",
+        );
+      }
+    }
     for (const e of this.reg.list()) {
-      if (!e.running) continue;
+      if (!e.running || continued.has(e.name)) continue;
       try {
         await recoverMirrors(e.running.qmp, this.log);
         await e.running.qmp.execute("migrate-set-capabilities", {
@@ -49,13 +75,72 @@ export class MigrationManager {
     }
   }
 
+  /** A record's handoff, if its source QEMU still runs; a stale record (QEMU gone) is removed. */
+  private handoffFor(rec: OutgoingRecord): SourceHandoff | undefined {
+    const e = this.reg.has(rec.name) ? this.reg.get(rec.name) : undefined;
+    if (!e?.running || e.running.pid !== rec.pid) {
+      this.log.info(
+        { domain: rec.name, phase: rec.phase },
+        "outgoing migration record without its QEMU; removed",
+      );
+      this.records.remove(rec.name);
+      return undefined;
+    }
+    const h = new SourceHandoff(this.reg, this.log, this.records, rec, e, this.opts.token, (done) =>
+      this.finished.set(done.name, done.describe()),
+    );
+    this.handoffs.set(rec.name, h);
+    return h;
+  }
+
+  /**
+   * `migrate --recover`: the operator decides which copy runs, for a migration whose outcome this agent
+   * could not learn. Valid once its job has ended (or a restarted agent is asking); refused when the
+   * destination's state contradicts the choice.
+   */
+  async recoverChoice(name: string, req: RecoverRequest): Promise<Record<string, unknown>> {
+    const e = this.reg.get(name);
+    if (e.job && e.job.kind !== "migration handoff")
+      throw new DomainStateError(
+        "E_DOMAIN_BUSY",
+        `the migration of '${name}' is still running or asking its destination; wait for it to end ('nbdmig domjobinfo ${name}')`,
+      );
+    const rec = this.records.load(name);
+    const kept = this.handoffs.get(name);
+    // The handoff already running for this record (a restarted agent asking), else one made from it.
+    const h = !rec
+      ? undefined
+      : kept?.record.pid === rec.pid && e.running?.pid === rec.pid
+        ? kept
+        : this.handoffFor(rec);
+    if (!h)
+      throw new DomainStateError(
+        "E_NO_MIGRATION",
+        `domain '${name}' has no migration whose outcome is open on this host; nothing to recover`,
+      );
+    const message = await h.decide(req.keep, req.force);
+    this.finished.set(name, h.describe());
+    this.handoffs.delete(name);
+    return { message };
+  }
+
   /** Valid when the domain runs and has no job. Begin runs before this returns; the rest in background. */
   async migrate(name: string, req: MigrateRequest): Promise<Record<string, unknown>> {
     const entry = this.reg.get(name);
+    if (entry.hold)
+      throw new DomainStateError("E_DOMAIN_HELD", `domain '${name}' cannot be migrated: ${entry.hold}`);
     return entry.lock.run(async () => {
-      const m = await OutgoingMigration.begin(this.reg, name, req, this.opts.token, this.log, (done) => {
-        this.finished.set(done.name, done.describe());
-      });
+      const m = await OutgoingMigration.begin(
+        this.reg,
+        name,
+        req,
+        this.opts.token,
+        this.log,
+        this.records,
+        (done) => {
+          this.finished.set(done.name, done.describe());
+        },
+      );
       this.finished.delete(name);
       m.start();
       return m.describe();
@@ -115,6 +200,9 @@ export class MigrationManager {
 export function migrationRoutes(router: Router, mm: MigrationManager): Router {
   return router
     .add("POST", "/v1/domains/:name/migrate", MigrateRequestSchema, (r) => mm.migrate(r.params.name!, r.body))
+    .add("POST", "/v1/domains/:name/migrate/recover", RecoverRequestSchema, (r) =>
+      mm.recoverChoice(r.params.name!, r.body),
+    )
     .add("GET", "/v1/domains/:name/job", (r) => mm.jobInfo(r.params.name!))
     .add("POST", "/v1/domains/:name/job/abort", async (r) => {
       await mm.abort(r.params.name!);

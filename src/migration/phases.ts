@@ -13,6 +13,7 @@ export type SourcePhase =
   | "perform:switchover"
   | "finish"
   | "finish:unknown"
+  | "unsettled"
   | "confirm"
   | "completed"
   | "rollback"
@@ -25,11 +26,15 @@ const SOURCE_NEXT: Record<SourcePhase, SourcePhase[]> = {
   prepare: ["perform:mirror", "perform:memory", "rollback"],
   "perform:mirror": ["perform:memory", "rollback"],
   "perform:memory": ["perform:switchover", "rollback"],
-  "perform:switchover": ["finish", "rollback"],
+  // An agent restarted after the stream completed does not know whether Finish went out: it asks.
+  "perform:switchover": ["finish", "finish:unknown", "rollback"],
   // Finish sent, no answer: the destination may run the guest. The source guest stays paused until the
   // destination says it does (confirm) or that it does not and never will (rollback); else it fails paused.
   finish: ["confirm", "rollback", "finish:unknown"],
-  "finish:unknown": ["confirm", "rollback", "failed"],
+  "finish:unknown": ["confirm", "rollback", "unsettled"],
+  // The job has ended without an answer: the guest stays paused and its record stays, until a restarted
+  // agent or the operator (`migrate --recover`) learns or decides which copy runs.
+  unsettled: ["confirm", "rollback"],
   confirm: ["completed"],
   rollback: ["failed", "cancelled"],
   completed: [],
@@ -37,21 +42,34 @@ const SOURCE_NEXT: Record<SourcePhase, SourcePhase[]> = {
   cancelled: [],
 };
 
-/** Destination side (incoming). */
-export type DestPhase = "prepare" | "prepared" | "finish" | "running" | "cleanup" | "cleaned";
+/**
+ * Destination side (incoming). `finish` waits for the stream and flushes; `resume` is the decision to run
+ * the guest here, taken (and persisted) before `cont`: from then on this copy is never removed.
+ */
+export type DestPhase = "prepare" | "prepared" | "finish" | "resume" | "running" | "cleanup" | "cleaned";
 
 const DEST_NEXT: Record<DestPhase, DestPhase[]> = {
   prepare: ["prepared", "cleanup"],
   prepared: ["finish", "cleanup"],
-  finish: ["running", "cleanup"],
+  finish: ["resume", "cleanup"],
+  resume: ["running"],
   running: [],
   cleanup: ["cleaned"],
   cleaned: [],
 };
 
+/** Every phase of each side, for the schemas of the persisted records. */
+export const SOURCE_PHASES = Object.keys(SOURCE_NEXT) as [SourcePhase, ...SourcePhase[]];
+export const DEST_PHASES = Object.keys(DEST_NEXT) as [DestPhase, ...DestPhase[]];
+
 export class PhaseMachine<P extends string> {
   private current: P;
   readonly history: { phase: P; at: number }[] = [];
+  /**
+   * Called with each new phase before the machine (and so the engine) acts in it: where a side writes its
+   * decision to its state dir, so that a restarted agent continues from there.
+   */
+  onEnter?: (phase: P) => void;
   constructor(
     initial: P,
     private readonly table: Record<P, P[]>,
@@ -70,6 +88,7 @@ export class PhaseMachine<P extends string> {
       this.table[this.current].includes(next),
       `illegal migration transition ${this.current} -> ${next}`,
     );
+    this.onEnter?.(next);
     this.current = next;
     this.history.push({ phase: next, at: Date.now() });
   }
@@ -79,14 +98,15 @@ export class PhaseMachine<P extends string> {
   }
 }
 
-export const sourceMachine = (): PhaseMachine<SourcePhase> =>
-  new PhaseMachine<SourcePhase>("begin", SOURCE_NEXT);
+/** A source machine, new (at `begin`) or continuing from a persisted phase after an agent restart. */
+export const sourceMachine = (from: SourcePhase = "begin"): PhaseMachine<SourcePhase> =>
+  new PhaseMachine<SourcePhase>(from, SOURCE_NEXT);
 export const destMachine = (): PhaseMachine<DestPhase> => new PhaseMachine<DestPhase>("prepare", DEST_NEXT);
 
 /** The protocol phase (begin/prepare/perform/finish/confirm) a source sub-phase belongs to, for errors. */
 export function protocolPhase(p: SourcePhase): MigrationPhase {
   if (p.startsWith("perform")) return "perform";
-  if (p === "finish:unknown") return "finish";
+  if (p === "finish:unknown" || p === "unsettled") return "finish";
   if (p === "begin" || p === "prepare" || p === "finish" || p === "confirm") return p;
   return "confirm";
 }

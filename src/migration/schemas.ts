@@ -104,3 +104,11 @@ export const MigrateRequestSchema = z.strictObject({
   suspend: z.boolean().default(false),
 });
 export type MigrateRequest = z.infer<typeof MigrateRequestSchema>;
+
+/** POST /v1/domains/NAME/migrate/recover: which copy of a migration with an unknown outcome runs. */
+export const RecoverRequestSchema = z.strictObject({
+  keep: z.enum(["source", "destination"]),
+  /** Go ahead although the destination cannot be asked. */
+  force: z.boolean().default(false),
+});
+export type RecoverRequest = z.infer<typeof RecoverRequestSchema>;

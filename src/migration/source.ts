@@ -32,6 +32,15 @@ import { Mirrors } from "./mirror.js";
 import { StorageConverger } from "./converge.js";
 import { tcpBytesAcked } from "./wire.js";
 import { PhaseMachine, protocolPhase, sourceMachine, type SourcePhase } from "./phases.js";
+import {
+  cancelQemuMigration,
+  holdReason,
+  persistPhases,
+  settle,
+  type OutgoingRecord,
+  type OutgoingRecords,
+} from "./handoff.js";
+import { failpoint } from "../util/failpoint.js";
 
 export type { MigrateRequest } from "./schemas.js";
 
@@ -87,7 +96,7 @@ function outcomeUnknown(err: unknown): boolean {
   );
 }
 /** How long Finish may take before its outcome counts as unknown (the destination waits up to 30 s itself). */
-const FINISH_TIMEOUT_MS = 60_000;
+const FINISH_TIMEOUT_MS = Number(process.env.NBDMIG_FINISH_TIMEOUT_MS ?? 60_000);
 /** How long a source whose Finish went unanswered keeps asking the destination before it gives up, paused. */
 const FINISH_SETTLE_MS = Number(process.env.NBDMIG_FINISH_SETTLE_MS ?? 600_000);
 /** QEMU's migration bandwidth cap is 128 MiB/s by default; "unlimited" lifts it as libvirt does. */
@@ -135,11 +144,27 @@ export class OutgoingMigration {
     private readonly onDone: (m: OutgoingMigration) => void,
     cookie: MigrationCookie,
     peer: AgentClient,
+    private readonly records: OutgoingRecords,
   ) {
     this.cookie = cookie;
     this.peer = peer;
     this.run = entry.running;
     this.wasRunning = entry.running.status === "running";
+    persistPhases(this.machine, records, () => this.record());
+  }
+
+  /** What a restarted agent needs to continue this migration (see handoff.ts). */
+  private record(): Omit<OutgoingRecord, "phase"> {
+    return {
+      name: this.name,
+      pid: this.run.pid,
+      dest: this.req.dest,
+      destToken: this.req.destToken,
+      id: this.prepared?.id,
+      wasRunning: this.wasRunning,
+      undefineSource: this.req.undefineSource,
+      startedAt: this.startedAt,
+    };
   }
 
   static async begin(
@@ -148,6 +173,7 @@ export class OutgoingMigration {
     req: MigrateRequest,
     ownToken: string,
     log: Logger,
+    records: OutgoingRecords,
     onDone: (m: OutgoingMigration) => void,
   ): Promise<OutgoingMigration> {
     const destAddr = parseAgentUri(req.dest);
@@ -301,7 +327,7 @@ export class OutgoingMigration {
       ...(nvramInfo ? { nvram: nvramInfo } : {}),
       ...(firmware ? { firmware } : {}),
     };
-    const m = new OutgoingMigration(reg, entry, req, log, onDone, cookie, peer);
+    const m = new OutgoingMigration(reg, entry, req, log, onDone, cookie, peer, records);
     m.notes.push(...notes);
     entry.job = { kind: "outgoing migration", describe: () => m.describe(), abort: () => m.abort() };
     return m;
@@ -326,6 +352,7 @@ export class OutgoingMigration {
       else await this.setupMigration();
       await this.migrateMemory();
       await this.finishRemote();
+      failpoint("source:finished");
       await this.confirm();
     } catch (err) {
       if (this.machine.is("finish") && outcomeUnknown(err)) await this.settleFinish(err);
@@ -340,10 +367,10 @@ export class OutgoingMigration {
 
   /** domjobabort: valid until the switchover starts; after that the migration can only complete. */
   async abort(): Promise<void> {
-    if (this.machine.is("completed", "failed", "cancelled", "rollback")) {
+    if (this.machine.is("completed", "failed", "cancelled", "rollback", "unsettled")) {
       throw new NbdmigError("E_NO_JOB", `domain '${this.name}' has no active job to abort`);
     }
-    if (this.machine.is("perform:switchover", "finish", "confirm")) {
+    if (this.machine.is("perform:switchover", "finish", "finish:unknown", "confirm")) {
       throw new NbdmigError(
         "E_MIGRATION_PHASE",
         `the migration of '${this.name}' is switching over (${this.machine.phase}); it can no longer be aborted`,
@@ -382,6 +409,8 @@ export class OutgoingMigration {
         );
       });
     this.prepared = res.prepared;
+    // The destination's id, before anything else happens: a restarted agent can then ask it or cancel it.
+    this.records.save({ ...this.record(), phase: this.machine.phase });
     this.notes.push(...(res.prepared.notes ?? []));
     this.log.info(
       { domain: this.name, dest: this.req.dest, prepared: this.prepared },
@@ -433,6 +462,7 @@ export class OutgoingMigration {
       sync,
       this.converger.initialCopyMode,
     );
+    failpoint("source:mirror");
     while (!this.mirrors.allReady) {
       this.check();
       await this.mirrors.poll();
@@ -504,6 +534,7 @@ export class OutgoingMigration {
     }, ["pre-switchover", "completed", "failed", "cancelled"]);
     if (status !== "pre-switchover") throw await this.migrationFailure(status);
     this.machine.advance("perform:switchover");
+    failpoint("source:pre-switchover");
     // The guest is paused: no cap is needed any more, and the destination starts with the domain's own.
     await this.converger?.restore();
     // The guest is stopped now. End the mirrors without pivoting, so no write is left in flight when
@@ -593,6 +624,7 @@ export class OutgoingMigration {
 
   private async finishRemote(): Promise<void> {
     this.machine.advance("finish");
+    failpoint("source:finish");
     await this.peer
       .call(
         "POST",
@@ -626,71 +658,39 @@ export class OutgoingMigration {
     this.notes.push(
       `Finish went unanswered (${why}); the guest stays paused here until the destination says whether it runs it`,
     );
-    const deadline = Date.now() + FINISH_SETTLE_MS;
     let last = why;
-    for (let wait = 1000; ; wait = Math.min(wait * 2, 15_000)) {
-      const verdict = await this.askDestination().catch((e: unknown) => {
-        last = errorMessage(e);
-        return "unknown" as const;
-      });
-      if (verdict === "runs") {
-        this.notes.push("the destination confirmed that it runs the guest: migration completed");
-        await this.confirm();
-        return;
-      }
-      if (verdict === "never") {
-        await this.rollback(
-          new MigrationError(
-            "finish",
-            `${why}; the destination confirmed that it does not run the guest`,
-            "E_FINISH",
-          ),
-        );
-        return;
-      }
-      if (Date.now() + wait > deadline) break;
-      await sleep(wait);
+    const verdict = await settle(
+      this.peer,
+      this.prepared!.id,
+      this.name,
+      Date.now() + FINISH_SETTLE_MS,
+      (miss) => (last = miss),
+    );
+    if (verdict === "runs") {
+      this.notes.push("the destination confirmed that it runs the guest: migration completed");
+      await this.confirm();
+      return;
     }
-    // (execute()'s finally stops the heartbeat.)
+    if (verdict === "never") {
+      await this.rollback(
+        new MigrationError(
+          "finish",
+          `${why}; the destination confirmed that it does not run the guest`,
+          "E_FINISH",
+        ),
+      );
+      return;
+    }
+    // (execute()'s finally stops the heartbeat.) The record stays: a restarted agent, or the operator's
+    // `migrate --recover`, settles it.
     this.errorPhase = "finish";
     this.errorCode = "E_OUTCOME_UNKNOWN";
-    this.errorDetail = `no answer from the destination for ${Math.round(FINISH_SETTLE_MS / 1000)} s (last: ${last}); the guest is paused here so that two copies never run. See on ${this.req.dest} whether '${this.name}' runs there ('nbdmig list'): if it does, 'nbdmig destroy ${this.name}' here; if it does not, 'nbdmig resume ${this.name}' here`;
+    this.errorDetail = `no answer from the destination for ${Math.round(FINISH_SETTLE_MS / 1000)} s (last: ${last}); the guest is paused here so that two copies never run. See on ${this.req.dest} whether '${this.name}' runs there ('nbdmig list'), then decide: 'nbdmig migrate --recover destination ${this.name}' here if it does (the copy here stops), 'nbdmig migrate --recover source ${this.name}' if it does not (the guest resumes here)`;
     this.error = `finish: ${this.errorDetail}`;
     this.log.error({ domain: this.name, err: this.error }, "migration outcome unknown");
     this.entry.job = undefined;
-    this.machine.advance("failed");
-  }
-
-  /** After an unanswered Finish: does the destination run the guest ("runs"), or will it never ("never")? */
-  private async askDestination(): Promise<"runs" | "never" | "unknown"> {
-    const id = this.prepared!.id;
-    try {
-      const r = await this.peer.call<{ phase: string }>("GET", `/v1/migrations/${id}`, undefined, 5000);
-      if (r.phase === "running") return "runs";
-      if (r.phase === "cleanup" || r.phase === "cleaned") return "never";
-      if (r.phase === "prepared") {
-        // Finish never arrived: cancelled, it cannot arrive late and resume the guest there.
-        await this.peer.call("POST", `/v1/migrations/${id}/cancel`, {}, 5000);
-        return "never";
-      }
-      return "unknown"; // still finishing
-    } catch (e) {
-      if (!(e instanceof NbdmigError && e.code === "E_NO_MIGRATION")) throw e;
-    }
-    // The destination forgot the migration (its record lives 60 s after the end, and not across a restart
-    // of its agent): whether it runs the domain decides.
-    try {
-      const d = await this.peer.call<{ state: string }>(
-        "GET",
-        `/v1/domains/${encodeURIComponent(this.name)}`,
-        undefined,
-        5000,
-      );
-      return d.state === "shut off" ? "never" : "runs";
-    } catch (e) {
-      if (e instanceof NbdmigError && e.code === "E_NO_DOMAIN") return "never";
-      throw e;
-    }
+    this.entry.hold = holdReason(this.name, this.req.dest);
+    this.machine.advance("unsettled");
   }
 
   /** Why the destination gave up, if it has (asked for up to about a second, as it may be cleaning up). */
@@ -757,16 +757,7 @@ export class OutgoingMigration {
     const alive = !this.qmp.isClosed;
     if (alive) {
       try {
-        if (this.migrationStarted) {
-          await this.qmp.execute("migrate_cancel");
-          for (let i = 0; i < 100; i++) {
-            const st = (await this.qmp.execute("query-migrate")).status;
-            if (!st || ["cancelled", "failed", "completed", "none"].includes(st)) break;
-            if (i === 50)
-              await this.qmp.execute("yank", { instances: [{ type: "migration" }] }).catch(() => undefined);
-            await sleep(100);
-          }
-        }
+        if (this.migrationStarted) await cancelQemuMigration(this.qmp);
         await this.mirrors?.abort();
         await this.converger?.restore();
         await this.qmp
@@ -825,7 +816,7 @@ export class OutgoingMigration {
     const end = this.finishedAt ?? Date.now();
     const status = this.machine.is("completed")
       ? "completed"
-      : this.machine.is("failed")
+      : this.machine.is("failed", "unsettled")
         ? "failed"
         : this.machine.is("cancelled")
           ? "cancelled"

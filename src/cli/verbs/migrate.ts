@@ -151,7 +151,7 @@ export function register(program: Command): void {
     .description("migrate a running domain to another host's agent, copying its local disks over NBD")
     .argument("<domain>")
     .argument(
-      "<dest-uri>",
+      "[dest-uri]",
       "destination agent: nbdmig://HOST:PORT (HOST is where the destination QEMU listens)",
     )
     .option("--live", "live migration (the guest keeps running; the default, as the flag is in virsh)")
@@ -201,8 +201,28 @@ export function register(program: Command): void {
       "with --timeout: suspend the guest when it expires (the default action, as in virsh)",
     )
     .option("--verbose", "show live progress")
-    .action(async (name: string, dest: string, o: Record<string, unknown>, cmd: Command) => {
+    .option(
+      "--recover <copy>",
+      "after a migration whose outcome is unknown (its guest paused here): keep the 'source' copy (resume it here) or the 'destination' one (stop it here); refused if the destination's state says otherwise",
+    )
+    .option("--force", "with --recover: go ahead although the destination cannot be asked")
+    .action(async (name: string, dest: string | undefined, o: Record<string, unknown>, cmd: Command) => {
       const agent = agentFrom(cmd);
+      if (o.recover !== undefined) {
+        if (o.recover !== "source" && o.recover !== "destination")
+          throw new UsageError(`--recover takes 'source' or 'destination', not '${String(o.recover)}'`);
+        const r = await agent.call<{ message: string }>("POST", `/v1/domains/${enc(name)}/migrate/recover`, {
+          keep: o.recover,
+          force: o.force === true,
+        });
+        out(`${r.message}\n`);
+        return;
+      }
+      if (o.force) throw new UsageError("--force goes with --recover source|destination");
+      if (dest === undefined)
+        throw new UsageError(
+          "migrate needs the destination agent's URI: nbdmig migrate DOMAIN nbdmig://HOST:PORT",
+        );
       if (o.live && o.offlinePause) throw new UsageError("--live and --offline-pause exclude each other");
       if (o.copyStorageAll && o.copyStorageInc)
         throw new UsageError("--copy-storage-all and --copy-storage-inc exclude each other");
