@@ -140,6 +140,21 @@ describe("failed migrations leave the source running and the destination clean",
     await assertDestClean(tb!, NAME, IMAGES);
   });
 
+  it("migration link down during the RAM phase", async (t) => {
+    if (!need(t, MIGRATION_TOOLS, true)) return;
+    const run = migrate();
+    await waitFor("the RAM phase", async () => (await job())?.phase === "perform:memory", 120_000, 100);
+    tb!.setLink(false);
+    try {
+      await expectFailure(run, /error: perform: lost contact with the destination agent/);
+      await assertSourceIntact(tb!, NAME, pid);
+      // The destination cannot be told; its watchdog cleans up on its own.
+      await assertDestClean(tb!, NAME, IMAGES);
+    } finally {
+      tb!.setLink(true);
+    }
+  });
+
   it("not enough space on the destination", async (t) => {
     if (!need(t, MIGRATION_TOOLS, true)) return;
     const nsMount = (...args: string[]) =>

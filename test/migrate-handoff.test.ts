@@ -38,6 +38,8 @@ describe("a lost Finish reply never leaves two running copies", { timeout: 900_0
     // drop starts with the mirror), and asks about an unanswered Finish for 20 s before it gives up.
     process.env.NBDMIG_PEER_TIMEOUT_MS = "120000";
     process.env.NBDMIG_FINISH_SETTLE_MS = "20000";
+    // Finish's answer is waited for 10 s (60 s by default) before it counts as lost.
+    process.env.NBDMIG_FINISH_TIMEOUT_MS = "10000";
     tb = await Testbed.up({ rate: "100mbit" });
   });
   // A test that fails half-way leaves neither a drop nor a guest for the next one.
@@ -55,6 +57,7 @@ describe("a lost Finish reply never leaves two running copies", { timeout: 900_0
   after(async () => {
     delete process.env.NBDMIG_PEER_TIMEOUT_MS;
     delete process.env.NBDMIG_FINISH_SETTLE_MS;
+    delete process.env.NBDMIG_FINISH_TIMEOUT_MS;
     await tb?.down();
   });
 
@@ -76,7 +79,7 @@ describe("a lost Finish reply never leaves two running copies", { timeout: 900_0
     );
     const lift = tb!.b.dropAnswers(tb!.a.addr, AGENT_PORT);
     lifts.push(lift);
-    // Finish times out after 60 s; then the source settles.
+    // Finish times out after 10 s here; then the source settles.
     await waitFor(
       "the source to find Finish's outcome unknown",
       async () => (await jobOf(tb!, name))?.phase === "finish:unknown",

@@ -76,6 +76,23 @@ describe("QMP client against real QEMU", () => {
     }
   });
 
+  it("turns out-of-band execution on and sends yank out of band", async (t) => {
+    if (!need(t, ["qemu-system-x86_64"])) return;
+    const { qmp, pid, dir } = await startQemu();
+    try {
+      assert.equal(qmp.oob, true, "a socket monitor offers oob");
+      // No migration runs, so QEMU has no such yank instance: its answer comes through the oob path.
+      await assert.rejects(
+        qmp.execute("yank", { instances: [{ type: "migration" }] }, { oob: true }),
+        /yank: Instance not found/,
+      );
+      assert.equal((await qmp.execute("query-status")).status, "prelaunch", "in-band commands still work");
+    } finally {
+      process.kill(pid, "SIGKILL");
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
   it("times out a command QEMU does not answer", async (t) => {
     if (!need(t, ["qemu-system-x86_64"])) return;
     const { qmp, pid, dir } = await startQemu();

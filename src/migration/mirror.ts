@@ -141,6 +141,23 @@ export class Mirrors {
     this.detach();
   }
 
+  /**
+   * The destination is gone: cut every NBD connection at once, out of band, so that requests stuck on a dead
+   * link fail instead of holding QEMU's main loop in a drain (a throttle change or a `stop` drains the disk,
+   * and a mirror's in-flight writes would keep that drain waiting until TCP gives up, minutes later).
+   */
+  async yank(): Promise<void> {
+    for (const j of this.jobs.filter((x) => x.started)) {
+      await this.qmp
+        .execute(
+          "yank",
+          { instances: [{ type: "block-node", "node-name": j.nodeName }] },
+          { oob: true, timeoutMs: 5000 },
+        )
+        .catch((err: unknown) => this.log.warn({ err: errorMessage(err) }, "yank failed"));
+    }
+  }
+
   /** Rollback: ends every job and removes every NBD node, however the jobs are doing. */
   async abort(): Promise<void> {
     try {

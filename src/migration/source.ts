@@ -437,8 +437,23 @@ export class OutgoingMigration {
         this.peerError = "destination no longer knows this migration";
       else if (Date.now() - this.lastPeerOk > PEER_TIMEOUT_MS) {
         this.peerError = `lost contact with the destination agent for ${PEER_TIMEOUT_MS / 1000} s (${errorMessage(err)})`;
+        await this.cutConnections();
       }
     }
+  }
+
+  /**
+   * The destination is lost and the migration will roll back: its NBD and migration connections are cut
+   * first (out of band), so that nothing QEMU does meanwhile waits on the dead link (see Mirrors.yank).
+   */
+  private async cutConnections(): Promise<void> {
+    if (this.machine.is("perform:switchover", "finish", "finish:unknown", "unsettled", "confirm")) return;
+    this.log.warn({ domain: this.name }, "destination lost: cutting the NBD and migration connections");
+    await this.mirrors?.yank();
+    if (this.migrationStarted)
+      await this.qmp
+        .execute("yank", { instances: [{ type: "migration" }] }, { oob: true, timeoutMs: 5000 })
+        .catch(() => undefined);
   }
 
   private async mirror(): Promise<void> {

@@ -28,6 +28,12 @@ export interface QmpConnectOptions {
   commandTimeoutMs?: number;
 }
 
+export interface CommandOptions {
+  timeoutMs?: number;
+  /** Out of band, where QEMU allows it for this command (`yank`) and the monitor has it on. */
+  oob?: boolean;
+}
+
 type CommandArgs<K extends keyof QmpCommands> = QmpCommands[K] extends { args: infer A } ? A : undefined;
 type CommandReturn<K extends keyof QmpCommands> = QmpCommands[K] extends { ret: infer R } ? R : unknown;
 
@@ -40,6 +46,12 @@ export class QmpClient extends EventEmitter<{ event: [QmpEvent]; close: [] }> {
   readonly commandTimeoutMs: number;
   /** QEMU's version as announced in the greeting. */
   version = { major: 0, minor: 0, micro: 0 };
+  /**
+   * Whether out-of-band execution is on (QEMU offers it on a socket monitor): a command sent with `oob`
+   * runs in the monitor's own thread even while the main loop is stuck, e.g. draining I/O that waits on a
+   * dead NBD connection; `yank` is the command meant for that.
+   */
+  oob = false;
   private greeting: ((v: unknown) => void) | undefined;
   readonly closed: Promise<void>;
 
@@ -108,10 +120,14 @@ export class QmpClient extends EventEmitter<{ event: [QmpEvent]; close: [] }> {
         clearTimeout(t);
         reject(new QmpError("ConnectionLost", "QMP connection closed before the greeting"));
       });
-    })) as { QMP?: { version?: { qemu?: { major: number; minor: number; micro: number } } } };
+    })) as {
+      QMP?: { version?: { qemu?: { major: number; minor: number; micro: number } }; capabilities?: string[] };
+    };
     const v = greeting.QMP?.version?.qemu;
     if (v) this.version = v;
-    await this.execute("qmp_capabilities");
+    const oob = greeting.QMP?.capabilities?.includes("oob") ?? false;
+    await this.raw("qmp_capabilities", oob ? { enable: ["oob"] } : undefined);
+    this.oob = oob;
   }
 
   get isClosed(): boolean {
@@ -166,8 +182,8 @@ export class QmpClient extends EventEmitter<{ event: [QmpEvent]; close: [] }> {
   execute<K extends keyof QmpCommands>(
     command: K,
     ...rest: CommandArgs<K> extends undefined
-      ? [args?: undefined, opts?: { timeoutMs?: number }]
-      : [args: CommandArgs<K>, opts?: { timeoutMs?: number }]
+      ? [args?: undefined, opts?: CommandOptions]
+      : [args: CommandArgs<K>, opts?: CommandOptions]
   ): Promise<CommandReturn<K>> {
     return this.raw(command, rest[0] as Record<string, unknown> | undefined, rest[1]) as Promise<
       CommandReturn<K>
@@ -175,7 +191,7 @@ export class QmpClient extends EventEmitter<{ event: [QmpEvent]; close: [] }> {
   }
 
   /** Runs any command by name (for qemu-monitor-command and commands without a typed entry). */
-  raw(command: string, args?: Record<string, unknown>, opts: { timeoutMs?: number } = {}): Promise<unknown> {
+  raw(command: string, args?: Record<string, unknown>, opts: CommandOptions = {}): Promise<unknown> {
     if (this.closedFlag) {
       return Promise.reject(new QmpError("ConnectionLost", "QMP connection is closed", command));
     }
@@ -190,7 +206,7 @@ export class QmpClient extends EventEmitter<{ event: [QmpEvent]; close: [] }> {
             }, timeoutMs)
           : undefined;
       this.pending.set(id, { command, resolve, reject, timer });
-      const msg: Record<string, unknown> = { execute: command, id };
+      const msg: Record<string, unknown> = { [opts.oob && this.oob ? "exec-oob" : "execute"]: command, id };
       if (args !== undefined) msg.arguments = args;
       this.socket.write(JSON.stringify(msg) + "\n");
     });
