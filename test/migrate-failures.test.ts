@@ -101,20 +101,31 @@ describe("failed migrations leave the source running and the destination clean",
     await assertDestClean(tb!, NAME, IMAGES);
   });
 
-  it("migration link down during the mirror", async (t) => {
-    if (!need(t, MIGRATION_TOOLS, true)) return;
-    const run = migrate();
-    await inMirror();
-    tb!.setLink(false);
-    try {
-      await expectFailure(run, /error: perform: lost contact with the destination agent/);
-      await assertSourceIntact(tb!, NAME, pid);
-      // The destination cannot be told; its watchdog cleans up on its own.
-      await assertDestClean(tb!, NAME, IMAGES);
-    } finally {
-      tb!.setLink(true);
-    }
-  });
+  const inRamPhase = () =>
+    waitFor("the RAM phase", async () => (await job())?.phase === "perform:memory", 120_000, 100);
+
+  // In the RAM phase the mirrors are READY and the guest keeps writing through them: there, QEMU's monitor
+  // stopped answering (most likely a drain waiting on their writes to the dead link) until the source cut
+  // the connections out of band.
+  for (const [phase, reached] of [
+    ["the mirror", inMirror],
+    ["the RAM phase", inRamPhase],
+  ] as const) {
+    it(`migration link down during ${phase}`, async (t) => {
+      if (!need(t, MIGRATION_TOOLS, true)) return;
+      const run = migrate();
+      await reached();
+      tb!.setLink(false);
+      try {
+        await expectFailure(run, /error: perform: lost contact with the destination agent/);
+        await assertSourceIntact(tb!, NAME, pid);
+        // The destination cannot be told; its watchdog cleans up on its own.
+        await assertDestClean(tb!, NAME, IMAGES);
+      } finally {
+        tb!.setLink(true);
+      }
+    });
+  }
 
   it("domjobabort during the mirror", async (t) => {
     if (!need(t, MIGRATION_TOOLS, true)) return;
@@ -133,26 +144,11 @@ describe("failed migrations leave the source running and the destination clean",
   it("domjobabort during the RAM phase", async (t) => {
     if (!need(t, MIGRATION_TOOLS, true)) return;
     const run = migrate();
-    await waitFor("the RAM phase", async () => (await job())?.phase === "perform:memory", 120_000, 100);
+    await inRamPhase();
     ok(tb!, "a", ["domjobabort", NAME]);
     await expectFailure(run, /error: perform: cancelled by domjobabort/);
     await assertSourceIntact(tb!, NAME, pid);
     await assertDestClean(tb!, NAME, IMAGES);
-  });
-
-  it("migration link down during the RAM phase", async (t) => {
-    if (!need(t, MIGRATION_TOOLS, true)) return;
-    const run = migrate();
-    await waitFor("the RAM phase", async () => (await job())?.phase === "perform:memory", 120_000, 100);
-    tb!.setLink(false);
-    try {
-      await expectFailure(run, /error: perform: lost contact with the destination agent/);
-      await assertSourceIntact(tb!, NAME, pid);
-      // The destination cannot be told; its watchdog cleans up on its own.
-      await assertDestClean(tb!, NAME, IMAGES);
-    } finally {
-      tb!.setLink(true);
-    }
   });
 
   it("not enough space on the destination", async (t) => {

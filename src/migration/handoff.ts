@@ -17,6 +17,7 @@ import { AgentClient, parseAgentUri } from "../agent/client.js";
 import type { DomainEntry, DomainRegistry } from "../agent/domains.js";
 import { writeFileAtomic } from "../agent/state-dir.js";
 import { DomainStateError, errorMessage, NbdmigError } from "../errors.js";
+import { TLS_CREDS_ID } from "../qemu/pki.js";
 import type { QmpClient } from "../qemu/qmp.js";
 import { recoverMirrors } from "./mirror.js";
 import { PhaseMachine, SOURCE_PHASES, sourceMachine, type SourcePhase } from "./phases.js";
@@ -221,7 +222,11 @@ export class SourceHandoff {
     );
     if (this.machine.is("confirm")) return this.keepDestination();
     if (this.machine.is("rollback")) return this.keepSource("the source agent restarted during the rollback");
-    const afterStream = st === "completed" || this.machine.is("finish", "finish:unknown", "unsettled");
+    // Only a migration that reached the switchover can have completed: before it, a "completed" status is
+    // an earlier migration's (one whose Finish failed and which resumed the guest).
+    const afterStream =
+      (st === "completed" && this.machine.is("perform:switchover")) ||
+      this.machine.is("finish", "finish:unknown", "unsettled");
     if (!afterStream)
       return this.keepSource(`the source agent restarted in phase ${this.phase}, before the switchover`);
     if (this.machine.is("perform:switchover", "finish")) this.machine.advance("finish:unknown");
@@ -362,6 +367,8 @@ export class SourceHandoff {
     const qmp = this.qmp;
     await cancelQemuMigration(qmp);
     await recoverMirrors(qmp, this.log);
+    await qmp.raw("migrate-set-parameters", { "tls-creds": "" }).catch(() => undefined);
+    await qmp.execute("object-del", { id: TLS_CREDS_ID }).catch(() => undefined);
     await qmp
       .execute("migrate-set-capabilities", {
         capabilities: [
