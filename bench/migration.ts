@@ -38,7 +38,13 @@ function inHost(tb: Testbed, host: "a" | "b", argv: string[]): string {
   });
 }
 
-async function migrateOnce(tb: Testbed, link: string, i: number, guestDir: string): Promise<MigrationRow> {
+async function migrateOnce(
+  tb: Testbed,
+  link: string,
+  i: number,
+  guestDir: string,
+  tls: boolean,
+): Promise<MigrationRow> {
   const name = `ref${i}`;
   // A fresh address per run: the client's ARP cache still knows the previous guest's MAC.
   const addr = guestAddress(10 + (i % 90));
@@ -74,7 +80,7 @@ async function migrateOnce(tb: Testbed, link: string, i: number, guestDir: strin
   await sleep(500);
   const t0 = Date.now();
   const tx0 = tb.linkTxBytes();
-  nbdmigOk(tb, "a", ["migrate", "--live", "--copy-storage-all", name, tb.b.uri]);
+  nbdmigOk(tb, "a", ["migrate", "--live", "--copy-storage-all", tls ? "--tls" : "--no-tls", name, tb.b.uri]);
   const wire = tb.linkTxBytes() - tx0;
   const t1 = Date.now();
   // Until the client has an answer from the destination (or 30 s without one: no gap is reported then).
@@ -95,7 +101,7 @@ async function migrateOnce(tb: Testbed, link: string, i: number, guestDir: strin
       fs.rmSync(path.join(tb[h].imagesDir, f), { force: true });
   return {
     link,
-    what: "nbdmig migrate",
+    what: tls ? "nbdmig migrate --tls" : "nbdmig migrate",
     totalS: job.elapsedMs / 1000,
     readyS: job.timeToReadyMs / 1000,
     downtimeMs: job.downtimeMs,
@@ -178,6 +184,19 @@ export async function migrationBench(runs: number): Promise<MigrationRow[]> {
   const guestDir = path.join(repo, ".cache/test-guest");
   const tb = await Testbed.up();
   const rows: MigrationRow[] = [];
+  // Certificates on both hosts, so that the same run measures the migration with and without TLS.
+  const ca = path.join(tb.dir, "ca");
+  execFileSync(process.execPath, [path.join(repo, "dist/src/cli/main.js"), "tls-ca", ca]);
+  for (const h of ["a", "b"] as const)
+    execFileSync(process.execPath, [
+      path.join(repo, "dist/src/cli/main.js"),
+      "tls-host",
+      "--ca",
+      ca,
+      "--out",
+      path.join(tb[h].dir, "pki"),
+      tb[h].addr,
+    ]);
   try {
     for (const [link, rate] of [
       ["veth, unshaped", undefined],
@@ -186,28 +205,38 @@ export async function migrationBench(runs: number): Promise<MigrationRow[]> {
       tb.setRate(rate);
       const tcp = tcpRate(tb);
       const peer = nbdcopyRate(tb);
-      const ours: MigrationRow[] = [];
+      // Plain and TLS interleaved round by round, so that both see the same machine.
+      const ours: Record<"plain" | "tls", MigrationRow[]> = { plain: [], tls: [] };
       for (let i = 0; i < runs; i++) {
-        process.stderr.write(`migration bench: ${link}, run ${i + 1}/${runs}\n`);
-        const r = await migrateOnce(tb, link, rows.length * 10 + i, guestDir);
-        process.stderr.write(
-          `  total ${r.totalS.toFixed(2)} s, downtime ${r.downtimeMs} ms, client gap ${r.gapMs ?? "no answer after the move"} ms\n`,
-        );
-        ours.push(r);
+        for (const variant of ["plain", "tls"] as const) {
+          process.stderr.write(`migration bench: ${link}, ${variant}, run ${i + 1}/${runs}\n`);
+          const n = rows.length * 10 + i * 2 + (variant === "tls" ? 1 : 0);
+          const r = await migrateOnce(tb, link, n, guestDir, variant === "tls");
+          process.stderr.write(
+            `  total ${r.totalS.toFixed(2)} s, downtime ${r.downtimeMs} ms, client gap ${r.gapMs ?? "no answer after the move"} ms\n`,
+          );
+          ours[variant].push(r);
+        }
       }
-      const med = (f: (r: MigrationRow) => number | undefined) => median(ours.map((r) => f(r) ?? 0));
-      rows.push({
-        link,
-        what: `nbdmig migrate (median of ${runs})`,
-        totalS: med((r) => r.totalS),
-        readyS: med((r) => r.readyS),
-        downtimeMs: med((r) => r.downtimeMs),
-        gapMs: ours.every((r) => r.gapMs !== undefined) ? med((r) => r.gapMs) : undefined,
-        diskMiB: med((r) => r.diskMiB),
-        ramMiB: med((r) => r.ramMiB),
-        wireMiB: med((r) => r.wireMiB),
-        rateMiBs: med((r) => r.rateMiBs),
-      });
+      const summary = (rs: MigrationRow[], what: string): MigrationRow => {
+        const med = (f: (r: MigrationRow) => number | undefined) => median(rs.map((r) => f(r) ?? 0));
+        return {
+          link,
+          what: `${what} (median of ${runs})`,
+          totalS: med((r) => r.totalS),
+          readyS: med((r) => r.readyS),
+          downtimeMs: med((r) => r.downtimeMs),
+          gapMs: rs.every((r) => r.gapMs !== undefined) ? med((r) => r.gapMs) : undefined,
+          diskMiB: med((r) => r.diskMiB),
+          ramMiB: med((r) => r.ramMiB),
+          wireMiB: med((r) => r.wireMiB),
+          rateMiBs: med((r) => r.rateMiBs),
+        };
+      };
+      const plain = summary(ours.plain, "nbdmig migrate");
+      const tls = summary(ours.tls, "nbdmig migrate --tls");
+      tls.note = `copy rate ${(tls.rateMiBs / plain.rateMiBs).toFixed(2)}x plain, total ${(plain.totalS / tls.totalS).toFixed(2)}x (target 0.8x)`;
+      rows.push(plain, tls);
       rows.push({
         link,
         what: "nbdcopy -> qemu-nbd, same image",

@@ -3,9 +3,11 @@
 set -euo pipefail
 # ovmf, swtpm and swtpm-tools: UEFI and TPM guests; curl and iputils-ping: the test bed's client reaching guests.
 # mmdebstrap and e2fsprogs build the database guest; postgresql-client-15 (pgbench, psql, pg_amcheck) is its client.
-# nftables: the fault tests drop one direction of a connection.
+# nftables: the fault tests drop one direction of a connection. openssl makes TLS certificates (nbdmig
+# tls-ca, tls-host); tcpdump captures the migration link in the TLS test.
 pkgs=(qemu-system-x86 qemu-utils nbdkit libnbd-bin python3-libnbd gcc libc6-dev busybox-static iproute2 util-linux cpio kmod xz-utils zstd gzip
-  ovmf swtpm swtpm-tools curl iputils-ping mmdebstrap e2fsprogs postgresql-client-15 nftables)
+  ovmf swtpm swtpm-tools curl iputils-ping mmdebstrap e2fsprogs postgresql-client-15 nftables
+  openssl tcpdump)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

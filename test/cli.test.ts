@@ -34,6 +34,17 @@ describe("nbdmig CLI usage errors (no agent needed)", () => {
       ["-c", "nbdmig://127.0.0.1:1", "--token-file", "/etc/hostname", "console", "x", "--bytes", "many"],
       /--bytes takes a whole number/,
     ],
+    [
+      "migrate without a destination",
+      ["-c", "nbdmig://127.0.0.1:1", "--token-file", "/etc/hostname", "migrate", "vm"],
+      /migrate needs the destination agent's URI: nbdmig migrate DOMAIN nbdmig:\/\/HOST:PORT/,
+    ],
+    [
+      "a bad --recover",
+      ["-c", "nbdmig://127.0.0.1:1", "--token-file", "/etc/hostname", "migrate", "--recover", "both", "vm"],
+      /--recover takes 'source' or 'destination', not 'both'/,
+    ],
+    ["tls-host without names", ["tls-host", "--ca", "/nonexistent"], /missing required argument 'names'/],
   ];
   for (const [what, args, re] of usage) {
     it(`exits 2 for ${what}`, () => {

@@ -3,6 +3,7 @@
  * `{ "error": { "code", "message", ... } }` with a 4xx/5xx status.
  */
 import os from "node:os";
+import { caFingerprint, hasPki } from "../qemu/pki.js";
 import { UsageError } from "../errors.js";
 import { domainToXml } from "../domain/xml.js";
 import type { DiskLayout } from "../domain/qemu-args.js";
@@ -95,6 +96,8 @@ export function domainRoutes(router: Router, reg: DomainRegistry, host: HostFact
       storage: await storageCapabilities(reg, host.nbd),
       network: { bridges: listBridges(), networks: reg.networks, links: listLinks() } satisfies NetworkFacts,
       machines: (await probeQemuFeatures()).machines.map((m) => m.name),
+      // Whether this host can take TLS migrations, and with which CA (the source's must be the same).
+      tls: hasPki(reg.state.pkiDir) ? { caSha256: caFingerprint(reg.state.pkiDir) } : undefined,
     }))
     .add("GET", "/v1/domains", async () => {
       const out = [];

@@ -28,6 +28,10 @@ export class StateDir {
   get outgoingDir(): string {
     return path.join(this.migrationsDir, "outgoing");
   }
+  /** This host's TLS certificates for the migration channels (see src/qemu/pki.ts). */
+  get pkiDir(): string {
+    return path.join(this.root, "pki");
+  }
   get tokenFile(): string {
     return path.join(this.root, "token");
   }

@@ -19,6 +19,7 @@ const VERBS = {
   migrate: () => import("./verbs/migrate.js"),
   monitor: () => import("./verbs/monitor.js"),
   nbd: () => import("./verbs/nbd.js"),
+  tls: () => import("./verbs/tls.js"),
 };
 
 const program = new Command();

@@ -23,7 +23,11 @@ import type { CookieDisk, PrepareRequest } from "./schemas.js";
 export type { PrepareRequest } from "./schemas.js";
 import { DEST_PHASES, destMachine, requirePhase, type DestPhase } from "./phases.js";
 import { failpoint, holdpoint } from "../util/failpoint.js";
+import { checkPki, TLS_CREDS_ID } from "../qemu/pki.js";
 import { bindFromPool, MIGRATION_PORTS, NBD_PORTS } from "./ports.js";
+
+/** QEMU's id of the authorization object that admits only the migration's source. */
+const TLS_AUTHZ_ID = "nbdmig-authz";
 
 export interface PrepareResult {
   id: string;
@@ -126,6 +130,8 @@ export class IncomingMigration {
     // devices, and the bridge, network or link of every interface.
     await this.reg.checkHost(def);
     await this.checkFirmware(def);
+    // The server end: this host's certificate must name the address the source connects to.
+    if (this.req.tls) checkPki(this.reg.state.pkiDir, "server", [this.req.listenHost]);
     const tpmDir = def.tpm ? this.reg.tpmStateDir(def.uuid) : undefined;
     if (tpmDir && fs.existsSync(tpmDir)) {
       throw new UsageError(
@@ -192,11 +198,36 @@ export class IncomingMigration {
       ],
     });
     const host = this.req.listenHost;
+    let tlsCreds: Record<string, string> = {};
+    if (this.req.tls) {
+      // Only a client with a certificate of the same CA gets in, to the disks or the migration stream, and
+      // with tls-authz only the source that asked for this Prepare (its certificate's subject).
+      await qmp.execute("object-add", {
+        "qom-type": "tls-creds-x509",
+        id: TLS_CREDS_ID,
+        dir: this.reg.state.pkiDir,
+        endpoint: "server",
+        "verify-peer": true,
+      });
+      tlsCreds = { "tls-creds": TLS_CREDS_ID };
+      if (this.req.tlsIdentity) {
+        await qmp.execute("object-add", {
+          "qom-type": "authz-simple",
+          id: TLS_AUTHZ_ID,
+          identity: this.req.tlsIdentity,
+        });
+        tlsCreds["tls-authz"] = TLS_AUTHZ_ID;
+      }
+      await qmp.raw("migrate-set-parameters", tlsCreds);
+    }
     const nbd = cookie.storagePath !== "stream" && cookie.disks.length > 0;
     const nbdPort = nbd
       ? await bindFromPool(NBD_PORTS, this.req.disksPort, (port) =>
           qmp
-            .execute("nbd-server-start", { addr: { type: "inet", data: { host, port: String(port) } } })
+            .execute("nbd-server-start", {
+              addr: { type: "inet", data: { host, port: String(port) } },
+              ...tlsCreds,
+            })
             .then(() => undefined),
         )
       : 0;

@@ -67,6 +67,7 @@ export class Mirrors {
     speed?: number,
     sync: Record<string, "full" | "top"> = {},
     copyMode: "background" | "write-blocking" = "background",
+    tlsCreds?: string,
   ): Promise<void> {
     for (const j of this.jobs) {
       await this.qmp.execute("blockdev-add", {
@@ -74,6 +75,8 @@ export class Mirrors {
         "node-name": j.nodeName,
         server: { type: "inet", host: nbd.host, port: String(nbd.port) },
         export: exports[j.target],
+        // The server's certificate is checked against the address the source connects to.
+        ...(tlsCreds ? { "tls-creds": tlsCreds } : {}),
       });
       j.started = true;
       await this.qmp.execute("blockdev-mirror", {

@@ -74,6 +74,10 @@ export const PrepareRequestSchema = z.strictObject({
   /** The address the source used to reach this agent: QEMU listens there for NBD and the migration. */
   listenHost: z.string().min(1).max(255),
   disksPort: port.optional(),
+  /** Encrypt and authenticate the NBD copy and the migration stream (x509, this host's STATE/pki). */
+  tls: z.boolean().default(false),
+  /** With tls: the source's client certificate's subject; only it may connect (QEMU's tls-authz). */
+  tlsIdentity: z.string().min(1).max(1024).optional(),
 });
 export type PrepareRequest = z.infer<typeof PrepareRequestSchema>;
 
@@ -102,6 +106,8 @@ export const MigrateRequestSchema = z.strictObject({
   persistent: z.boolean().default(false),
   undefineSource: z.boolean().default(false),
   suspend: z.boolean().default(false),
+  /** TLS on the NBD copy and the migration stream; absent: on when this host has certificates. */
+  tls: z.boolean().optional(),
 });
 export type MigrateRequest = z.infer<typeof MigrateRequestSchema>;
 

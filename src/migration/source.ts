@@ -41,6 +41,7 @@ import {
   type OutgoingRecords,
 } from "./handoff.js";
 import { failpoint } from "../util/failpoint.js";
+import { caFingerprint, checkPki, clientIdentity, hasPki, TLS_CREDS_ID } from "../qemu/pki.js";
 
 export type { MigrateRequest } from "./schemas.js";
 
@@ -85,6 +86,7 @@ interface DestinationFacts {
   storage?: StorageCapabilities;
   network?: NetworkFacts;
   machines?: string[];
+  tls?: { caSha256: string };
 }
 
 /** Without an answer from the destination agent for this long, the migration is rolled back. */
@@ -129,6 +131,8 @@ export class OutgoingMigration {
   private finishedAt?: number;
   /** What the operator should know about this job (which disks are copied how). */
   readonly notes: string[] = [];
+  /** TLS on the NBD copy and the migration stream (Begin decides: --tls, --no-tls, or certificates here). */
+  private tls = false;
   error?: string;
   errorCode?: string;
   private errorPhase?: MigrationPhase;
@@ -287,6 +291,32 @@ export class OutgoingMigration {
         "E_DEST_LACKS",
       );
     }
+    const pki = reg.state.pkiDir;
+    const tls = req.tls ?? hasPki(pki);
+    if (tls) {
+      if (!hasPki(pki))
+        throw new UsageError(
+          `--tls needs this host's certificates in ${pki} (ca-cert.pem, client-cert.pem, client-key.pem); make them with 'nbdmig tls-host', or migrate without --tls`,
+          "E_TLS",
+        );
+      checkPki(pki, "client");
+      if (!host.tls)
+        throw new MigrationError(
+          "begin",
+          `the destination ${destAddr.host} has no TLS certificates (its /var/lib/nbdmig/pki, or its --state-dir's pki); give it some with 'nbdmig tls-host' there, or migrate with --no-tls`,
+          "E_TLS",
+        );
+      const ours = caFingerprint(pki);
+      if (host.tls.caSha256 !== ours)
+        throw new MigrationError(
+          "begin",
+          `the destination ${destAddr.host} trusts another CA (sha256 ${host.tls.caSha256.slice(0, 23)}...) than this host (${ours.slice(0, 23)}... in ${pki}/ca-cert.pem): both hosts need the same ca-cert.pem and certificates it signed`,
+          "E_TLS",
+        );
+      notes.push(
+        `TLS: the disk copy and the migration stream are encrypted, both ends authenticated by certificates of the CA ${ours.slice(0, 23)}...`,
+      );
+    }
     let storagePath: StoragePath = "none";
     if (cookieDisks.length > 0) {
       if (!host.storage) {
@@ -328,6 +358,7 @@ export class OutgoingMigration {
       ...(firmware ? { firmware } : {}),
     };
     const m = new OutgoingMigration(reg, entry, req, log, onDone, cookie, peer, records);
+    m.tls = tls;
     m.notes.push(...notes);
     entry.job = { kind: "outgoing migration", describe: () => m.describe(), abort: () => m.abort() };
     return m;
@@ -399,6 +430,8 @@ export class OutgoingMigration {
         cookie: this.cookie,
         listenHost: host,
         disksPort: this.req.disksPort,
+        tls: this.tls,
+        tlsIdentity: this.tls ? clientIdentity(this.reg.state.pkiDir) : undefined,
       })
       .catch((err: unknown) => {
         if (err instanceof MigrationError) throw err;
@@ -476,6 +509,7 @@ export class OutgoingMigration {
       this.req.bandwidthMiB ? this.req.bandwidthMiB * 1024 * 1024 : undefined,
       sync,
       this.converger.initialCopyMode,
+      this.tls ? TLS_CREDS_ID : undefined,
     );
     failpoint("source:mirror");
     while (!this.mirrors.allReady) {
@@ -517,6 +551,21 @@ export class OutgoingMigration {
     });
     const bps = this.req.bandwidthMiB ? this.req.bandwidthMiB * 1024 * 1024 : UNLIMITED_BPS;
     const params: Record<string, unknown> = { "max-bandwidth": bps };
+    if (this.tls) {
+      // The client end: presents this host's client certificate, checks the destination's against the CA
+      // and the address it connects to (QEMU takes the host of the URI as the name to check).
+      await this.qmp.execute("object-del", { id: TLS_CREDS_ID }).catch(() => undefined);
+      await this.qmp.execute("object-add", {
+        "qom-type": "tls-creds-x509",
+        id: TLS_CREDS_ID,
+        dir: this.reg.state.pkiDir,
+        endpoint: "client",
+        "verify-peer": true,
+      });
+      params["tls-creds"] = TLS_CREDS_ID;
+    } else {
+      params["tls-creds"] = ""; // what an earlier TLS attempt on this QEMU may have left
+    }
     if (stream) params["block-incremental"] = this.req.copyStorage === "inc";
     await this.qmp.raw("migrate-set-parameters", params);
     if (!this.req.live && this.run.status === "running") {
@@ -775,6 +824,10 @@ export class OutgoingMigration {
         if (this.migrationStarted) await cancelQemuMigration(this.qmp);
         await this.mirrors?.abort();
         await this.converger?.restore();
+        if (this.tls) {
+          await this.qmp.raw("migrate-set-parameters", { "tls-creds": "" }).catch(() => undefined);
+          await this.qmp.execute("object-del", { id: TLS_CREDS_ID }).catch(() => undefined);
+        }
         await this.qmp
           .execute("migrate-set-capabilities", {
             capabilities: [
@@ -842,6 +895,7 @@ export class OutgoingMigration {
       domain: this.name,
       dest: this.req.dest,
       storagePath: this.cookie.storagePath,
+      tls: this.tls,
       streamDisk: sd ? { ...sd, targets: this.cookie.disks.map((d) => d.target) } : undefined,
       nbd: this.cookie.storagePath === "nbd" ? this.prepared?.nbd : undefined,
       suspendedByTimeout: this.suspendedByTimeout,

@@ -112,7 +112,11 @@ export interface QmpCommands {
   migrate_cancel: { args: undefined; ret: Record<string, never> };
   "migrate-continue": { args: { state: string }; ret: Record<string, never> };
   "nbd-server-start": {
-    args: { addr: { type: "inet"; data: { host: string; port: string } } };
+    args: {
+      addr: { type: "inet"; data: { host: string; port: string } };
+      "tls-creds"?: string;
+      "tls-authz"?: string;
+    };
     ret: Record<string, never>;
   };
   "nbd-server-stop": { args: undefined; ret: Record<string, never> };
@@ -122,6 +126,11 @@ export interface QmpCommands {
   };
   "block-export-del": { args: { id: string; mode?: "safe" | "hard" }; ret: Record<string, never> };
   "blockdev-add": { args: Record<string, unknown>; ret: Record<string, never> };
+  "object-add": {
+    args: { "qom-type": string; id: string } & Record<string, unknown>;
+    ret: Record<string, never>;
+  };
+  "object-del": { args: { id: string }; ret: Record<string, never> };
   "blockdev-del": { args: { "node-name": string }; ret: Record<string, never> };
   "blockdev-mirror": {
     args: {

@@ -578,6 +578,28 @@ export class Testbed {
   }
 
   /** Takes the migration link down or up (failure tests). */
+  /** Captures the migration link (host a's end) into a pcap `file` with tcpdump; the returned stop ends it. */
+  async captureLink(file: string): Promise<() => Promise<void>> {
+    const child = spawn(
+      "ip",
+      ["netns", "exec", this.a.netns, "tcpdump", "-i", `${this.id}l`, "-U", "-s", "0", "-w", file],
+      { stdio: ["ignore", "ignore", "pipe"] },
+    );
+    let err = "";
+    await new Promise<void>((resolve, reject) => {
+      child.stderr.on("data", (d: Buffer) => {
+        err += d.toString();
+        if (err.includes("listening on")) resolve();
+      });
+      child.once("exit", (code) => reject(new Error(`tcpdump exited (${code}): ${err}`)));
+    });
+    return async () => {
+      const exited = new Promise((r) => child.once("exit", r));
+      child.kill("SIGINT");
+      await exited;
+    };
+  }
+
   setLink(up: boolean): void {
     execFileSync("ip", ["-n", this.a.netns, "link", "set", `${this.id}l`, up ? "up" : "down"]);
   }

@@ -200,6 +200,11 @@ export function register(program: Command): void {
       "--timeout-suspend",
       "with --timeout: suspend the guest when it expires (the default action, as in virsh)",
     )
+    .option(
+      "--tls",
+      "encrypt and authenticate the disk copy and the migration stream (x509, each host's state dir pki); the default when this host has certificates",
+    )
+    .option("--no-tls", "migrate in clear although this host has certificates")
     .option("--verbose", "show live progress")
     .option(
       "--recover <copy>",
@@ -265,6 +270,7 @@ export function register(program: Command): void {
         undefineSource: o.undefinesource === true,
         suspend: o.suspend === true,
         timeoutSec: o.timeout,
+        tls: o.tls as boolean | undefined,
       });
       if (o.verbose) for (const n of started.notes ?? []) process.stderr.write(`${n}\n`);
       const view = o.verbose ? new ProgressView() : undefined;
