@@ -95,7 +95,13 @@ const BAD: Record<string, [unknown, RegExp][]> = {
     [{ dest: "nbdmig://h:7800", migrateDisks: ["../../etc"] }, /migrateDisks\[0\]: must be a disk target/],
     [{ dest: "nbdmig://h:7800", disksPort: 70000 }, /disksPort: Too big/],
   ],
+  [`POST /v1/domains/${NAME}/migrate/recover`]: [
+    [{ keep: "both" }, /keep: Invalid option/],
+    [{ keep: "source", force: "yes" }, /force: Invalid input: expected boolean/],
+    [{}, /keep: /],
+  ],
   "POST /v1/migrations/prepare": [
+    [{ cookie, listenHost: "h", tls: "on" }, /tls: Invalid input: expected boolean/],
     [{ cookie: { ...cookie, accel: "xen" }, listenHost: "h" }, /cookie\.accel: Invalid option/],
     [
       {

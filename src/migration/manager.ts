@@ -118,7 +118,8 @@ export class MigrationManager {
         "E_NO_MIGRATION",
         `domain '${name}' has no migration whose outcome is open on this host; nothing to recover`,
       );
-    const message = await h.decide(req.keep, req.force);
+    // One decision at a time per domain.
+    const message = await e.lock.run(() => h.decide(req.keep, req.force));
     this.finished.set(name, h.describe());
     this.handoffs.delete(name);
     return { message };
