@@ -147,15 +147,22 @@ describe(
 
     it("link cut while the destination handles Finish: it resumes, the source waits paused, then completes", async (t) => {
       if (!need(t, MIGRATION_TOOLS, true)) return;
-      // The destination holds 3 s once Finish has arrived: the link goes down then, so its answer is lost.
+      // The destination holds 3 s once the stream has completed there, before it resumes the guest: the link
+      // goes down then, so its answer is lost. (Cut earlier, the stream's last bytes might never arrive.)
       await tb!.b.killAgent("SIGTERM");
-      await tb!.b.startAgent([], { NBDMIG_FAILPOINTS: "dest:finish-received=sleep:3000" });
+      await tb!.b.startAgent([], { NBDMIG_FAILPOINTS: "dest:before-resume=sleep:3000" });
       const m = migrateInBackground(tb!, ["--live", "--copy-storage-all", NAME, tb!.b.uri]);
       await waitFor(
-        "Finish to arrive on the destination",
-        async () =>
-          (await tb!.b.client().call<{ job: { phase: string } | null }>("GET", `/v1/domains/${NAME}/job`)).job
-            ?.phase === "finish",
+        "the destination to hold in Finish with the stream complete",
+        async () => {
+          const b = tb!.b.client();
+          const job = (await b.call<{ job: { phase: string } | null }>("GET", `/v1/domains/${NAME}/job`)).job;
+          if (job?.phase !== "finish") return false;
+          const mig = await b.call<{ result: { status?: string } }>("POST", `/v1/domains/${NAME}/monitor`, {
+            command: '{"execute":"query-migrate"}',
+          });
+          return mig.result.status === "completed";
+        },
         120_000,
         20,
       );

@@ -84,7 +84,7 @@ describe("TLS on the migration channels", { timeout: 900_000 }, () => {
     await tb?.down();
   });
 
-  it("refuses before anything is created: no certificates, another CA, a name that does not match", async (t) => {
+  it("refuses before anything is created: no certificates, another CA, a name that does not match, expired", async (t) => {
     if (!need(t, TOOLS, true)) return;
     const migrate = () =>
       nbdmig(tb!, "a", ["migrate", "--live", "--copy-storage-all", "--tls", "sealed", tb!.b.uri]);
@@ -112,6 +112,47 @@ describe("TLS on the migration channels", { timeout: 900_000 }, () => {
     assert.match(
       r.stderr,
       /prepare on 198\.18\.0\.2: TLS: \/var\/lib\/nbdmig\/pki\/server-cert\.pem does not name 198\.18\.0\.2 \(it names IP Address:10\.9\.9\.9, DNS:b\.example\)/,
+    );
+    // An expired server certificate (OpenSSL 3.0 issues one with -days -1: it ends before it begins).
+    issue("b", ca, ["198.18.0.2"]);
+    const pki = `${tb!.b.dir}/pki`;
+    execFileSync("openssl", [
+      "req",
+      "-new",
+      "-key",
+      `${pki}/server-key.pem`,
+      "-subj",
+      "/CN=198.18.0.2",
+      "-out",
+      `${pki}/old.csr`,
+    ]);
+    fs.writeFileSync(`${pki}/old.ext`, "extendedKeyUsage=serverAuth\nsubjectAltName=IP:198.18.0.2\n");
+    execFileSync(
+      "openssl",
+      [
+        "x509",
+        "-req",
+        "-in",
+        `${pki}/old.csr`,
+        "-CA",
+        `${ca}/ca-cert.pem`,
+        "-CAkey",
+        `${ca}/ca-key.pem`,
+        "-CAcreateserial",
+        "-days",
+        "-1",
+        "-extfile",
+        `${pki}/old.ext`,
+        "-out",
+        `${pki}/server-cert.pem`,
+      ],
+      { stdio: "ignore" },
+    );
+    r = migrate();
+    assert.equal(r.status, 1, r.stderr);
+    assert.match(
+      r.stderr,
+      /prepare on 198\.18\.0\.2: TLS: \/var\/lib\/nbdmig\/pki\/server-cert\.pem expired on /,
     );
     await assertDestClean(tb!, "sealed", ["sealed.qcow2"]);
     issue("b", ca, ["198.18.0.2"]);

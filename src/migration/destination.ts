@@ -353,7 +353,6 @@ export class IncomingMigration {
     this.finishOpts = opts;
     this.machine.advance("finish");
     clearInterval(this.watchdog);
-    await holdpoint("dest:finish-received");
     let resumed = false;
     try {
       const run = this.entry!.running;
@@ -374,6 +373,7 @@ export class IncomingMigration {
       // block migration in particular leaves its writes in QEMU's caches.
       await qmp.execute("stop");
       failpoint("dest:finish");
+      await holdpoint("dest:before-resume");
       // From here on this copy is the guest: persisted first, so that a restarted agent keeps it too.
       this.machine.advance("resume");
       if (!opts.suspend) {
