@@ -14,6 +14,7 @@ const base: Omit<OutgoingRecord, "phase"> = {
   dest: "nbdmig://198.18.0.2:7800",
   id: "c001a21c-a2ec-4645-aa0d-9ffd573f0f4b",
   wasRunning: true,
+  stream: false,
   undefineSource: false,
   startedAt: 1,
 };

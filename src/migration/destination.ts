@@ -23,7 +23,7 @@ import type { CookieDisk, PrepareRequest } from "./schemas.js";
 export type { PrepareRequest } from "./schemas.js";
 import { DEST_PHASES, destMachine, requirePhase, type DestPhase } from "./phases.js";
 import { failpoint, holdpoint } from "../util/failpoint.js";
-import { checkPki, TLS_CREDS_ID } from "../qemu/pki.js";
+import { addTlsCreds, checkPki, TLS_CREDS_ID } from "../qemu/pki.js";
 import { bindFromPool, MIGRATION_PORTS, NBD_PORTS } from "./ports.js";
 
 /** QEMU's id of the authorization object that admits only the migration's source. */
@@ -202,13 +202,7 @@ export class IncomingMigration {
     if (this.req.tls) {
       // Only a client with a certificate of the same CA gets in, to the disks or the migration stream, and
       // with tls-authz only the source that asked for this Prepare (its certificate's subject).
-      await qmp.execute("object-add", {
-        "qom-type": "tls-creds-x509",
-        id: TLS_CREDS_ID,
-        dir: this.reg.state.pkiDir,
-        endpoint: "server",
-        "verify-peer": true,
-      });
+      await addTlsCreds(qmp, this.reg.state.pkiDir, "server");
       tlsCreds = { "tls-creds": TLS_CREDS_ID };
       if (this.req.tlsIdentity) {
         await qmp.execute("object-add", {

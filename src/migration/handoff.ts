@@ -14,10 +14,10 @@ import { setTimeout as sleep } from "node:timers/promises";
 import type { Logger } from "pino";
 import { z } from "zod";
 import { AgentClient, parseAgentUri } from "../agent/client.js";
-import type { DomainEntry, DomainRegistry } from "../agent/domains.js";
+import type { DomainEntry, DomainRegistry, RunningDomain } from "../agent/domains.js";
 import { writeFileAtomic } from "../agent/state-dir.js";
 import { DomainStateError, errorMessage, NbdmigError } from "../errors.js";
-import { TLS_CREDS_ID } from "../qemu/pki.js";
+import { removeTlsCreds } from "../qemu/pki.js";
 import type { QmpClient } from "../qemu/qmp.js";
 import { recoverMirrors } from "./mirror.js";
 import { PhaseMachine, SOURCE_PHASES, sourceMachine, type SourcePhase } from "./phases.js";
@@ -33,6 +33,8 @@ export const OutgoingRecordSchema = z.object({
   /** The destination's migration id, once Prepare has answered. */
   id: z.string().optional(),
   wasRunning: z.boolean(),
+  /** Storage in the migration stream: its capabilities are to be turned off again on a rollback. */
+  stream: z.boolean().default(false),
   undefineSource: z.boolean(),
   startedAt: z.number(),
 });
@@ -163,13 +165,61 @@ export async function cancelQemuMigration(qmp: QmpClient): Promise<void> {
   }
 }
 
+/**
+ * What a rollback undoes on the source QEMU once its migration and mirrors have ended: TLS, the migration
+ * capabilities it set, and the pause; the guest runs again if it ran before the migration.
+ */
+export async function restoreSource(
+  run: RunningDomain,
+  opts: { wasRunning: boolean; stream: boolean },
+): Promise<void> {
+  const qmp = run.qmp;
+  await removeTlsCreds(qmp);
+  await qmp
+    .execute("migrate-set-capabilities", {
+      capabilities: [
+        { capability: "pause-before-switchover", state: false },
+        { capability: "auto-converge", state: false },
+        ...(opts.stream
+          ? [
+              { capability: "block", state: false },
+              { capability: "zero-blocks", state: false },
+            ]
+          : []),
+      ],
+    })
+    .catch(() => undefined);
+  const st = (await qmp.execute("query-status")).status;
+  if (opts.wasRunning && st !== "running") {
+    await qmp.execute("cont");
+    run.status = "running";
+  }
+}
+
+/**
+ * Confirm: the destination runs the guest, so the copy here stops. Its NVRAM stays, like the disk images;
+ * the TPM state goes with the definition (--undefinesource), as on undefine, and a transient domain's went
+ * with it when its QEMU stopped.
+ */
+export async function stopSourceCopy(
+  reg: DomainRegistry,
+  entry: DomainEntry,
+  undefineSource: boolean,
+): Promise<void> {
+  await reg.kill(entry);
+  if (undefineSource && entry.persistent) reg.undefine(entry.name, { nvram: "keep" });
+}
+
 /** Why a guest whose migration's outcome is open must stay paused: what `resume` and `migrate` answer. */
 export function holdReason(name: string, dest: string): string {
   return `the outcome of its migration to ${dest} is unknown, and it stays paused so that two copies never run; decide with 'nbdmig migrate --recover source ${name}' (resume it here) or 'nbdmig migrate --recover destination ${name}' (keep the destination's copy)`;
 }
 
-/** How long a restarted source asks the destination before it leaves the guest paused for the operator. */
-const RESTART_SETTLE_MS = Number(process.env.NBDMIG_FINISH_SETTLE_MS ?? 600_000);
+/**
+ * How long a source whose Finish went unanswered (or a restarted one) keeps asking the destination before
+ * it leaves the guest paused for the operator.
+ */
+export const FINISH_SETTLE_MS = Number(process.env.NBDMIG_FINISH_SETTLE_MS ?? 600_000);
 
 /**
  * A migration whose job is no longer running in this agent (the agent restarted, or the job ended without
@@ -231,7 +281,7 @@ export class SourceHandoff {
       return this.keepSource(`the source agent restarted in phase ${this.phase}, before the switchover`);
     if (this.machine.is("perform:switchover", "finish")) this.machine.advance("finish:unknown");
     this.hold();
-    this.deadline = Date.now() + RESTART_SETTLE_MS;
+    this.deadline = Date.now() + FINISH_SETTLE_MS;
     this.settled = this.settleInBackground();
   }
 
@@ -300,16 +350,15 @@ export class SourceHandoff {
         "E_NO_MIGRATION",
         `the migration of '${this.name}' has settled meanwhile: ${this.notes.at(-1) ?? this.phase}`,
       );
+    // Without the destination's id, Prepare never answered: the destination cannot run the guest.
     const id = this.record.id;
-    let verdict: Verdict = "never";
-    let why = "Prepare never answered";
-    if (id) {
-      verdict = await destinationVerdict(this.peer, id, this.name).catch((e: unknown) => {
-        why = errorMessage(e);
-        return "unknown" as const;
-      });
-      if (verdict === "unknown" && why === "Prepare never answered") why = "it is still finishing";
-    }
+    let why = "it is still finishing";
+    const verdict: Verdict = id
+      ? await destinationVerdict(this.peer, id, this.name).catch((e: unknown) => {
+          why = errorMessage(e);
+          return "unknown" as const;
+        })
+      : "never";
     const dest = this.record.dest;
     if (verdict === "unknown" && !force) {
       this.resumeAsking();
@@ -354,8 +403,7 @@ export class SourceHandoff {
     if (!this.machine.is("confirm")) this.machine.advance("confirm");
     this.entry.job = undefined;
     this.entry.hold = undefined;
-    await this.reg.kill(this.entry);
-    if (this.record.undefineSource && this.entry.persistent) this.reg.undefine(this.name, { nvram: "keep" });
+    await stopSourceCopy(this.reg, this.entry, this.record.undefineSource);
     this.notes.push("the destination runs the guest: the copy here is stopped");
     this.log.info({ domain: this.name, dest: this.record.dest }, "migration completed after recovery");
     this.machine.advance("completed");
@@ -367,22 +415,7 @@ export class SourceHandoff {
     const qmp = this.qmp;
     await cancelQemuMigration(qmp);
     await recoverMirrors(qmp, this.log);
-    await qmp.raw("migrate-set-parameters", { "tls-creds": "" }).catch(() => undefined);
-    await qmp.execute("object-del", { id: TLS_CREDS_ID }).catch(() => undefined);
-    await qmp
-      .execute("migrate-set-capabilities", {
-        capabilities: [
-          { capability: "pause-before-switchover", state: false },
-          { capability: "auto-converge", state: false },
-        ],
-      })
-      .catch(() => undefined);
-    const run = this.entry.running!;
-    const st = (await qmp.execute("query-status")).status;
-    if (this.record.wasRunning && st !== "running") {
-      await qmp.execute("cont");
-      run.status = "running";
-    }
+    await restoreSource(this.entry.running!, this.record);
     this.entry.job = undefined;
     this.entry.hold = undefined;
     if (this.record.id) {

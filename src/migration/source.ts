@@ -34,14 +34,17 @@ import { tcpBytesAcked } from "./wire.js";
 import { PhaseMachine, protocolPhase, sourceMachine, type SourcePhase } from "./phases.js";
 import {
   cancelQemuMigration,
+  FINISH_SETTLE_MS,
   holdReason,
   persistPhases,
+  restoreSource,
   settle,
+  stopSourceCopy,
   type OutgoingRecord,
   type OutgoingRecords,
 } from "./handoff.js";
 import { failpoint } from "../util/failpoint.js";
-import { caFingerprint, checkPki, clientIdentity, hasPki, TLS_CREDS_ID } from "../qemu/pki.js";
+import { addTlsCreds, caFingerprint, checkPki, clientIdentity, hasPki, TLS_CREDS_ID } from "../qemu/pki.js";
 
 export type { MigrateRequest } from "./schemas.js";
 
@@ -99,8 +102,6 @@ function outcomeUnknown(err: unknown): boolean {
 }
 /** How long Finish may take before its outcome counts as unknown (the destination waits up to 30 s itself). */
 const FINISH_TIMEOUT_MS = Number(process.env.NBDMIG_FINISH_TIMEOUT_MS ?? 60_000);
-/** How long a source whose Finish went unanswered keeps asking the destination before it gives up, paused. */
-const FINISH_SETTLE_MS = Number(process.env.NBDMIG_FINISH_SETTLE_MS ?? 600_000);
 /** QEMU's migration bandwidth cap is 128 MiB/s by default; "unlimited" lifts it as libvirt does. */
 const UNLIMITED_BPS = 2 ** 40;
 
@@ -166,6 +167,7 @@ export class OutgoingMigration {
       destToken: this.req.destToken,
       id: this.prepared?.id,
       wasRunning: this.wasRunning,
+      stream: this.cookie.storagePath === "stream",
       undefineSource: this.req.undefineSource,
       startedAt: this.startedAt,
     };
@@ -554,14 +556,7 @@ export class OutgoingMigration {
     if (this.tls) {
       // The client end: presents this host's client certificate, checks the destination's against the CA
       // and the address it connects to (QEMU takes the host of the URI as the name to check).
-      await this.qmp.execute("object-del", { id: TLS_CREDS_ID }).catch(() => undefined);
-      await this.qmp.execute("object-add", {
-        "qom-type": "tls-creds-x509",
-        id: TLS_CREDS_ID,
-        dir: this.reg.state.pkiDir,
-        endpoint: "client",
-        "verify-peer": true,
-      });
+      await addTlsCreds(this.qmp, this.reg.state.pkiDir, "client");
       params["tls-creds"] = TLS_CREDS_ID;
     } else {
       params["tls-creds"] = ""; // what an earlier TLS attempt on this QEMU may have left
@@ -775,10 +770,7 @@ export class OutgoingMigration {
     this.machine.advance("confirm");
     clearInterval(this.heartbeat);
     this.entry.job = undefined;
-    await this.reg.kill(this.entry);
-    // The NVRAM stays, like the disk images; the TPM state goes with the definition, as on undefine (and a
-    // transient domain's went with it when its QEMU stopped).
-    if (this.req.undefineSource && this.entry.persistent) this.reg.undefine(this.name, { nvram: "keep" });
+    await stopSourceCopy(this.reg, this.entry, this.req.undefineSource);
     this.machine.advance("completed");
     this.log.info(
       {
@@ -824,29 +816,10 @@ export class OutgoingMigration {
         if (this.migrationStarted) await cancelQemuMigration(this.qmp);
         await this.mirrors?.abort();
         await this.converger?.restore();
-        if (this.tls) {
-          await this.qmp.raw("migrate-set-parameters", { "tls-creds": "" }).catch(() => undefined);
-          await this.qmp.execute("object-del", { id: TLS_CREDS_ID }).catch(() => undefined);
-        }
-        await this.qmp
-          .execute("migrate-set-capabilities", {
-            capabilities: [
-              { capability: "pause-before-switchover", state: false },
-              { capability: "auto-converge", state: false },
-              ...(this.cookie.storagePath === "stream"
-                ? [
-                    { capability: "block", state: false },
-                    { capability: "zero-blocks", state: false },
-                  ]
-                : []),
-            ],
-          })
-          .catch(() => undefined);
-        const st = (await this.qmp.execute("query-status")).status;
-        if (this.wasRunning && st !== "running") {
-          await this.qmp.execute("cont");
-          this.run.status = "running";
-        }
+        await restoreSource(this.run, {
+          wasRunning: this.wasRunning,
+          stream: this.cookie.storagePath === "stream",
+        });
       } catch (e) {
         this.log.error({ domain: this.name, err: errorMessage(e) }, "rollback on the source was incomplete");
         const more = `; rollback on the source was incomplete: ${errorMessage(e)}`;

@@ -19,6 +19,7 @@ import net from "node:net";
 import path from "node:path";
 import { promisify } from "node:util";
 import { UsageError } from "../errors.js";
+import type { QmpClient } from "./qmp.js";
 
 const run = promisify(execFile);
 
@@ -26,6 +27,27 @@ export const CA_CERT = "ca-cert.pem";
 /** QEMU's id of the TLS credentials object a migration adds on each side. */
 export const TLS_CREDS_ID = "nbdmig-tls";
 const CA_KEY = "ca-key.pem";
+
+/**
+ * Gives a QEMU this host's credentials for one end of TLS (replacing what an earlier attempt left); both
+ * ends verify the peer's certificate against the CA.
+ */
+export async function addTlsCreds(qmp: QmpClient, dir: string, endpoint: "server" | "client"): Promise<void> {
+  await qmp.execute("object-del", { id: TLS_CREDS_ID }).catch(() => undefined);
+  await qmp.execute("object-add", {
+    "qom-type": "tls-creds-x509",
+    id: TLS_CREDS_ID,
+    dir,
+    endpoint,
+    "verify-peer": true,
+  });
+}
+
+/** Takes TLS off a source QEMU's migration again (after a rollback), so a later migration starts clean. */
+export async function removeTlsCreds(qmp: QmpClient): Promise<void> {
+  await qmp.raw("migrate-set-parameters", { "tls-creds": "" }).catch(() => undefined);
+  await qmp.execute("object-del", { id: TLS_CREDS_ID }).catch(() => undefined);
+}
 
 /** Whether a host has certificates (then TLS is the default for its migrations). */
 export function hasPki(dir: string): boolean {
