@@ -1,8 +1,9 @@
 /**
- * TLS on the migration channels: certificates from `nbdmig tls-ca` and `tls-host`, refusals before anything
- * is created (no certificates, another CA, a certificate that does not name the destination), and a capture
- * of the migration link: a marker on the guest's disk crosses it in clear with --no-tls, and not with TLS
- * (the default once the host has certificates), after which the disks are compared.
+ * TLS on every channel: certificates from `nbdmig tls-ca` and `tls-host`, refusals before anything is
+ * created (no certificates, another CA, a certificate that does not name the destination, an expired one),
+ * and a capture of the migration link: a marker on the guest's disk and one in its RAM (its kernel command
+ * line) cross it in clear with --no-tls, and not with TLS (the default once the host has certificates),
+ * after which the disks are compared. The agents' API on that link is HTTPS in both: nothing of it in clear.
  */
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
@@ -26,10 +27,10 @@ import {
 const TOOLS = [...MIGRATION_TOOLS, "openssl", "tcpdump"];
 const MiB = 1024 * 1024;
 
-describe("TLS on the migration channels", { timeout: 900_000 }, () => {
+describe("TLS on every channel", { timeout: 900_000 }, () => {
   let tb: Testbed | undefined;
   let guest: { kernel: string; initrd: string };
-  const markers: Record<string, Buffer> = {};
+  const markers: Record<string, { disk: Buffer; ram: Buffer }> = {};
 
   /** Runs the CLI in the root namespace (paths under the test bed's directories). */
   const root = (args: string[]) => {
@@ -52,16 +53,23 @@ describe("TLS on the migration channels", { timeout: 900_000 }, () => {
       Buffer.concat(Array(Math.ceil(MiB / marker.length)).fill(marker)).subarray(0, MiB),
     );
     execFileSync("qemu-io", ["-f", "qcow2", "-c", `write -s ${chunk} 200M 1M`, file], { stdio: "ignore" });
-    markers[name] = marker;
+    const ram = Buffer.from(`NBDMIG-RAM-${name}-${randomBytes(8).toString("hex")}`);
+    markers[name] = { disk: marker, ram };
     await startGuest(
       tb!,
-      { name, rate: 1, span: 32, disks: [{ target: "vda", source: `${IMG}/${name}.qcow2` }] },
+      {
+        name,
+        rate: 1,
+        span: 32,
+        disks: [{ target: "vda", source: `${IMG}/${name}.qcow2` }],
+        cmdline: [`nbdmig.marker=${ram.toString()}`],
+      },
       guest,
     );
   }
 
-  /** Migrates `name` a -> b with `flags` while capturing the link; whether its marker crossed in clear. */
-  async function migrateCaptured(name: string, flags: string[]): Promise<boolean> {
+  /** Migrates `name` a -> b with `flags` while capturing the link; what of it crossed in clear. */
+  async function migrateCaptured(name: string, flags: string[]) {
     const pcap = `${tb!.dir}/${name}.pcap`;
     const stop = await tb!.captureLink(pcap);
     try {
@@ -69,7 +77,14 @@ describe("TLS on the migration channels", { timeout: 900_000 }, () => {
     } finally {
       await stop();
     }
-    return fs.readFileSync(pcap).includes(markers[name]!);
+    const capture = fs.readFileSync(pcap);
+    return {
+      disk: capture.includes(markers[name]!.disk),
+      ram: capture.includes(markers[name]!.ram),
+      api: ["/v1/", "Bearer", fs.readFileSync(tb!.tokenFile, "utf8").trim()].filter((s) =>
+        capture.includes(s),
+      ),
+    };
   }
 
   before(async () => {
@@ -99,19 +114,26 @@ describe("TLS on the migration channels", { timeout: 900_000 }, () => {
     issue("a", ca, ["198.18.0.1"]);
     r = migrate();
     assert.equal(r.status, 1, r.stderr);
-    assert.match(r.stderr, /begin: the destination 198\.18\.0\.2 has no TLS certificates/);
+    // The hosts' API is HTTPS once a host has certificates: a has, b not yet.
+    assert.match(
+      r.stderr,
+      /begin on 198\.18\.0\.2: the agent at nbdmig:\/\/198\.18\.0\.2:7800 did not take a TLS connection .* give that host certificates of the same CA with 'nbdmig tls-host'/,
+    );
     const other = `${tb!.dir}/other-ca`;
     root(["tls-ca", other, "--name", "someone else"]);
     issue("b", other, ["198.18.0.2"]);
     r = migrate();
     assert.equal(r.status, 1, r.stderr);
-    assert.match(r.stderr, /trusts another CA .* both hosts need the same ca-cert\.pem/);
+    assert.match(
+      r.stderr,
+      /did not sign .* that host trusts another CA; both hosts need the same ca-cert\.pem/,
+    );
     issue("b", ca, ["10.9.9.9", "b.example"]);
     r = migrate();
     assert.equal(r.status, 1, r.stderr);
     assert.match(
       r.stderr,
-      /prepare on 198\.18\.0\.2: TLS: \/var\/lib\/nbdmig\/pki\/server-cert\.pem does not name 198\.18\.0\.2 \(it names IP Address:10\.9\.9\.9, DNS:b\.example\)/,
+      /begin on 198\.18\.0\.2: the agent at nbdmig:\/\/198\.18\.0\.2:7800 presents a certificate that does not name the address used \(.*10\.9\.9\.9.*\)/,
     );
     // An expired server certificate (OpenSSL 3.0 issues one with -days -1: it ends before it begins).
     issue("b", ca, ["198.18.0.2"]);
@@ -150,23 +172,24 @@ describe("TLS on the migration channels", { timeout: 900_000 }, () => {
     );
     r = migrate();
     assert.equal(r.status, 1, r.stderr);
-    assert.match(
-      r.stderr,
-      /prepare on 198\.18\.0\.2: TLS: \/var\/lib\/nbdmig\/pki\/server-cert\.pem expired on /,
-    );
-    await assertDestClean(tb!, "sealed", ["sealed.qcow2"]);
+    assert.match(r.stderr, /presents a certificate that is not valid now \(CERT_HAS_EXPIRED\)/);
     issue("b", ca, ["198.18.0.2"]);
+    await assertDestClean(tb!, "sealed", ["sealed.qcow2"]);
   });
 
-  it("--no-tls: the disk's marker crosses the link in clear", async (t) => {
+  it("--no-tls: the disk's and the RAM's markers cross the link in clear, the API does not", async (t) => {
     if (!need(t, TOOLS, true)) return;
-    assert.equal(await migrateCaptured("clear", ["--no-tls"]), true, "the capture holds the marker");
+    const seen = await migrateCaptured("clear", ["--no-tls"]);
+    assert.equal(seen.disk, true, "the capture holds the disk's marker");
+    assert.equal(seen.ram, true, "the capture holds the RAM's marker");
+    assert.deepEqual(seen.api, [], "the agents' API is HTTPS");
     ok(tb!, "b", ["destroy", "clear"]);
   });
 
   it("TLS by default once both hosts have certificates: nothing of the disk in clear, disks equal", async (t) => {
     if (!need(t, TOOLS, true)) return;
-    assert.equal(await migrateCaptured("sealed", ["--suspend"]), false, "the marker never crossed in clear");
+    const seen = await migrateCaptured("sealed", ["--suspend"]);
+    assert.deepEqual(seen, { disk: false, ram: false, api: [] }, "nothing crossed in clear");
     const job = JSON.parse(ok(tb!, "a", ["domjobinfo", "sealed", "--completed", "--json"])) as {
       tls: boolean;
       notes: string[];

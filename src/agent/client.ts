@@ -1,9 +1,11 @@
 /** Client of an agent's HTTP API, used by the CLI and by one agent calling its migration peer. */
 import fs from "node:fs";
 import http from "node:http";
+import https from "node:https";
 import path from "node:path";
 import { AgentError, MigrationError, NbdmigError, UsageError, type MigrationPhase } from "../errors.js";
 import { DEFAULT_STATE_DIR } from "./state-dir.js";
+import { agentClientTls, explainTlsFailure, requestTlsOptions, type AgentTls } from "./tls.js";
 
 export interface AgentAddress {
   host: string;
@@ -62,15 +64,17 @@ export function readToken(file: string): string {
   }
 }
 
+/**
+ * An agent's API. With `tls` (this host has certificates) it speaks HTTPS, presenting this host's client
+ * certificate; `token` may then be absent (a peer call: the certificate authenticates it).
+ */
 export class AgentClient {
-  readonly base: string;
   constructor(
     readonly address: AgentAddress,
-    private readonly token: string,
+    private readonly token: string | undefined,
     private readonly timeoutMs = 120_000,
-  ) {
-    this.base = `http://${address.host.includes(":") ? `[${address.host}]` : address.host}:${address.port}`;
-  }
+    private readonly tls?: AgentTls,
+  ) {}
 
   get uri(): string {
     return formatAgentUri(this.address);
@@ -84,9 +88,11 @@ export class AgentClient {
   ): Promise<T> {
     let res: { status: number; text: string };
     try {
-      res = await httpJson(this.address, method, path, this.token, body, timeoutMs);
+      res = await httpJson(this.address, method, path, this.token, body, timeoutMs, this.tls);
     } catch (err) {
       const e = err as NodeJS.ErrnoException;
+      const tlsWhy = this.tls && explainTlsFailure(e, this.uri, this.tls);
+      if (tlsWhy) throw new AgentError("E_TLS", tlsWhy);
       throw new AgentError(
         "E_AGENT_UNREACHABLE",
         `cannot reach the agent at ${this.uri}: ${e.code ?? e.message}; is 'nbdmig daemon' running there?`,
@@ -120,6 +126,22 @@ export class AgentClient {
   }
 }
 
+/**
+ * A client for the migration peer at `address`. With certificates here the call goes over HTTPS and the
+ * client certificate authenticates it: this host's own token is never sent (only a token given for the
+ * peer); without them, the peer's token or, in a cluster that shares one, this host's.
+ */
+export function peerClient(
+  address: AgentAddress,
+  pkiDir: string,
+  peerToken: string | undefined,
+  ownToken: string,
+  timeoutMs: number,
+): AgentClient {
+  const tls = agentClientTls(pkiDir);
+  return new AgentClient(address, tls ? peerToken : (peerToken ?? ownToken), timeoutMs, tls);
+}
+
 export function isNbdmigError(err: unknown): err is NbdmigError {
   return err instanceof NbdmigError;
 }
@@ -129,20 +151,22 @@ function httpJson(
   address: AgentAddress,
   method: string,
   path: string,
-  token: string,
+  token: string | undefined,
   body: unknown,
   timeoutMs: number,
+  tls: AgentTls | undefined,
 ): Promise<{ status: number; text: string }> {
   const data = body === undefined ? undefined : JSON.stringify(body);
   return new Promise((resolve, reject) => {
-    const req = http.request(
+    const req = (tls ? https : http).request(
       {
         host: address.host,
         port: address.port,
         method,
         path,
+        ...(tls ? requestTlsOptions(tls) : {}),
         headers: {
-          authorization: `Bearer ${token}`,
+          ...(token !== undefined ? { authorization: `Bearer ${token}` } : {}),
           "content-type": "application/json",
           ...(data !== undefined ? { "content-length": Buffer.byteLength(data) } : {}),
         },

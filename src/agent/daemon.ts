@@ -10,6 +10,7 @@ import { parseAgentUri, readToken } from "./client.js";
 import { DomainRegistry } from "./domains.js";
 import { hostNetworks, hostPools } from "./network.js";
 import { Router } from "./http.js";
+import { agentListener } from "./tls.js";
 import { StateDir, writeFileAtomic } from "./state-dir.js";
 import { migrationRoutes, MigrationManager } from "../migration/manager.js";
 
@@ -52,7 +53,8 @@ export async function runDaemon(opts: DaemonOptions): Promise<void> {
   const router = new Router();
   domainRoutes(router, reg, { listen: opts.listen, accel: opts.accel, nbd: !opts.noNbd });
   migrationRoutes(router, migrations);
-  const server = router.server(token, log);
+  const api = router.server(token, log, state.pkiDir);
+  const server = agentListener(api, state.pkiDir, log);
   await new Promise<void>((resolve, reject) => {
     server.once("error", (err: NodeJS.ErrnoException) =>
       reject(new UsageError(`cannot listen on ${opts.listen}: ${err.code ?? err.message}`, "E_LISTEN")),
@@ -73,7 +75,7 @@ export async function runDaemon(opts: DaemonOptions): Promise<void> {
   const stop = (sig: string) => {
     log.info({ signal: sig }, "agent stopping; QEMU processes keep running");
     server.close();
-    server.closeAllConnections();
+    api.closeAllConnections();
     reg.detachAll();
     fs.rmSync(state.agentFile, { force: true });
     process.exit(0);

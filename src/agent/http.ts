@@ -1,7 +1,10 @@
-/** A small JSON-over-HTTP router with bearer-token auth and one place that maps errors to statuses. */
+/** A small JSON-over-HTTP router: bearer-token or client-certificate auth, and one place that maps errors to statuses. */
 import { timingSafeEqual } from "node:crypto";
 import http from "node:http";
+import { TLSSocket } from "node:tls";
 import type { Logger } from "pino";
+import { hasPki } from "../qemu/pki.js";
+import { peerCertificate } from "./tls.js";
 import { z } from "zod";
 import { DomainStateError, MigrationError, NbdmigError, QmpError, UsageError } from "../errors.js";
 
@@ -67,7 +70,12 @@ export class Router {
     return this;
   }
 
-  server(token: string, log: Logger): http.Server {
+  /**
+   * The API's request handling (the socket comes from agentListener). A call is authenticated by a client
+   * certificate the CA signed or by the bearer token; while the host has certificates (`pkiDir`), a plain
+   * call is refused with 426, before its token is looked at.
+   */
+  server(token: string, log: Logger, pkiDir: string): http.Server {
     const expected = Buffer.from(`Bearer ${token}`);
     return http.createServer((req, res) => {
       const started = Date.now();
@@ -80,13 +88,35 @@ export class Router {
         res.end(data);
         log.debug({ method: req.method, url: req.url, status, ms: Date.now() - started }, "api");
       };
-      const auth = Buffer.from(req.headers.authorization ?? "");
-      if (auth.length !== expected.length || !timingSafeEqual(auth, expected)) {
+      const peer = peerCertificate(req.socket);
+      if (!(req.socket instanceof TLSSocket) && hasPki(pkiDir)) {
         log.warn(
           { method: req.method, url: req.url, from: req.socket.remoteAddress },
+          "plain API call refused",
+        );
+        send(426, {
+          error: {
+            code: "E_TLS_REQUIRED",
+            message: `this agent has certificates (${pkiDir}) and takes HTTPS only: call it from a host with certificates of the same CA (its STATE/pki, made with 'nbdmig tls-host')`,
+          },
+        });
+        req.resume();
+        return;
+      }
+      const auth = Buffer.from(req.headers.authorization ?? "");
+      const tokenOk = auth.length === expected.length && timingSafeEqual(auth, expected);
+      if (!("subject" in peer) && !tokenOk) {
+        const refused = "refused" in peer ? `; its client certificate was refused: ${peer.refused}` : "";
+        log.warn(
+          { method: req.method, url: req.url, from: req.socket.remoteAddress, refused },
           "unauthenticated API call refused",
         );
-        send(401, { error: { code: "E_AUTH", message: "missing or wrong bearer token (see --token-file)" } });
+        send(401, {
+          error: {
+            code: "E_AUTH",
+            message: `missing or wrong bearer token (see --token-file)${refused}`,
+          },
+        });
         req.resume();
         return;
       }

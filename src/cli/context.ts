@@ -2,6 +2,7 @@
 import path from "node:path";
 import type { Command } from "commander";
 import { AgentClient, localAgent, parseAgentUri, readToken, stateDirFromEnv } from "../agent/client.js";
+import { agentClientTls } from "../agent/tls.js";
 
 export interface GlobalOptions {
   connect?: string;
@@ -13,7 +14,13 @@ export function agentFrom(cmd: Command): AgentClient {
   const stateDir = stateDirFromEnv();
   const address = opts.connect ? parseAgentUri(opts.connect) : localAgent(stateDir);
   const token = readToken(opts.tokenFile ?? process.env.NBDMIG_TOKEN_FILE ?? path.join(stateDir, "token"));
-  return new AgentClient(address, token);
+  // This host's certificates, if it has some: the local agent must present its own server certificate.
+  return new AgentClient(
+    address,
+    token,
+    undefined,
+    agentClientTls(path.join(stateDir, "pki"), !opts.connect),
+  );
 }
 
 export const out = (s: string): void => void process.stdout.write(s);

@@ -13,7 +13,7 @@ import path from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
 import type { Logger } from "pino";
 import { z } from "zod";
-import { AgentClient, parseAgentUri } from "../agent/client.js";
+import { AgentClient, parseAgentUri, peerClient } from "../agent/client.js";
 import type { DomainEntry, DomainRegistry, RunningDomain } from "../agent/domains.js";
 import { writeFileAtomic } from "../agent/state-dir.js";
 import { DomainStateError, errorMessage, NbdmigError } from "../errors.js";
@@ -247,7 +247,7 @@ export class SourceHandoff {
   ) {
     this.machine = sourceMachine(record.phase);
     persistPhases(this.machine, records, () => this.record);
-    this.peer = new AgentClient(parseAgentUri(record.dest), record.destToken ?? ownToken, 10_000);
+    this.peer = peerClient(parseAgentUri(record.dest), reg.state.pkiDir, record.destToken, ownToken, 10_000);
   }
 
   get name(): string {

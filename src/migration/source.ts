@@ -9,7 +9,7 @@ import fs from "node:fs";
 import { setTimeout as sleep } from "node:timers/promises";
 import type { Logger } from "pino";
 import type { NetworkFacts, StorageCapabilities } from "../agent/api.js";
-import { AgentClient, parseAgentUri } from "../agent/client.js";
+import { AgentClient, parseAgentUri, peerClient } from "../agent/client.js";
 import type { DomainEntry, DomainRegistry, RunningDomain } from "../agent/domains.js";
 import { errorMessage, MigrationError, NbdmigError, UsageError, type MigrationPhase } from "../errors.js";
 import { domainToXml } from "../domain/xml.js";
@@ -273,7 +273,7 @@ export class OutgoingMigration {
         mode: "full",
       });
     }
-    const peer = new AgentClient(destAddr, req.destToken ?? ownToken, 60_000);
+    const peer = peerClient(destAddr, reg.state.pkiDir, req.destToken, ownToken, 60_000);
     const host = await peer
       .call<DestinationFacts>("GET", "/v1/host", undefined, 10_000)
       .catch((err: unknown) => {

@@ -22,6 +22,7 @@ import path from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
 import { fileURLToPath } from "node:url";
 import { AgentClient, readToken } from "../agent/client.js";
+import { agentClientTls } from "../agent/tls.js";
 
 export const HOST_ROOT = "/var/lib/nbdmig";
 export const AGENT_PORT = 7800;
@@ -120,7 +121,12 @@ export class TestHost {
     return `nbdmig://${this.mgmtAddr}:${AGENT_PORT}`;
   }
   client(): AgentClient {
-    return new AgentClient({ host: this.mgmtAddr, port: AGENT_PORT }, readToken(this.tb.tokenFile));
+    return new AgentClient(
+      { host: this.mgmtAddr, port: AGENT_PORT },
+      readToken(this.tb.tokenFile),
+      undefined,
+      agentClientTls(path.join(this.dir, "pki"), true),
+    );
   }
   /** argv prefix that runs a command inside this host (its network and mount namespaces). */
   execPrefix(): string[] {

@@ -43,6 +43,8 @@ export interface GuestSpec {
   tpm?: "tpm-crb" | "tpm-tis";
   /** A display (autoport, on 127.0.0.1). */
   graphics?: "vnc" | "spice";
+  /** More words for the kernel command line (which the guest's RAM then holds). */
+  cmdline?: string[];
 }
 
 export function guestXml(g: GuestSpec): string {
@@ -52,6 +54,7 @@ export function guestXml(g: GuestSpec): string {
   if (g.writeDisk) cmdline.push(`nbdmig.disk=${g.writeDisk}`);
   if (g.ip) cmdline.push(`nbdmig.ip=${g.ip}`);
   if (g.efivar) cmdline.push(`nbdmig.efivar=${g.efivar}`);
+  cmdline.push(...(g.cmdline ?? []));
   const nics = (g.nics ?? [])
     .map((n) => {
       const src = {

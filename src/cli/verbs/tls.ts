@@ -1,4 +1,4 @@
-/** tls-ca, tls-host: certificates for TLS on the migration channels (layout: src/qemu/pki.ts). */
+/** tls-ca, tls-host: certificates for TLS on the migration channels and the agent API (layout: src/qemu/pki.ts). */
 import os from "node:os";
 import path from "node:path";
 import type { Command } from "commander";
