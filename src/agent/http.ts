@@ -79,6 +79,8 @@ export class Router {
     const expected = Buffer.from(`Bearer ${token}`);
     return http.createServer((req, res) => {
       const started = Date.now();
+      // A client certificate the CA signed (an agent calling as a migration peer) names the caller in the log.
+      const peer = peerCertificate(req.socket);
       const send = (status: number, body: unknown) => {
         const data = JSON.stringify(body);
         res.writeHead(status, {
@@ -86,9 +88,11 @@ export class Router {
           "content-length": Buffer.byteLength(data),
         });
         res.end(data);
-        log.debug({ method: req.method, url: req.url, status, ms: Date.now() - started }, "api");
+        log.debug(
+          { method: req.method, url: req.url, status, caller: peer.caller, ms: Date.now() - started },
+          "api",
+        );
       };
-      const peer = peerCertificate(req.socket);
       if (!(req.socket instanceof TLSSocket) && hasPki(pkiDir)) {
         log.warn(
           { method: req.method, url: req.url, from: req.socket.remoteAddress },
@@ -105,8 +109,8 @@ export class Router {
       }
       const auth = Buffer.from(req.headers.authorization ?? "");
       const tokenOk = auth.length === expected.length && timingSafeEqual(auth, expected);
-      if (!("subject" in peer) && !tokenOk) {
-        const refused = "refused" in peer ? `; its client certificate was refused: ${peer.refused}` : "";
+      if (peer.caller === undefined && !tokenOk) {
+        const refused = peer.refused ? `; its client certificate was refused: ${peer.refused}` : "";
         log.warn(
           { method: req.method, url: req.url, from: req.socket.remoteAddress, refused },
           "unauthenticated API call refused",

@@ -22,7 +22,7 @@ import path from "node:path";
 import tls from "node:tls";
 import type { Logger } from "pino";
 import { UsageError } from "../errors.js";
-import { CA_CERT, hasPki } from "../qemu/pki.js";
+import { CA_CERT, certFileName, hasPki, keyFileName } from "../qemu/pki.js";
 
 /** What a client needs to call an agent over TLS. */
 export interface AgentTls {
@@ -53,9 +53,9 @@ export function agentClientTls(pkiDir: string, pinLocal = false): AgentTls | und
   };
   return {
     ca: read(CA_CERT),
-    cert: read("client-cert.pem"),
-    key: read("client-key.pem"),
-    pin: pinLocal ? new X509Certificate(read("server-cert.pem")).fingerprint256 : undefined,
+    cert: read(certFileName("client")),
+    key: read(keyFileName("client")),
+    pin: pinLocal ? new X509Certificate(read(certFileName("server"))).fingerprint256 : undefined,
     dir: pkiDir,
   };
 }
@@ -72,7 +72,7 @@ export function requestTlsOptions(t: AgentTls): tls.ConnectionOptions {
             ? undefined
             : Object.assign(
                 new Error(
-                  `the local agent presents a certificate (sha256 ${cert.fingerprint256.slice(0, 23)}...) other than this host's ${path.join(t.dir, "server-cert.pem")}`,
+                  `the local agent presents a certificate (sha256 ${cert.fingerprint256.slice(0, 23)}...) other than this host's ${path.join(t.dir, certFileName("server"))}`,
                 ),
                 { code: "E_TLS_PIN" },
               )
@@ -112,7 +112,7 @@ class ServerCredentials {
   ) {}
 
   current(): tls.SecureContextOptions | undefined {
-    const files = [CA_CERT, "server-cert.pem", "server-key.pem"].map((f) => path.join(this.dir, f));
+    const files = [CA_CERT, certFileName("server"), keyFileName("server")].map((f) => path.join(this.dir, f));
     let stamp: string;
     try {
       stamp = files.map((f) => `${fs.statSync(f).mtimeMs}`).join("/");
@@ -131,19 +131,16 @@ class ServerCredentials {
   }
 }
 
-/** Whether the call came with a client certificate the CA signed; then it needs no token. */
-export function peerCertificate(socket: net.Socket): { subject: string } | { refused?: string } {
+/**
+ * Who called, by the client certificate: `caller` (the certificate's CN, for the log) when the CA signed
+ * it, so the call needs no token; `refused` with the reason when it presented one the CA did not sign.
+ */
+export function peerCertificate(socket: net.Socket): { caller?: string; refused?: string } {
   if (!(socket instanceof tls.TLSSocket)) return {};
-  if (socket.authorized) {
-    const s = socket.getPeerCertificate().subject;
-    return {
-      subject: Object.entries(s ?? {})
-        .map(([k, v]) => `${k}=${String(v)}`)
-        .join(","),
-    };
-  }
   const cert = socket.getPeerCertificate();
-  return cert && Object.keys(cert).length ? { refused: String(socket.authorizationError) } : {};
+  if (!cert || !Object.keys(cert).length) return {};
+  if (socket.authorized) return { caller: String(cert.subject?.CN ?? cert.fingerprint256) };
+  return { refused: String(socket.authorizationError) };
 }
 
 /**

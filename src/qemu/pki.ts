@@ -24,6 +24,12 @@ import type { QmpClient } from "./qmp.js";
 const run = promisify(execFile);
 
 export const CA_CERT = "ca-cert.pem";
+/** Which end of a TLS connection a host's certificate serves. */
+export type TlsEndpoint = "server" | "client";
+/** `server-cert.pem` or `client-cert.pem` in the layout above. */
+export const certFileName = (endpoint: TlsEndpoint): string => `${endpoint}-cert.pem`;
+/** `server-key.pem` or `client-key.pem`. */
+export const keyFileName = (endpoint: TlsEndpoint): string => `${endpoint}-key.pem`;
 /** QEMU's id of the TLS credentials object a migration adds on each side. */
 export const TLS_CREDS_ID = "nbdmig-tls";
 const CA_KEY = "ca-key.pem";
@@ -32,7 +38,7 @@ const CA_KEY = "ca-key.pem";
  * Gives a QEMU this host's credentials for one end of TLS (replacing what an earlier attempt left); both
  * ends verify the peer's certificate against the CA.
  */
-export async function addTlsCreds(qmp: QmpClient, dir: string, endpoint: "server" | "client"): Promise<void> {
+export async function addTlsCreds(qmp: QmpClient, dir: string, endpoint: TlsEndpoint): Promise<void> {
   await qmp.execute("object-del", { id: TLS_CREDS_ID }).catch(() => undefined);
   await qmp.execute("object-add", {
     "qom-type": "tls-creds-x509",
@@ -79,7 +85,7 @@ function readCert(file: string, fix: string): X509Certificate {
  * prints: RFC 4514, most specific first, comma-separated).
  */
 export function clientIdentity(dir: string): string {
-  const cert = readCert(path.join(dir, "client-cert.pem"), "issue it with 'nbdmig tls-host'");
+  const cert = readCert(path.join(dir, certFileName("client")), "issue it with 'nbdmig tls-host'");
   return cert.subject.split("\n").reverse().join(",");
 }
 
@@ -93,11 +99,11 @@ export function caFingerprint(dir: string): string {
  * readable and valid now, the certificate is signed by the CA and matches its key, and (server) it names
  * every address in `names`. Throws a UsageError naming the file and the fix.
  */
-export function checkPki(dir: string, endpoint: "server" | "client", names: string[] = []): void {
+export function checkPki(dir: string, endpoint: TlsEndpoint, names: string[] = []): void {
   const issue = `issue it with 'nbdmig tls-host --ca CA_DIR --out ${dir} NAME...'`;
   const ca = readCert(path.join(dir, CA_CERT), `copy the cluster's ${CA_CERT} there (see 'nbdmig tls-ca')`);
-  const certFile = path.join(dir, `${endpoint}-cert.pem`);
-  const keyFile = path.join(dir, `${endpoint}-key.pem`);
+  const certFile = path.join(dir, certFileName(endpoint));
+  const keyFile = path.join(dir, keyFileName(endpoint));
   const cert = readCert(certFile, issue);
   const now = Date.now();
   for (const [c, file] of [
@@ -218,10 +224,10 @@ export async function issueHost(caDir: string, out: string, names: string[], day
         "-extfile",
         ext,
         "-out",
-        path.join(out, `${who}-cert.pem`),
+        path.join(out, certFileName(who)),
       ]);
-      fs.copyFileSync(key, path.join(out, `${who}-key.pem`));
-      fs.chmodSync(path.join(out, `${who}-key.pem`), 0o600);
+      fs.copyFileSync(key, path.join(out, keyFileName(who)));
+      fs.chmodSync(path.join(out, keyFileName(who)), 0o600);
     }
     fs.copyFileSync(caCert, path.join(out, CA_CERT));
   } finally {
