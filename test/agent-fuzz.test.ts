@@ -146,6 +146,7 @@ const BAD: Record<string, [unknown, RegExp][]> = {
   ],
   "POST /v1/migrations/abc/finish": [[{ suspend: "no", persistent: false }, /suspend: Invalid input/]],
   "POST /v1/migrations/abc/cancel": [[{ now: true }, /Unrecognized key.*now/]],
+  "POST /v1/migrations/abc/resume": [[{ now: true }, /Unrecognized key.*now/]],
 };
 
 describe("the agent API refuses malformed and hostile input", () => {

@@ -9,7 +9,7 @@ import path from "node:path";
 import type { Logger } from "pino";
 import { z } from "zod";
 import { DomainStateError, errorMessage, MigrationError, UsageError } from "../errors.js";
-import type { DomainEntry, DomainRegistry } from "../agent/domains.js";
+import type { DomainEntry, DomainRegistry, RunningDomain } from "../agent/domains.js";
 import { parseDomainXml } from "../domain/xml.js";
 import type { DomainDef } from "../domain/model.js";
 import { formatNode, NVRAM_TARGET } from "../domain/qemu-args.js";
@@ -18,10 +18,10 @@ import { sha256File } from "../util/hash.js";
 import { probeKvm } from "../qemu/launcher.js";
 import { writeFileAtomic } from "../agent/state-dir.js";
 import { formatBytes } from "../util/format.js";
-import type { CookieDisk, PrepareRequest } from "./schemas.js";
+import { PrepareRequestSchema, type CookieDisk, type PrepareRequest } from "./schemas.js";
 
 export type { PrepareRequest } from "./schemas.js";
-import { DEST_PHASES, destMachine, requirePhase, type DestPhase } from "./phases.js";
+import { DEST_PHASES, destMachine, requirePhase, type DestPhase, type PhaseMachine } from "./phases.js";
 import { failpoint, holdpoint } from "../util/failpoint.js";
 import { addTlsCreds, checkPki, TLS_CREDS_ID } from "../qemu/pki.js";
 import { bindFromPool, MIGRATION_PORTS, NBD_PORTS } from "./ports.js";
@@ -43,10 +43,15 @@ export interface PrepareResult {
 
 /** Without a heartbeat from the source for this long, a prepared migration cleans itself up. */
 export const SOURCE_WATCHDOG_MS = Number(process.env.NBDMIG_WATCHDOG_MS ?? 20_000);
+/**
+ * A held migration (see `held`) waits longer: its source asks with backoff up to 15 s apart, and a held
+ * guest is whole here, so a completed migration is not lost to one slow answer.
+ */
+export const HELD_WATCHDOG_MS = 3 * SOURCE_WATCHDOG_MS;
 
 export class IncomingMigration {
-  readonly id = randomUUID();
-  readonly machine = destMachine();
+  readonly id: string;
+  readonly machine: PhaseMachine<DestPhase>;
   readonly startedAt = Date.now();
   /** Images this Prepare created; the only files cleanup ever deletes. */
   readonly created: string[] = [];
@@ -67,7 +72,16 @@ export class IncomingMigration {
     private readonly log: Logger,
     readonly req: PrepareRequest,
     private readonly onDone: (m: IncomingMigration) => void,
+    /** The record of a migration a restarted agent continues (phase `held`). */
+    restored?: IncomingRecord,
   ) {
+    this.id = restored?.id ?? randomUUID();
+    this.machine = destMachine(restored ? "held" : "prepare");
+    if (restored) {
+      this.created.push(...restored.created);
+      this.createdDirs.push(...restored.createdDirs);
+      this.finishOpts = restored.finish;
+    }
     // Each decision is on disk before it is acted on: see recoverIncoming.
     this.machine.onEnter = (phase) => {
       if (phase === "running" || phase === "cleaned") this.removeRecord();
@@ -184,12 +198,7 @@ export class IncomingMigration {
         layout: cookie.storagePath === "stream" ? "drive" : undefined,
       }),
     );
-    run.qmp.once("close", () => {
-      if (this.machine.is("prepare", "prepared", "finish")) {
-        this.error = "the destination QEMU exited";
-        void this.cleanup(this.error);
-      }
-    });
+    this.cleanUpOnExit(run);
     const qmp = run.qmp;
     await qmp.execute("migrate-set-capabilities", {
       capabilities: [
@@ -241,14 +250,8 @@ export class IncomingMigration {
       qmp.execute("migrate-incoming", { uri: `tcp:${host}:${port}` }).then(() => undefined),
     );
     this.machine.advance("prepared");
-    this.lastSeen = Date.now();
     const graphics = run.def.graphics.map((g) => ({ type: g.type, port: g.port, listen: g.listen }));
-    this.watchdog = setInterval(() => {
-      if (Date.now() - this.lastSeen > SOURCE_WATCHDOG_MS && this.machine.is("prepared")) {
-        this.error = `no word from the source for ${SOURCE_WATCHDOG_MS / 1000} s`;
-        void this.cleanup(this.error);
-      }
-    }, 1000);
+    this.watch("prepared", SOURCE_WATCHDOG_MS);
     this.log.info(
       { domain: def.name, id: this.id, nbdPort, migPort, created: this.created },
       "incoming migration prepared",
@@ -347,9 +350,8 @@ export class IncomingMigration {
     this.finishOpts = opts;
     this.machine.advance("finish");
     clearInterval(this.watchdog);
-    let resumed = false;
+    const run = this.entry!.running;
     try {
-      const run = this.entry!.running;
       if (!run) throw new Error(this.error ?? "the destination QEMU is not running");
       const qmp = run.qmp;
       const deadline = Date.now() + 30_000;
@@ -368,29 +370,99 @@ export class IncomingMigration {
       await qmp.execute("stop");
       failpoint("dest:finish");
       await holdpoint("dest:before-resume");
-      // From here on this copy is the guest: persisted first, so that a restarted agent keeps it too.
-      this.machine.advance("resume");
+    } catch (err) {
+      this.error = errorMessage(err);
+      await this.cleanup(`finish failed: ${this.error}`);
+      throw new MigrationError("finish", `on ${this.req.listenHost}: ${this.error}`, "E_FINISH");
+    }
+    // The QEMU exiting meanwhile has cleaned up.
+    if (!this.machine.is("finish"))
+      throw new MigrationError("finish", `on ${this.req.listenHost}: ${this.error}`, "E_FINISH");
+    await this.handOver(run!, opts);
+  }
+
+  /**
+   * The source's word for a held migration: it has not resumed its copy and never will (it holds it paused
+   * after the stream, or it has stopped it), so the guest runs here as Finish asked.
+   */
+  async resume(): Promise<void> {
+    requirePhase(this.machine, ["held"], "resume", "finish");
+    const run = this.entry?.running;
+    if (!run)
+      throw new MigrationError("finish", `on this host: ${this.error ?? "the QEMU is gone"}`, "E_FINISH");
+    this.log.info({ domain: this.name, id: this.id }, "the source says resume: handing over the held guest");
+    await this.handOver(run, this.finishOpts!);
+  }
+
+  /**
+   * From here on this copy is the guest: the decision is persisted before the `cont`, so that a restarted
+   * agent keeps it too. It is never killed, and the hand-over reports success (the source then stops its
+   * copy); what fails after the decision is only logged.
+   */
+  private async handOver(run: RunningDomain, opts: { suspend: boolean; persistent: boolean }): Promise<void> {
+    clearInterval(this.watchdog);
+    this.machine.advance("resume");
+    try {
       if (!opts.suspend) {
-        await qmp.execute("cont");
-        resumed = true;
+        await run.qmp.execute("cont");
         failpoint("dest:resumed");
         await this.reg.announce(run);
       } else {
         run.announceOnResume = true;
       }
-      this.handedOver(opts.persistent);
     } catch (err) {
-      // A guest that runs here is the only copy now: it is never killed, and Finish reports success (the
-      // source then stops its copy); what failed after the resume is only logged.
-      if (resumed || this.machine.is("resume")) {
-        this.log.error({ domain: this.name, err: errorMessage(err) }, "after the resume on the destination");
-        this.handedOver(opts.persistent);
-        return;
-      }
-      this.error = errorMessage(err);
-      await this.cleanup(`finish failed: ${this.error}`);
-      throw new MigrationError("finish", `on ${this.req.listenHost}: ${this.error}`, "E_FINISH");
+      this.log.error({ domain: this.name, err: errorMessage(err) }, "after the resume on the destination");
     }
+    this.handedOver(opts.persistent);
+  }
+
+  /** Cleans up when the source stays silent for `ms` while the migration is in `phase`. */
+  private watch(phase: "prepared" | "held", ms: number): void {
+    this.lastSeen = Date.now();
+    this.watchdog = setInterval(() => {
+      if (Date.now() - this.lastSeen > ms && this.machine.is(phase)) {
+        this.error = `no word from the source for ${ms / 1000} s`;
+        void this.cleanup(this.error);
+      }
+    }, 1000);
+  }
+
+  /** A QEMU that exits before the guest was handed over takes the migration with it. */
+  private cleanUpOnExit(run: RunningDomain): void {
+    run.qmp.once("close", () => {
+      if (this.machine.is("prepare", "prepared", "finish", "held")) {
+        this.error = "the destination QEMU exited";
+        void this.cleanup(this.error);
+      }
+    });
+  }
+
+  /**
+   * A migration an agent restart interrupted in Finish, after the stream had completed: the guest is whole
+   * here, paused and flushed. It runs only on the source's word (`resume`); the source's cancel, the QEMU
+   * exiting or HELD_WATCHDOG_MS without a call from the source remove it as Prepare's cleanup does.
+   */
+  static held(
+    reg: DomainRegistry,
+    log: Logger,
+    rec: IncomingRecord & { req: PrepareRequest; finish: { suspend: boolean; persistent: boolean } },
+    entry: DomainEntry,
+    onDone: (m: IncomingMigration) => void,
+  ): IncomingMigration {
+    const m = new IncomingMigration(reg, log, rec.req, onDone, rec);
+    m.entry = entry;
+    m.saveRecord("held");
+    entry.job = {
+      kind: "incoming migration",
+      describe: () => m.describe(),
+      abort: () => m.cleanup("aborted on the destination"),
+    };
+    m.cleanUpOnExit(entry.running!);
+    m.watch("held", HELD_WATCHDOG_MS);
+    m.notes.push(
+      "continued by a restarted agent: the guest is held paused here until the source says resume",
+    );
+    return m;
   }
 
   /** The domain is this host's now (running, or paused for --suspend). */
@@ -461,6 +533,7 @@ export class IncomingMigration {
       created: this.created,
       createdDirs: this.createdDirs,
       finish: this.finishOpts,
+      req: this.req,
     };
     writeFileAtomic(this.recordFile, JSON.stringify(rec));
   }
@@ -498,17 +571,26 @@ const IncomingRecordSchema = z.object({
   created: z.array(z.string()),
   createdDirs: z.array(z.string()).default([]),
   finish: z.object({ suspend: z.boolean(), persistent: z.boolean() }).optional(),
+  /** The Prepare request, for a restarted agent that holds the migration (records of older agents lack it). */
+  req: PrepareRequestSchema.optional(),
 });
 type IncomingRecord = z.infer<typeof IncomingRecordSchema>;
 
 /**
- * At agent start, for each incoming migration its predecessor left. Before `resume` it cannot complete:
- * its source finds the migration gone and rolls back (or has), so its QEMU is stopped and exactly what it
- * created is removed. From `resume` on the guest is this host's: it is kept, resumed if the agent died before
- * the `cont`, made persistent if Finish asked; its images are never removed. A QEMU found running is kept
- * whatever the record says (a guest that ran here is never killed).
+ * At agent start, for each incoming migration its predecessor left. In Finish with the stream completed,
+ * the guest is whole here: it is held (paused) for the source's word, returned for the manager to serve.
+ * Otherwise before `resume` it cannot complete: its source finds the migration gone and rolls back (or
+ * has), so its QEMU is stopped and exactly what it created is removed. From `resume` on the guest is this
+ * host's: it is kept, resumed if the agent died before the `cont`, made persistent if Finish asked; its
+ * images are never removed. A QEMU found running is kept whatever the record says (a guest that ran here is
+ * never killed).
  */
-export async function recoverIncoming(reg: DomainRegistry, log: Logger): Promise<void> {
+export async function recoverIncoming(
+  reg: DomainRegistry,
+  log: Logger,
+  onDone: (m: IncomingMigration) => void,
+): Promise<IncomingMigration[]> {
+  const held: IncomingMigration[] = [];
   for (const f of fs.readdirSync(reg.state.migrationsDir).filter((x) => x.endsWith(".json"))) {
     const file = path.join(reg.state.migrationsDir, f);
     let rec: IncomingRecord;
@@ -547,6 +629,24 @@ export async function recoverIncoming(reg: DomainRegistry, log: Logger): Promise
       fs.rmSync(file, { force: true });
       continue;
     }
+    const { req, finish } = rec;
+    if (e && run && req && finish && (rec.phase === "finish" || rec.phase === "held")) {
+      try {
+        if ((await run.qmp.execute("query-migrate")).status === "completed") {
+          // As Finish would have: no export left on the images, and every disk flushed.
+          await run.qmp.execute("nbd-server-stop").catch(() => undefined);
+          await run.qmp.execute("stop");
+          held.push(IncomingMigration.held(reg, log, { ...rec, req, finish }, e, onDone));
+          log.warn(
+            { domain: rec.name, id: rec.id },
+            "holding an incoming guest whose Finish an agent restart interrupted, paused until the source says resume",
+          );
+          continue;
+        }
+      } catch (err) {
+        log.error({ domain: rec.name, err: errorMessage(err) }, "cannot hold the incoming guest");
+      }
+    }
     log.warn(
       { domain: rec.name, id: rec.id, phase: rec.phase, created: rec.created },
       "removing an incoming migration interrupted by an agent restart",
@@ -559,4 +659,5 @@ export async function recoverIncoming(reg: DomainRegistry, log: Logger): Promise
     for (const dir of rec.createdDirs) fs.rmSync(dir, { force: true, recursive: true });
     fs.rmSync(file, { force: true });
   }
+  return held;
 }

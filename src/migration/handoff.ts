@@ -94,14 +94,27 @@ export type Verdict = "runs" | "never" | "unknown";
 
 /**
  * Does the destination run the guest, or will it ("runs"), or will it never ("never")? A destination still
- * prepared (Finish never arrived) is cancelled first, so that a late Finish cannot resume it there.
+ * prepared (Finish never arrived) is cancelled first, so that a late Finish cannot resume it there. One
+ * `held` (its agent restarted in Finish, the guest whole there and paused) waits for this side's word:
+ * `held` says which (resume it there and complete, or cancel it there to keep the source's copy). Only a
+ * source that has not resumed its copy, and will not, may ask.
  */
-export async function destinationVerdict(peer: AgentClient, id: string, name: string): Promise<Verdict> {
+export async function destinationVerdict(
+  peer: AgentClient,
+  id: string,
+  name: string,
+  held: "resume" | "cancel" = "resume",
+): Promise<Verdict> {
   try {
     const r = await peer.call<{ phase: string }>("GET", `/v1/migrations/${id}`, undefined, 5000);
     if (r.phase === "running" || r.phase === "resume") return "runs";
     if (r.phase === "cleanup" || r.phase === "cleaned") return "never";
-    if (r.phase === "prepared") {
+    if (r.phase === "held" && held === "resume") {
+      // Unanswered, this throws: the next ask sees whether it resumed.
+      await peer.call("POST", `/v1/migrations/${id}/resume`, {}, 10_000);
+      return "runs";
+    }
+    if (r.phase === "prepared" || r.phase === "held") {
       await peer.call("POST", `/v1/migrations/${id}/cancel`, {}, 5000);
       return "never";
     }
@@ -354,10 +367,12 @@ export class SourceHandoff {
     const id = this.record.id;
     let why = "it is still finishing";
     const verdict: Verdict = id
-      ? await destinationVerdict(this.peer, id, this.name).catch((e: unknown) => {
-          why = errorMessage(e);
-          return "unknown" as const;
-        })
+      ? await destinationVerdict(this.peer, id, this.name, keep === "source" ? "cancel" : "resume").catch(
+          (e: unknown) => {
+            why = errorMessage(e);
+            return "unknown" as const;
+          },
+        )
       : "never";
     const dest = this.record.dest;
     if (verdict === "unknown" && !force) {

@@ -44,7 +44,7 @@ export class MigrationManager {
 
   /** Continues or cleans up after migrations that were in progress when this agent last stopped. */
   async recover(): Promise<void> {
-    await recoverIncoming(this.reg, this.log);
+    for (const m of await recoverIncoming(this.reg, this.log, this.incomingDone)) this.incoming.set(m.id, m);
     const continued = new Set<string>();
     for (const rec of this.records.all(this.log)) {
       const h = this.handoffFor(rec);
@@ -162,15 +162,18 @@ export class MigrationManager {
           "E_NO_STORAGE_PATH",
         );
     }
-    const m = new IncomingMigration(this.reg, this.log, req, (done) => {
-      this.finished.set(done.name, done.describe());
-      // Keep the record a while so the source's heartbeat sees how it ended.
-      setTimeout(() => this.incoming.delete(done.id), 60_000).unref();
-    });
+    const m = new IncomingMigration(this.reg, this.log, req, this.incomingDone);
     this.incoming.set(m.id, m);
     const prepared = await m.prepare();
     return { prepared };
   }
+
+  /** An incoming migration has ended either way. */
+  private readonly incomingDone = (done: IncomingMigration): void => {
+    this.finished.set(done.name, done.describe());
+    // Keep the record a while so the source's heartbeat sees how it ended.
+    setTimeout(() => this.incoming.delete(done.id), 60_000).unref();
+  };
 
   incomingById(id: string): IncomingMigration {
     const m = this.incoming.get(id);
@@ -217,6 +220,10 @@ export function migrationRoutes(router: Router, mm: MigrationManager): Router {
     })
     .add("POST", "/v1/migrations/:id/finish", FinishRequestSchema, async (r) => {
       await mm.incomingById(r.params.id!).finish(r.body);
+      return {};
+    })
+    .add("POST", "/v1/migrations/:id/resume", async (r) => {
+      await mm.incomingById(r.params.id!).resume();
       return {};
     })
     .add("POST", "/v1/migrations/:id/cancel", async (r) => {

@@ -44,14 +44,19 @@ const SOURCE_NEXT: Record<SourcePhase, SourcePhase[]> = {
 
 /**
  * Destination side (incoming). `finish` waits for the stream and flushes; `resume` is the decision to run
- * the guest here, taken (and persisted) before `cont`: from then on this copy is never removed.
+ * the guest here, taken (and persisted) before `cont`: from then on this copy is never removed. `held` is
+ * where an agent restarted in `finish` continues, once the stream had completed: the guest is whole here
+ * but paused, and it resumes only when the source says so (it has not resumed its own copy and never
+ * will), or it is removed when the source cancels or stays silent.
  */
-export type DestPhase = "prepare" | "prepared" | "finish" | "resume" | "running" | "cleanup" | "cleaned";
+export type DestPhase =
+  "prepare" | "prepared" | "finish" | "held" | "resume" | "running" | "cleanup" | "cleaned";
 
 const DEST_NEXT: Record<DestPhase, DestPhase[]> = {
   prepare: ["prepared", "cleanup"],
   prepared: ["finish", "cleanup"],
   finish: ["resume", "cleanup"],
+  held: ["resume", "cleanup"],
   resume: ["running"],
   running: [],
   cleanup: ["cleaned"],
@@ -101,7 +106,9 @@ export class PhaseMachine<P extends string> {
 /** A source machine, new (at `begin`) or continuing from a persisted phase after an agent restart. */
 export const sourceMachine = (from: SourcePhase = "begin"): PhaseMachine<SourcePhase> =>
   new PhaseMachine<SourcePhase>(from, SOURCE_NEXT);
-export const destMachine = (): PhaseMachine<DestPhase> => new PhaseMachine<DestPhase>("prepare", DEST_NEXT);
+/** A destination machine, new (at `prepare`) or continuing a migration an agent restart left `held`. */
+export const destMachine = (from: "prepare" | "held" = "prepare"): PhaseMachine<DestPhase> =>
+  new PhaseMachine<DestPhase>(from, DEST_NEXT);
 
 /** The protocol phase (begin/prepare/perform/finish/confirm) a source sub-phase belongs to, for errors. */
 export function protocolPhase(p: SourcePhase): MigrationPhase {
