@@ -62,11 +62,7 @@ describe("UEFI and TPM guests across a migration", { timeout: 900_000 }, () => {
       },
       guest,
     );
-    assert.match(
-      ok(tb!, "a", ["console", "efi"]),
-      /nbdmig-guest: efivar=none/,
-      "a fresh NVRAM from the template",
-    );
+    assert.match(tb!.a.consoleLog("efi"), /nbdmig-guest: efivar=none/, "a fresh NVRAM from the template");
     // A value only the NVRAM can hold: not on the kernel command line, set by the guest through efivarfs.
     assert.equal(await get(`http://${addr}/cgi-bin/efivar?moved-${process.pid}`), `moved-${process.pid}`);
     const nvram = "/var/lib/nbdmig/nvram/efi_VARS.fd";
@@ -111,7 +107,7 @@ describe("UEFI and TPM guests across a migration", { timeout: 900_000 }, () => {
     ok(tb!, "b", ["start", "efi"]);
     const line = await waitFor(
       "the guest to boot again on the destination",
-      () => /nbdmig-guest: efivar=(\S+)/.exec(ok(tb!, "b", ["console", "efi"]))?.[1],
+      () => /nbdmig-guest: efivar=(\S+)/.exec(tb!.b.consoleLog("efi"))?.[1],
       120_000,
     );
     assert.equal(line, `moved-${process.pid}`);
@@ -177,7 +173,7 @@ describe("UEFI and TPM guests across a migration", { timeout: 900_000 }, () => {
       },
       guest,
     );
-    assert.match(ok(tb!, "a", ["console", "tpm"]), /nbdmig-guest: tpm=present/);
+    assert.match(tb!.a.consoleLog("tpm"), /nbdmig-guest: tpm=present/);
     await get(`http://${addr}/cgi-bin/extend`);
     const pcr = await get(`http://${addr}/cgi-bin/extend`);
     assert.match(pcr, /^[0-9a-f]{64}$/);

@@ -9,6 +9,7 @@ import fs from "node:fs";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 import type { Testbed } from "./testbed.js";
+import { NbdmigError } from "../errors.js";
 
 const repo = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../../..");
 
@@ -336,10 +337,10 @@ export async function startDbGuest(
   const t0 = Date.now();
   cliOk(tb, host, ["start", g.name]);
   for (;;) {
-    if (cliOk(tb, host, ["console", g.name]).includes(DB_READY) && pgReady(tb, g.addr))
+    if (tb[host].consoleLog(g.name).includes(DB_READY) && pgReady(tb, g.addr))
       return { bootMs: Date.now() - t0, image };
     if (Date.now() - t0 > timeoutMs) {
-      const tail = cliOk(tb, host, ["console", g.name]).split("\n").slice(-15).join("\n");
+      const tail = tb[host].consoleLog(g.name).split("\n").slice(-15).join("\n");
       throw new Error(
         `guest ${g.name} did not answer on ${g.addr}:${PG.port} within ${timeoutMs} ms; console:\n${tail}`,
       );
@@ -358,13 +359,18 @@ export async function shutdownDbGuest(
   const t0 = Date.now();
   cliOk(tb, host, ["shutdown", name]);
   // A transient domain (as a migration leaves it) is gone once off; a persistent one says "shut off".
-  const off = () => {
-    const r = tb[host].cli(["dominfo", name]);
-    if (r.status === 0) return /State:\s+shut off/.test(r.stdout);
-    if (/not found on this host/.test(r.stderr)) return true;
-    throw new Error(`nbdmig dominfo ${name} on host ${host}: ${r.stderr}`);
+  const off = async () => {
+    try {
+      const d = await tb[host]
+        .client()
+        .call<{ state: string }>("GET", `/v1/domains/${encodeURIComponent(name)}`);
+      return d.state === "shut off";
+    } catch (err) {
+      if (err instanceof NbdmigError && err.code === "E_NO_DOMAIN") return true;
+      throw err;
+    }
   };
-  while (!off()) {
+  while (!(await off())) {
     if (Date.now() - t0 > timeoutMs)
       throw new Error(`guest ${name} on host ${host} did not shut down within ${timeoutMs} ms`);
     await new Promise((r) => setTimeout(r, 250));

@@ -113,6 +113,17 @@ export class TestHost {
   get imagesDir(): string {
     return path.join(this.dir, "images");
   }
+  /**
+   * A guest's serial console log on this host, as QEMU writes it ("" before there is one). Tests poll this
+   * rather than `nbdmig console`: a CLI process per poll competes with the TCG guest for the 2 CPUs.
+   */
+  consoleLog(name: string): string {
+    try {
+      return fs.readFileSync(path.join(this.dir, "log", `${name}.serial.log`), "utf8");
+    } catch {
+      return "";
+    }
+  }
   /** The agent's URI on the migration link (what a peer uses as DEST_URI). */
   get uri(): string {
     return `nbdmig://${this.addr}:${AGENT_PORT}`;

@@ -57,61 +57,77 @@ export function ok(tb: Testbed, host: "a" | "b", args: string[]): string {
   return r.stdout;
 }
 
-/** Defines and starts a guest on host a; waits until its writer reports progress (when it writes). */
-export async function startGuest(
+/** Defines a guest on host a and starts it (`start` with `flags`); answers the QEMU's pid. */
+async function defineAndStart(
   tb: Testbed,
   spec: Omit<GuestSpec, "kernel" | "initrd">,
   guest: { kernel: string; initrd: string },
-): Promise<number> {
-  const xmlFile = `${tb.a.dir}/${spec.name}.xml`;
-  fs.writeFileSync(xmlFile, guestXml({ ...spec, kernel: guest.kernel, initrd: guest.initrd }));
-  ok(tb, "a", ["define", `/var/lib/nbdmig/${spec.name}.xml`]);
-  ok(tb, "a", ["start", spec.name]);
-  const pid = (await tb.a.client().call<{ pid: number }>("GET", `/v1/domains/${spec.name}`)).pid;
-  const marker = spec.rate !== undefined ? /nbdmig-guest: t=\d+/ : /nbdmig-guest: ready/;
-  await waitFor(
-    `guest ${spec.name} to ${spec.rate !== undefined ? "write" : "boot"}`,
-    () => marker.test(ok(tb, "a", ["console", spec.name])),
-    90_000,
-  );
-  return pid;
-}
-
-/**
- * Defines a guest on host a and starts it paused (QEMU runs, the guest never boots): for tests whose subject
- * is QEMU and the host, not the guest. Answers the QEMU's pid.
- */
-export async function startPaused(
-  tb: Testbed,
-  spec: Omit<GuestSpec, "kernel" | "initrd">,
-  guest: { kernel: string; initrd: string },
+  flags: string[] = [],
 ): Promise<number> {
   fs.writeFileSync(
     `${tb.a.dir}/${spec.name}.xml`,
     guestXml({ ...spec, kernel: guest.kernel, initrd: guest.initrd }),
   );
   ok(tb, "a", ["define", `/var/lib/nbdmig/${spec.name}.xml`]);
-  ok(tb, "a", ["start", "--paused", spec.name]);
+  ok(tb, "a", ["start", ...flags, spec.name]);
   return (await tb.a.client().call<{ pid: number }>("GET", `/v1/domains/${spec.name}`)).pid;
 }
 
+/** Defines and starts a guest on host a; waits until its writer reports progress (when it writes). */
+export async function startGuest(
+  tb: Testbed,
+  spec: Omit<GuestSpec, "kernel" | "initrd">,
+  guest: { kernel: string; initrd: string },
+): Promise<number> {
+  const pid = await defineAndStart(tb, spec, guest);
+  const marker = spec.rate !== undefined ? /nbdmig-guest: t=\d+/ : /nbdmig-guest: ready/;
+  await waitFor(
+    `guest ${spec.name} to ${spec.rate !== undefined ? "write" : "boot"}`,
+    () => marker.test(tb.a.consoleLog(spec.name)),
+    90_000,
+  );
+  return pid;
+}
+
+/**
+ * Defines a guest on host a and starts it without waiting for it to boot: for a migration refused in Begin,
+ * which looks at the definition and the host, not at the guest. Answers the QEMU's pid.
+ */
+export const startUnwaited = (
+  tb: Testbed,
+  spec: Omit<GuestSpec, "kernel" | "initrd">,
+  guest: { kernel: string; initrd: string },
+): Promise<number> => defineAndStart(tb, spec, guest);
+
+/**
+ * Defines a guest on host a and starts it paused (QEMU runs, the guest never boots): for tests whose subject
+ * is QEMU and the host, not the guest. Answers the QEMU's pid.
+ */
+export const startPaused = (
+  tb: Testbed,
+  spec: Omit<GuestSpec, "kernel" | "initrd">,
+  guest: { kernel: string; initrd: string },
+): Promise<number> => defineAndStart(tb, spec, guest, ["--paused"]);
+
 /** The guest writer's total MiB, from the last progress line of a host's console log. */
 export function guestWritten(tb: Testbed, host: "a" | "b", name: string): number {
-  const lines = ok(tb, host, ["console", name])
+  const lines = tb[host]
+    .consoleLog(name)
     .split("\n")
     .filter((l) => l.startsWith("nbdmig-guest: t="));
   const m = /mib=(\d+)/.exec(lines.at(-1) ?? "");
   return m ? Number(m[1]) : -1;
 }
 
-/** After a failed migration: the source guest is running in the same QEMU, with no migration leftovers. */
+/** After a failed migration: the source guest (on a unless said) runs in the same QEMU, with no migration leftovers. */
 export async function assertSourceIntact(
   tb: Testbed,
   name: string,
   pid: number,
   writing = true,
+  source: "a" | "b" = "a",
 ): Promise<void> {
-  const a = tb.a.client();
+  const a = tb[source].client();
   const info = await a.call<{ state: string; pid: number; job: string | null }>("GET", `/v1/domains/${name}`);
   assert.equal(info.state, "running", "source guest running");
   assert.equal(info.pid, pid, "same source QEMU");
@@ -129,28 +145,30 @@ export async function assertSourceIntact(
   ).result;
   assert.ok(!nodes.some((n) => n["node-name"].startsWith("nbdmig-")), "no NBD client nodes left");
   if (writing) {
-    const before = guestWritten(tb, "a", name);
-    await waitFor("the source guest to keep writing", () => guestWritten(tb, "a", name) > before, 30_000);
+    const before = guestWritten(tb, source, name);
+    await waitFor("the source guest to keep writing", () => guestWritten(tb, source, name) > before, 30_000);
   }
 }
 
-/** The destination holds nothing of the migration: no QEMU, no domain, no created image, no open port. */
+/** The destination (b unless said) holds nothing of the migration: no QEMU, no domain, no created image, no open port. */
 export async function assertDestClean(
   tb: Testbed,
   name: string,
   images: string[],
   timeoutMs = 30_000,
+  dest: "a" | "b" = "b",
 ): Promise<void> {
+  const h = tb[dest];
   await waitFor(
     "the destination to be clean",
     async () => {
-      const qemu = tb.b.qemuPids();
+      const qemu = h.qemuPids();
       if (qemu.length) throw new Error(`QEMU still running there: ${qemu.join(" ")}`);
-      const { domains } = await tb.b.client().call<{ domains: { name: string }[] }>("GET", "/v1/domains");
+      const { domains } = await h.client().call<{ domains: { name: string }[] }>("GET", "/v1/domains");
       if (domains.some((d) => d.name === name)) throw new Error(`domain ${name} still there`);
-      const left = images.filter((i) => fs.existsSync(`${tb.b.imagesDir}/${i}`));
+      const left = images.filter((i) => fs.existsSync(`${h.imagesDir}/${i}`));
       if (left.length) throw new Error(`images left: ${left.join(" ")}`);
-      const ports = tb.b.listeningPorts().filter((p) => p !== 7800);
+      const ports = h.listeningPorts().filter((p) => p !== 7800);
       if (ports.length) throw new Error(`ports open: ${ports.join(" ")}`);
       return true;
     },
@@ -168,12 +186,13 @@ export function compare(a: string, b: string): string {
 
 export type { GuestDisk };
 
-/** Starts `nbdmig migrate ARGS` on host a in the background; `done` resolves with its exit and stderr. */
+/** Starts `nbdmig migrate ARGS` on host `from` (a) in the background; `done` resolves with its exit and stderr. */
 export function migrateInBackground(
   tb: Testbed,
   args: string[],
+  from: "a" | "b" = "a",
 ): { done: Promise<{ status: number; stderr: string }> } {
-  const pre = tb.a.execPrefix();
+  const pre = tb[from].execPrefix();
   const child = spawn(pre[0]!, [...pre.slice(1), process.execPath, cliPath, "migrate", ...args], {
     stdio: ["ignore", "ignore", "pipe"],
   });
@@ -184,12 +203,13 @@ export function migrateInBackground(
   };
 }
 
-/** The job of a domain on host a, as the API reports it (null when there is none). */
+/** The job of a domain on a host (a unless said), as the API reports it (null when there is none). */
 export async function jobOf<T = { phase: string; disks: { copied: number }[] }>(
   tb: Testbed,
   name: string,
+  host: "a" | "b" = "a",
 ): Promise<T | null> {
-  return (await tb.a.client().call<{ job: T | null }>("GET", `/v1/domains/${name}/job`)).job;
+  return (await tb[host].client().call<{ job: T | null }>("GET", `/v1/domains/${name}/job`)).job;
 }
 
 /** Destroys every running domain on the given hosts, so a failed test leaves nothing for the next. */
