@@ -11,7 +11,7 @@ import type { Logger } from "pino";
 import type { NetworkFacts, StorageCapabilities } from "../agent/api.js";
 import { AgentClient, parseAgentUri, peerClient } from "../agent/client.js";
 import type { DomainEntry, DomainRegistry, RunningDomain } from "../agent/domains.js";
-import { errorMessage, MigrationError, NbdmigError, UsageError, type MigrationPhase } from "../errors.js";
+import { errorMessage, MigrationError, NbdmigError, UsageError } from "../errors.js";
 import { domainToXml } from "../domain/xml.js";
 import { formatNode, NVRAM_TARGET } from "../domain/qemu-args.js";
 import type { QmpClient, QmpEvent } from "../qemu/qmp.js";
@@ -43,7 +43,7 @@ import {
   type OutgoingRecord,
   type OutgoingRecords,
 } from "./handoff.js";
-import { failpoint } from "../util/failpoint.js";
+import { failpoint, holdpoint } from "../util/failpoint.js";
 import { addTlsCreds, caFingerprint, checkPki, clientIdentity, hasPki, TLS_CREDS_ID } from "../qemu/pki.js";
 
 export type { MigrateRequest } from "./schemas.js";
@@ -105,39 +105,90 @@ const FINISH_TIMEOUT_MS = Number(process.env.NBDMIG_FINISH_TIMEOUT_MS ?? 60_000)
 /** QEMU's migration bandwidth cap is 128 MiB/s by default; "unlimited" lifts it as libvirt does. */
 const UNLIMITED_BPS = 2 ** 40;
 
+/** What a source job has measured so far, for domjobinfo. */
+interface Progress {
+  memory?: MigrationStats;
+  memoryRateBps: number;
+  /** Block migration's progress, when the disks ride in the migration stream. */
+  streamDisk?: { transferred: number; remaining: number; total: number };
+  downtimeMs?: number;
+  readyAt?: number;
+  finishedAt?: number;
+}
+
+/**
+ * The source's heartbeat to the destination while the job runs: the incoming migration is asked for every
+ * second. `onLost` hears once why the destination is gone: it gave up, forgot the migration, or stayed
+ * silent for PEER_TIMEOUT_MS (`silent`).
+ */
+class DestinationWatch {
+  private lost = false;
+  private lastOk = Date.now();
+  private readonly timer: NodeJS.Timeout;
+  constructor(
+    private readonly peer: AgentClient,
+    private readonly id: string,
+    private readonly onLost: (why: string, silent: boolean) => Promise<void>,
+  ) {
+    this.timer = setInterval(() => void this.beat(), 1000);
+  }
+  stop(): void {
+    clearInterval(this.timer);
+  }
+  private async beat(): Promise<void> {
+    if (this.lost) return;
+    let why: string | undefined;
+    let silent = false;
+    try {
+      const r = await this.peer.call<{ phase: string; error?: string }>(
+        "GET",
+        `/v1/migrations/${this.id}`,
+        undefined,
+        2000,
+      );
+      this.lastOk = Date.now();
+      if (r.phase === "cleanup" || r.phase === "cleaned")
+        why = `destination gave up: ${r.error ?? "cleaned up"}`;
+    } catch (err) {
+      if (err instanceof NbdmigError && err.code === "E_NO_MIGRATION")
+        why = "destination no longer knows this migration";
+      else if (Date.now() - this.lastOk > PEER_TIMEOUT_MS) {
+        why = `lost contact with the destination agent for ${PEER_TIMEOUT_MS / 1000} s (${errorMessage(err)})`;
+        silent = true;
+      }
+    }
+    if (why === undefined || this.lost) return;
+    this.lost = true;
+    await this.onLost(why, silent);
+  }
+}
+
+/**
+ * One outgoing migration. Its phase machine is the state (persisted, and what each call checks); besides it
+ * the job keeps what Begin decided (cookie, TLS, the guest's run state before), what Prepare answered, the
+ * engines of the phases (mirrors, converger, heartbeat), what it measured, and how it failed.
+ */
 export class OutgoingMigration {
   readonly machine: PhaseMachine<SourcePhase> = sourceMachine();
   readonly startedAt = Date.now();
-  readonly cookie: MigrationCookie;
-  private readonly peer: AgentClient;
   private readonly run: RunningDomain;
   private readonly wasRunning: boolean;
   private prepared?: PrepareResult;
   private mirrors?: Mirrors;
   private converger?: StorageConverger;
-  private migrationStarted = false;
-  private abortRequested = false;
-  private pausedByUs = false;
-  private suspendedByTimeout = false;
-  private peerError?: string;
-  private lastPeerOk = Date.now();
-  private heartbeat?: NodeJS.Timeout;
+  private watch?: DestinationWatch;
   private timeoutTimer?: NodeJS.Timeout;
-  private memory?: MigrationStats;
-  private memoryRateBps = 0;
-  /** Block migration's progress, when the disks ride in the migration stream. */
-  private streamDisk?: { transferred: number; remaining: number; total: number };
-  private downtimeMs?: number;
-  private readyAt?: number;
-  private finishedAt?: number;
+  /**
+   * Why the job must stop, as the error it fails with: domjobabort, or the destination lost. The first
+   * reason wins; each step's check throws it.
+   */
+  private readonly stop = new AbortController();
+  private suspendedByTimeout = false;
+  private readonly progress: Progress = { memoryRateBps: 0 };
   /** What the operator should know about this job (which disks are copied how). */
-  readonly notes: string[] = [];
-  /** TLS on the NBD copy and the migration stream (Begin decides: --tls, --no-tls, or certificates here). */
-  private tls = false;
-  error?: string;
-  errorCode?: string;
-  private errorPhase?: MigrationPhase;
-  private errorDetail?: string;
+  readonly notes: string[];
+  /** Why the job failed, or why its outcome is unknown: domjobinfo's error fields. */
+  private failure?: MigrationError;
   done: Promise<void> = Promise.resolve();
 
   /** Begin: validates and builds the cookie; throws before anything is created anywhere. */
@@ -147,12 +198,14 @@ export class OutgoingMigration {
     readonly req: MigrateRequest,
     private readonly log: Logger,
     private readonly onDone: (m: OutgoingMigration) => void,
-    cookie: MigrationCookie,
-    peer: AgentClient,
+    readonly cookie: MigrationCookie,
+    private readonly peer: AgentClient,
     private readonly records: OutgoingRecords,
+    /** TLS on the NBD copy and the migration stream (Begin decides: --tls, --no-tls, or certificates here). */
+    private readonly tls: boolean,
+    notes: string[],
   ) {
-    this.cookie = cookie;
-    this.peer = peer;
+    this.notes = notes;
     this.run = entry.running;
     this.wasRunning = entry.running.status === "running";
     persistPhases(this.machine, records, () => this.record());
@@ -359,9 +412,7 @@ export class OutgoingMigration {
       ...(nvramInfo ? { nvram: nvramInfo } : {}),
       ...(firmware ? { firmware } : {}),
     };
-    const m = new OutgoingMigration(reg, entry, req, log, onDone, cookie, peer, records);
-    m.tls = tls;
-    m.notes.push(...notes);
+    const m = new OutgoingMigration(reg, entry, req, log, onDone, cookie, peer, records, tls, notes);
     entry.job = { kind: "outgoing migration", describe: () => m.describe(), abort: () => m.abort() };
     return m;
   }
@@ -371,6 +422,21 @@ export class OutgoingMigration {
   }
   private get qmp(): QmpClient {
     return this.run.qmp;
+  }
+  /** The failure's message (phase: detail), if the job failed or its outcome is unknown. */
+  get error(): string | undefined {
+    return this.failure?.message;
+  }
+  /** QEMU's outgoing migration was started (the RAM phase was reached). */
+  private get migrationStarted(): boolean {
+    return this.machine.reachedAt("perform:memory") !== undefined;
+  }
+  private stopWith(detail: string, code: string): void {
+    this.stop.abort(new MigrationError(protocolPhase(this.machine.phase), detail, code));
+  }
+  private stopTimers(): void {
+    this.watch?.stop();
+    clearTimeout(this.timeoutTimer);
   }
 
   /** Runs Prepare..Confirm in the background; `done` settles when the job has ended either way. */
@@ -391,9 +457,8 @@ export class OutgoingMigration {
       if (this.machine.is("finish") && outcomeUnknown(err)) await this.settleFinish(err);
       else await this.rollback(err);
     } finally {
-      this.finishedAt = Date.now();
-      clearInterval(this.heartbeat);
-      clearTimeout(this.timeoutTimer);
+      this.progress.finishedAt = Date.now();
+      this.stopTimers();
       this.onDone(this);
     }
   }
@@ -409,15 +474,13 @@ export class OutgoingMigration {
         `the migration of '${this.name}' is switching over (${this.machine.phase}); it can no longer be aborted`,
       );
     }
-    this.abortRequested = true;
+    this.stopWith("cancelled by domjobabort", "E_ABORTED");
     if (this.migrationStarted) await this.qmp.execute("migrate_cancel").catch(() => undefined);
   }
 
   /** Throws if the job must stop: abort, a lost or failed destination, a failed mirror, QEMU gone. */
   private check(): void {
-    if (this.abortRequested)
-      throw new MigrationError(protocolPhase(this.machine.phase), "cancelled by domjobabort", "E_ABORTED");
-    if (this.peerError) throw new MigrationError(protocolPhase(this.machine.phase), this.peerError, "E_PEER");
+    this.stop.signal.throwIfAborted();
     if (this.qmp.isClosed)
       throw new MigrationError(protocolPhase(this.machine.phase), "the source QEMU exited", "E_SOURCE_QEMU");
     const f = this.mirrors?.failure;
@@ -451,30 +514,11 @@ export class OutgoingMigration {
       { domain: this.name, dest: this.req.dest, prepared: this.prepared },
       "destination prepared",
     );
-    this.heartbeat = setInterval(() => void this.beat(), 1000);
-    if (this.abortRequested) this.check();
-  }
-
-  private async beat(): Promise<void> {
-    if (!this.prepared || this.peerError) return;
-    try {
-      const r = await this.peer.call<{ phase: string; error?: string }>(
-        "GET",
-        `/v1/migrations/${this.prepared.id}`,
-        undefined,
-        2000,
-      );
-      this.lastPeerOk = Date.now();
-      if (r.phase === "cleanup" || r.phase === "cleaned")
-        this.peerError = `destination gave up: ${r.error ?? "cleaned up"}`;
-    } catch (err) {
-      if (err instanceof NbdmigError && err.code === "E_NO_MIGRATION")
-        this.peerError = "destination no longer knows this migration";
-      else if (Date.now() - this.lastPeerOk > PEER_TIMEOUT_MS) {
-        this.peerError = `lost contact with the destination agent for ${PEER_TIMEOUT_MS / 1000} s (${errorMessage(err)})`;
-        await this.cutConnections();
-      }
-    }
+    this.watch = new DestinationWatch(this.peer, this.prepared.id, async (why, silent) => {
+      this.stopWith(why, "E_PEER");
+      if (silent) await this.cutConnections();
+    });
+    this.check();
   }
 
   /**
@@ -524,8 +568,8 @@ export class OutgoingMigration {
     }
     await this.mirrors.poll();
     await this.converger.onReady(this.mirrors.jobs);
-    this.readyAt = Date.now();
-    this.log.info({ domain: this.name, ms: this.readyAt - this.startedAt }, "all mirrors ready");
+    this.progress.readyAt = Date.now();
+    this.log.info({ domain: this.name, ms: this.progress.readyAt - this.startedAt }, "all mirrors ready");
   }
 
   /**
@@ -563,10 +607,7 @@ export class OutgoingMigration {
     }
     if (stream) params["block-incremental"] = this.req.copyStorage === "inc";
     await this.qmp.raw("migrate-set-parameters", params);
-    if (!this.req.live && this.run.status === "running") {
-      await this.qmp.execute("stop");
-      this.pausedByUs = true;
-    }
+    if (!this.req.live && this.run.status === "running") await this.qmp.execute("stop");
     if (this.req.timeoutSec) {
       this.timeoutTimer = setTimeout(() => void this.suspendForTimeout(), this.req.timeoutSec * 1000);
     }
@@ -579,7 +620,6 @@ export class OutgoingMigration {
       "migration timeout: suspending the guest so it converges",
     );
     await this.qmp.execute("stop").catch(() => undefined);
-    this.pausedByUs = true;
     this.suspendedByTimeout = true;
   }
 
@@ -587,7 +627,6 @@ export class OutgoingMigration {
     this.machine.advance("perform:memory");
     this.check();
     await this.pointSpiceClients();
-    this.migrationStarted = true;
     let status = await this.migrationStatus(async () => {
       await this.qmp.execute("migrate", { uri: this.prepared!.migrateUri });
     }, ["pre-switchover", "completed", "failed", "cancelled"]);
@@ -604,10 +643,10 @@ export class OutgoingMigration {
     }, ["completed", "failed", "cancelled"]);
     if (status !== "completed") throw await this.migrationFailure(status);
     const info = await this.qmp.execute("query-migrate");
-    this.memory = info.ram ?? this.memory;
-    this.downtimeMs = info.downtime;
+    this.progress.memory = info.ram ?? this.progress.memory;
+    this.progress.downtimeMs = info.downtime;
     this.log.info(
-      { domain: this.name, downtimeMs: this.downtimeMs, totalMs: info["total-time"] },
+      { domain: this.name, downtimeMs: info.downtime, totalMs: info["total-time"] },
       "migration stream completed",
     );
   }
@@ -648,18 +687,19 @@ export class OutgoingMigration {
     try {
       await kick();
       let lastAt = Date.now();
-      let lastTransferred = this.memory?.transferred ?? 0;
+      let lastTransferred = this.progress.memory?.transferred ?? 0;
       for (;;) {
         if (seen) return seen;
         const info = await this.qmp.execute("query-migrate");
-        if (info.disk) this.streamDisk = info.disk;
+        if (info.disk) this.progress.streamDisk = info.disk;
         if (info.ram) {
           const now = Date.now();
           const inst = Math.max(0, info.ram.transferred - lastTransferred) / ((now - lastAt) / 1000 || 1);
-          this.memoryRateBps = this.memoryRateBps ? this.memoryRateBps * 0.6 + inst * 0.4 : inst;
+          const p = this.progress;
+          p.memoryRateBps = p.memoryRateBps ? p.memoryRateBps * 0.6 + inst * 0.4 : inst;
           lastAt = now;
           lastTransferred = info.ram.transferred;
-          this.memory = info.ram;
+          this.progress.memory = info.ram;
         }
         if (seen) return seen;
         if (info.status && statuses.includes(info.status)) return info.status;
@@ -684,6 +724,7 @@ export class OutgoingMigration {
   private async finishRemote(): Promise<void> {
     this.machine.advance("finish");
     failpoint("source:finish");
+    await holdpoint("source:before-finish");
     await this.peer
       .call(
         "POST",
@@ -742,10 +783,11 @@ export class OutgoingMigration {
     }
     // (execute()'s finally stops the heartbeat.) The record stays: a restarted agent, or the operator's
     // `migrate --recover`, settles it.
-    this.errorPhase = "finish";
-    this.errorCode = "E_OUTCOME_UNKNOWN";
-    this.errorDetail = `no answer from the destination for ${Math.round(FINISH_SETTLE_MS / 1000)} s (last: ${last}); the guest is paused here so that two copies never run. See on ${this.req.dest} whether '${this.name}' runs there ('nbdmig list'), then decide: 'nbdmig migrate --recover destination ${this.name}' here if it does (the copy here stops), 'nbdmig migrate --recover source ${this.name}' if it does not (the guest resumes here)`;
-    this.error = `finish: ${this.errorDetail}`;
+    this.failure = new MigrationError(
+      "finish",
+      `no answer from the destination for ${Math.round(FINISH_SETTLE_MS / 1000)} s (last: ${last}); the guest is paused here so that two copies never run. See on ${this.req.dest} whether '${this.name}' runs there ('nbdmig list'), then decide: 'nbdmig migrate --recover destination ${this.name}' here if it does (the copy here stops), 'nbdmig migrate --recover source ${this.name}' if it does not (the guest resumes here)`,
+      "E_OUTCOME_UNKNOWN",
+    );
     this.log.error({ domain: this.name, err: this.error }, "migration outcome unknown");
     this.entry.job = undefined;
     this.entry.hold = holdReason(this.name, this.req.dest);
@@ -768,7 +810,7 @@ export class OutgoingMigration {
 
   private async confirm(): Promise<void> {
     this.machine.advance("confirm");
-    clearInterval(this.heartbeat);
+    this.stopTimers();
     this.entry.job = undefined;
     await stopSourceCopy(this.reg, this.entry, this.req.undefineSource);
     this.machine.advance("completed");
@@ -777,7 +819,7 @@ export class OutgoingMigration {
         domain: this.name,
         dest: this.req.dest,
         ms: Date.now() - this.startedAt,
-        downtimeMs: this.downtimeMs,
+        downtimeMs: this.progress.downtimeMs,
       },
       "migration completed",
     );
@@ -785,7 +827,7 @@ export class OutgoingMigration {
 
   private async rollback(err: unknown): Promise<void> {
     const failedIn = this.machine.phase;
-    const me =
+    this.failure =
       err instanceof MigrationError
         ? err
         : new MigrationError(
@@ -793,22 +835,14 @@ export class OutgoingMigration {
             errorMessage(err),
             err instanceof NbdmigError ? err.code : "E_INTERNAL",
           );
-    this.errorPhase = me.phase;
-    this.errorDetail = me.detail;
-    this.errorCode = me.code;
-    this.error = me.message;
     // A mirror fails with QEMU's bare errno ("Input/output error") when the other end goes away: the
     // destination usually knows why.
-    if (me.code === "E_MIRROR") {
+    if (this.failure.code === "E_MIRROR") {
       const why = await this.destinationsReason();
-      if (why) {
-        this.errorDetail += ` (the destination: ${why})`;
-        this.error += ` (the destination: ${why})`;
-      }
+      if (why) this.addToFailure(` (the destination: ${why})`);
     }
     this.machine.advance("rollback");
-    clearInterval(this.heartbeat);
-    clearTimeout(this.timeoutTimer);
+    this.stopTimers();
     this.log.warn({ domain: this.name, phase: failedIn, err: this.error }, "migration failed; rolling back");
     const alive = !this.qmp.isClosed;
     if (alive) {
@@ -822,9 +856,7 @@ export class OutgoingMigration {
         });
       } catch (e) {
         this.log.error({ domain: this.name, err: errorMessage(e) }, "rollback on the source was incomplete");
-        const more = `; rollback on the source was incomplete: ${errorMessage(e)}`;
-        this.error += more;
-        this.errorDetail += more;
+        this.addToFailure(`; rollback on the source was incomplete: ${errorMessage(e)}`);
       }
     }
     if (this.prepared) {
@@ -838,7 +870,13 @@ export class OutgoingMigration {
         });
     }
     this.entry.job = undefined;
-    this.machine.advance(this.abortRequested ? "cancelled" : "failed");
+    const reason = this.stop.signal.reason as NbdmigError | undefined;
+    this.machine.advance(reason?.code === "E_ABORTED" ? "cancelled" : "failed");
+  }
+
+  private addToFailure(more: string): void {
+    const f = this.failure!;
+    this.failure = new MigrationError(f.phase, f.detail + more, f.code);
   }
 
   describe(): Record<string, unknown> {
@@ -850,11 +888,10 @@ export class OutgoingMigration {
       ready: j.ready,
       rateBps: Math.round(j.rateBps),
     }));
-    const sd = this.streamDisk;
+    const { streamDisk: sd, memory: m, readyAt, downtimeMs } = this.progress;
     const diskTotal = sd ? sd.total : disks.reduce((s, d) => s + d.total, 0);
     const diskDone = sd ? sd.total - sd.remaining : disks.reduce((s, d) => s + d.copied, 0);
-    const m = this.memory;
-    const end = this.finishedAt ?? Date.now();
+    const end = this.progress.finishedAt ?? Date.now();
     const status = this.machine.is("completed")
       ? "completed"
       : this.machine.is("failed", "unsettled")
@@ -880,10 +917,10 @@ export class OutgoingMigration {
       status,
       startedAt: this.startedAt,
       elapsedMs: end - this.startedAt,
-      timeToReadyMs: this.readyAt ? this.readyAt - this.startedAt : undefined,
+      timeToReadyMs: readyAt ? readyAt - this.startedAt : undefined,
       /** When each phase began, in ms since the job started. */
       phaseTimes: Object.fromEntries(this.machine.history.map((h) => [h.phase, h.at - this.startedAt])),
-      downtimeMs: this.downtimeMs,
+      downtimeMs,
       disks,
       disk: {
         processed: diskDone,
@@ -896,15 +933,15 @@ export class OutgoingMigration {
             processed: m.transferred,
             remaining: m.remaining,
             total: m.total,
-            rateBps: Math.round(this.memoryRateBps),
+            rateBps: Math.round(this.progress.memoryRateBps),
             dirtyPagesRate: m["dirty-pages-rate"],
             iterations: m["dirty-sync-count"],
           }
         : undefined,
-      error: this.error,
-      errorCode: this.errorCode,
-      errorPhase: this.errorPhase,
-      errorDetail: this.errorDetail,
+      error: this.failure?.message,
+      errorCode: this.failure?.code,
+      errorPhase: this.failure?.phase,
+      errorDetail: this.failure?.detail,
     };
   }
 }
