@@ -81,9 +81,20 @@ describe("TLS on every channel", { timeout: 900_000 }, () => {
     return {
       disk: capture.includes(markers[name]!.disk),
       ram: capture.includes(markers[name]!.ram),
-      api: ["/v1/", "Bearer", fs.readFileSync(tb!.tokenFile, "utf8").trim()].filter((s) =>
-        capture.includes(s),
-      ),
+      // What the agents send each other: request lines of the peer routes, the token. (Long enough not to
+      // turn up by chance in the megabytes of random disk data that cross in clear: "/v1/" alone did, once.)
+      api: [
+        "GET /v1/host",
+        "POST /v1/migrations/",
+        "GET /v1/migrations/",
+        "Bearer ",
+        fs.readFileSync(tb!.tokenFile, "utf8").trim(),
+      ]
+        .filter((s) => capture.includes(s))
+        .map((s) => {
+          const at = capture.indexOf(s);
+          return `${s} at ${at}: ${JSON.stringify(capture.subarray(Math.max(0, at - 40), at + 80).toString("latin1"))}`;
+        }),
     };
   }
 
