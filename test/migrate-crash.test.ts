@@ -74,7 +74,7 @@ describe(
 
     /** After a case that moved the guest: gone from b, booted again on a from the image it left there. */
     async function startAgainOnA(): Promise<void> {
-      ok(tb!, "b", ["destroy", NAME]);
+      if (tb!.b.qemuPids().length) ok(tb!, "b", ["destroy", NAME]);
       fs.rmSync(`${tb!.b.imagesDir}/${NAME}.qcow2`);
       // The console log is appended to: count the writer's lines of this boot.
       const lines = () =>
@@ -148,6 +148,32 @@ describe(
       assert.equal(await qemuStatus(tb!, "b", NAME), "running");
       const w = guestWritten(tb!, "b", NAME);
       await waitFor("the guest to write on the destination", () => guestWritten(tb!, "b", NAME) > w, 30_000);
+      await startAgainOnA();
+    });
+
+    it("destination QEMU killed right after the resume: the source stops its copy all the same, never resumes it", async (t) => {
+      if (!need(t, MIGRATION_TOOLS, true)) return;
+      // The destination holds 3 s after its `cont`: its QEMU is killed then, before Finish has answered.
+      await tb!.b.killAgent("SIGTERM");
+      await tb!.b.startAgent([], { NBDMIG_FAILPOINTS: "dest:after-resume=sleep:3000" });
+      const m = migrateInBackground(tb!, ["--live", "--copy-storage-all", NAME, tb!.b.uri]);
+      await waitFor(
+        "the guest to run on the destination",
+        async () => (await qemuStatus(tb!, "b", NAME)) === "running",
+        120_000,
+        50,
+      );
+      const [victim] = tb!.b.qemuPids();
+      assert.ok(victim);
+      process.kill(victim, "SIGKILL");
+      const r = await m.done;
+      // The guest ran there: the destination's disks are its only ones now, and the source's copy is stale.
+      assert.equal(r.status, 0, `Finish reports the hand-over: ${r.stderr}`);
+      assert.deepEqual(tb!.a.qemuPids(), [], "the source's copy is stopped, not resumed");
+      assert.deepEqual(tb!.b.qemuPids(), []);
+      assert.ok(fs.existsSync(`${tb!.b.imagesDir}/${NAME}.qcow2`), "the destination keeps the guest's disk");
+      await tb!.b.killAgent("SIGTERM");
+      await tb!.b.startAgent();
       await startAgainOnA();
     });
 

@@ -3,7 +3,9 @@
  * does not run it. Here the destination's agent answers the source into the void from the start of the
  * mirror (nftables in the destination's namespace drops all it sends back but the SYN-ACK, so the source's
  * calls still arrive and are carried out): Finish's reply is lost, the destination resumes the guest, and
- * the source keeps its own copy paused and asks until it knows, or gives up, paused.
+ * the source keeps its own copy paused and asks until it knows, or gives up, paused. And the Finish request
+ * itself lost (all the source sends to the destination's agent dropped, SYNs included, once the stream has
+ * completed): the destination never resumes, and the source resumes its copy once it learns so.
  * QEMU's own state is checked on both sides, not only the agents' view.
  */
 import assert from "node:assert/strict";
@@ -11,6 +13,8 @@ import { after, afterEach, before, describe, it } from "node:test";
 import { AGENT_PORT, Testbed } from "../src/testbed/testbed.js";
 import { available, need, testGuest } from "./helpers/env.js";
 import {
+  assertDestClean,
+  assertSourceIntact,
   destroyAll,
   guestWritten,
   IMG,
@@ -27,7 +31,7 @@ import { waitFor } from "./helpers/wait.js";
 
 const TOOLS = [...MIGRATION_TOOLS, "nft"];
 
-describe("a lost Finish reply never leaves two running copies", { timeout: 900_000 }, () => {
+describe("a lost Finish request or reply never leaves two running copies", { timeout: 900_000 }, () => {
   let tb: Testbed | undefined;
   let guest: { kernel: string; initrd: string };
 
@@ -35,11 +39,11 @@ describe("a lost Finish reply never leaves two running copies", { timeout: 900_0
     if (!available(TOOLS, true)) return;
     guest = testGuest();
     // The agents inherit these: a source that hears nothing from its peer keeps migrating for 120 s (the
-    // drop starts with the mirror), and asks about an unanswered Finish for 20 s before it gives up.
+    // drop starts with the mirror), and asks about an unanswered Finish for 12 s before it gives up.
     process.env.NBDMIG_PEER_TIMEOUT_MS = "120000";
-    process.env.NBDMIG_FINISH_SETTLE_MS = "20000";
-    // Finish's answer is waited for 10 s (60 s by default) before it counts as lost.
-    process.env.NBDMIG_FINISH_TIMEOUT_MS = "10000";
+    process.env.NBDMIG_FINISH_SETTLE_MS = "12000";
+    // Finish's answer is waited for 6 s (60 s by default) before it counts as lost.
+    process.env.NBDMIG_FINISH_TIMEOUT_MS = "6000";
     tb = await Testbed.up({ rate: "100mbit" });
   });
   // A test that fails half-way leaves neither a drop nor a guest for the next one.
@@ -79,7 +83,7 @@ describe("a lost Finish reply never leaves two running copies", { timeout: 900_0
     );
     const lift = tb!.b.dropAnswers(tb!.a.addr, AGENT_PORT);
     lifts.push(lift);
-    // Finish times out after 10 s here; then the source settles.
+    // Finish times out after 6 s here; then the source settles.
     await waitFor(
       "the source to find Finish's outcome unknown",
       async () => (await jobOf(tb!, name))?.phase === "finish:unknown",
@@ -148,5 +152,46 @@ describe("a lost Finish reply never leaves two running copies", { timeout: 900_0
     assert.deepEqual(tb!.a.qemuPids(), []);
     assert.equal(await qemuStatus(tb!, "b", "unsure"), "running");
     ok(tb!, "b", ["destroy", "unsure"]);
+  });
+
+  it("a lost Finish request: the destination never resumes, the source resumes once it learns so", async (t) => {
+    if (!need(t, TOOLS, true)) return;
+    // The source holds 3 s once the stream has completed, before it sends Finish: the drop starts then.
+    await tb!.a.killAgent("SIGTERM");
+    await tb!.a.startAgent([], { NBDMIG_FAILPOINTS: "source:before-finish=sleep:3000" });
+    try {
+      makeImage(tb!, "a", { name: "unsent.qcow2", size: "256M", fillMiB: 32 });
+      const pid = await startGuest(
+        tb!,
+        { name: "unsent", rate: 2, span: 64, disks: [{ target: "vda", source: `${IMG}/unsent.qcow2` }] },
+        guest,
+      );
+      const m = migrateInBackground(tb!, ["--live", "--copy-storage-all", "unsent", tb!.b.uri]);
+      await waitFor(
+        "the source to hold before it sends Finish",
+        async () => (await jobOf(tb!, "unsent"))?.phase === "finish",
+        120_000,
+        50,
+      );
+      const lift = tb!.b.dropRequests(tb!.a.addr, AGENT_PORT);
+      lifts.push(lift);
+      await waitFor(
+        "the source to find Finish's outcome unknown",
+        async () => (await jobOf(tb!, "unsent"))?.phase === "finish:unknown",
+        60_000,
+        200,
+      );
+      assert.equal(await qemuStatus(tb!, "a", "unsent"), "postmigrate", "the source's copy is paused");
+      assert.notEqual(await qemuStatus(tb!, "b", "unsent"), "running", "Finish never arrived there");
+      lift();
+      const res = await m.done;
+      assert.equal(res.status, 1, `the migration fails: ${res.stderr}`);
+      assert.match(res.stderr, /the destination confirmed that it does not run the guest/);
+      await assertSourceIntact(tb!, "unsent", pid);
+      await assertDestClean(tb!, "unsent", ["unsent.qcow2"]);
+    } finally {
+      await tb!.a.killAgent("SIGTERM");
+      await tb!.a.startAgent();
+    }
   });
 });

@@ -406,6 +406,7 @@ export class IncomingMigration {
       if (!opts.suspend) {
         await run.qmp.execute("cont");
         failpoint("dest:resumed");
+        await holdpoint("dest:after-resume");
         await this.reg.announce(run);
       } else {
         run.announceOnResume = true;

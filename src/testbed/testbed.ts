@@ -302,14 +302,33 @@ export class TestHost {
    * while the link stays up). Answers the function that lifts the drop.
    */
   dropAnswers(daddr: string, sport: number): () => void {
-    const table = `nbdmig_drop_${sport}`;
+    return this.nftDrop(`nbdmig_drop_${sport}`, "output", [
+      ...["ip", "daddr", daddr, "tcp", "sport", String(sport)],
+      ...["tcp", "flags", "&", "(syn", "|", "ack)", "!=", "syn", "|", "ack"],
+    ]);
+  }
+
+  /**
+   * Loses every packet `saddr` sends to this host's TCP port `dport`, SYNs included (a lost request: nothing
+   * arrives here, and the caller hears nothing). Answers the function that lifts the drop.
+   */
+  dropRequests(saddr: string, dport: number): () => void {
+    return this.nftDrop(`nbdmig_dropin_${dport}`, "input", [
+      "ip",
+      "saddr",
+      saddr,
+      "tcp",
+      "dport",
+      String(dport),
+    ]);
+  }
+
+  /** One nftables table in this host's namespace with one chain on `hook` that drops what `match` matches. */
+  private nftDrop(table: string, hook: "input" | "output", match: string[]): () => void {
     const nft = (...args: string[]) => execFileSync("ip", ["netns", "exec", this.netns, "nft", ...args]);
     nft("add", "table", "inet", table);
-    nft("add", "chain", "inet", table, "out", "{ type filter hook output priority 0; }");
-    nft(
-      ...["add", "rule", "inet", table, "out", "ip", "daddr", daddr, "tcp", "sport", String(sport)],
-      ...["tcp", "flags", "&", "(syn", "|", "ack)", "!=", "syn", "|", "ack", "drop"],
-    );
+    nft("add", "chain", "inet", table, "c", `{ type filter hook ${hook} priority 0; }`);
+    nft("add", "rule", "inet", table, "c", ...match, "drop");
     return () => nft("delete", "table", "inet", table);
   }
 
