@@ -4,6 +4,7 @@
  * and a capture of the migration link: a marker on the guest's disk and one in its RAM (its kernel command
  * line) cross it in clear with --no-tls, and not with TLS (the default once the host has certificates),
  * after which the disks are compared. The agents' API on that link is HTTPS in both: nothing of it in clear.
+ * The offline copy too: a shut-off domain's qcow2 and raw disks (qemu-nbd's TLS and nbdmig's own server's).
  */
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
@@ -12,6 +13,7 @@ import fs from "node:fs";
 import { after, before, describe, it } from "node:test";
 import { Testbed } from "../src/testbed/testbed.js";
 import { available, cli, need, testGuest } from "./helpers/env.js";
+import { guestXml } from "./helpers/guest-xml.js";
 import {
   assertDestClean,
   compare,
@@ -212,5 +214,49 @@ describe("TLS on every channel", { timeout: 900_000 }, () => {
       "Images are identical.",
     );
     ok(tb!, "b", ["destroy", "sealed"]);
+  });
+
+  it("offline, with TLS: a shut-off domain's qcow2 and raw disks cross encrypted and arrive identical", async (t) => {
+    if (!need(t, TOOLS, true)) return;
+    const marker = Buffer.from(`NBDMIG-MARKER-cold-${randomBytes(8).toString("hex")}`);
+    const chunk = `${tb!.dir}/cold.marker`;
+    fs.writeFileSync(
+      chunk,
+      Buffer.concat(Array(Math.ceil(MiB / marker.length)).fill(marker)).subarray(0, MiB),
+    );
+    const images = ["cold.qcow2", "cold.raw"];
+    for (const img of images) {
+      const format = img.endsWith(".raw") ? "raw" : "qcow2";
+      const file = makeImage(tb!, "a", { name: img, format, size: "64M" });
+      execFileSync("qemu-io", ["-f", format, "-c", `write -s ${chunk} 8M 1M`, file], { stdio: "ignore" });
+    }
+    fs.writeFileSync(
+      `${tb!.a.dir}/cold.xml`,
+      guestXml({
+        name: "cold",
+        kernel: guest.kernel,
+        initrd: guest.initrd,
+        disks: [
+          { target: "vda", source: `${IMG}/cold.qcow2` },
+          { target: "vdb", source: `${IMG}/cold.raw`, format: "raw" },
+        ],
+      }),
+    );
+    ok(tb!, "a", ["define", "/var/lib/nbdmig/cold.xml"]);
+    const pcap = `${tb!.dir}/cold.pcap`;
+    const stop = await tb!.captureLink(pcap);
+    try {
+      ok(tb!, "a", ["migrate", "--offline", "--copy-storage-all", "cold", tb!.b.uri]);
+    } finally {
+      await stop();
+    }
+    assert.ok(!fs.readFileSync(pcap).includes(marker), "nothing of the disks in clear");
+    const job = JSON.parse(ok(tb!, "a", ["domjobinfo", "cold", "--completed", "--json"])) as { tls: boolean };
+    assert.equal(job.tls, true);
+    for (const img of images)
+      assert.equal(
+        compare(`${tb!.a.imagesDir}/${img}`, `${tb!.b.imagesDir}/${img}`),
+        "Images are identical.",
+      );
   });
 });

@@ -127,9 +127,11 @@ export function domainRoutes(router: Router, reg: DomainRegistry, host: HostFact
     .add("GET", "/v1/domains/:name", (r) => info(r.params.name!))
     .add("DELETE", "/v1/domains/:name", UndefineSchema, (r) => {
       const nvram = r.body.nvram;
-      return reg
-        .get(r.params.name!)
-        .lock.run(async () => reg.undefine(r.params.name!, { nvram, keepTpm: r.body.keepTpm === true }));
+      const e = reg.get(r.params.name!);
+      reg.refuseIfBusy(e);
+      return e.lock.run(async () =>
+        reg.undefine(r.params.name!, { nvram, keepTpm: r.body.keepTpm === true }),
+      );
     })
     .add("GET", "/v1/domains/:name/xml", (r) => {
       const e = reg.get(r.params.name!);
@@ -138,6 +140,8 @@ export function domainRoutes(router: Router, reg: DomainRegistry, host: HostFact
     })
     .add("POST", "/v1/domains/:name/start", StartSchema, async (r) => {
       const e = reg.get(r.params.name!);
+      // An offline migration owns the shut-off domain (or the destination reserves its name) meanwhile.
+      reg.refuseIfBusy(e);
       const run = await e.lock.run(() => reg.start(e.name, { paused: r.body.paused === true }));
       return { id: run.id, pid: run.pid, accel: run.accel };
     })

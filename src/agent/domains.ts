@@ -624,7 +624,7 @@ export class DomainRegistry {
     if (e.job) {
       throw new DomainStateError(
         "E_DOMAIN_BUSY",
-        `domain '${e.name}' has a ${e.job.kind} job in progress; wait for it or run 'nbdmig domjobabort ${e.name}'`,
+        `domain '${e.name}' has ${/^[aeiou]/.test(e.job.kind) ? "an" : "a"} ${e.job.kind} job in progress; wait for it or run 'nbdmig domjobabort ${e.name}'`,
       );
     }
   }

@@ -25,6 +25,9 @@ import { DEST_PHASES, destMachine, requirePhase, type DestPhase, type PhaseMachi
 import { failpoint, holdpoint } from "../util/failpoint.js";
 import { addTlsCreds, checkPki, TLS_CREDS_ID } from "../qemu/pki.js";
 import { bindFromPool, MIGRATION_PORTS, NBD_PORTS } from "./ports.js";
+import { NbdServer } from "../nbd/server/server.js";
+import { FileBackend } from "../nbd/server/backends/file.js";
+import { serveWithQemuNbd } from "../qemu/nbd-export.js";
 
 /** QEMU's id of the authorization object that admits only the migration's source. */
 const TLS_AUTHZ_ID = "nbdmig-authz";
@@ -66,6 +69,8 @@ export class IncomingMigration {
   private watchdog?: NodeJS.Timeout;
   private cleaning?: Promise<void>;
   private finishOpts?: { suspend: boolean; persistent: boolean };
+  /** Offline: what serves the created images to the source (stopped before Finish defines the domain). */
+  private readonly serving: (() => Promise<void>)[] = [];
 
   constructor(
     private readonly reg: DomainRegistry,
@@ -154,7 +159,7 @@ export class IncomingMigration {
     }
     for (const d of cookie.disks) if (d.mode === "top") await this.checkChain(d);
     this.checkSpace();
-    if (cookie.accel === "kvm") {
+    if (cookie.accel === "kvm" && !this.req.offline) {
       const kvm = await probeKvm();
       if (!kvm.usable)
         throw new UsageError(`the source runs with KVM but KVM is not usable here (${kvm.reason})`);
@@ -190,6 +195,7 @@ export class IncomingMigration {
       describe: () => this.describe(),
       abort: () => this.cleanup("aborted on the destination"),
     };
+    if (this.req.offline) return this.serveOffline();
     const run = await this.entry.lock.run(() =>
       // Block migration finds each disk by its BlockBackend's name: only the `drive` layout has them.
       this.reg.start(def.name, {
@@ -264,6 +270,85 @@ export class IncomingMigration {
       graphics,
       notes: this.notes,
     };
+  }
+
+  /**
+   * Offline: no QEMU. The created images are served for the source's copy engine: raw ones by nbdmig's own
+   * NBD server (one server, an export per disk), qcow2 ones through qemu-nbd (QEMU's block layer writes
+   * the guest-visible content into the image, which stays sparse). With TLS both require the source's
+   * client certificate of the same CA. The transient entry (with its job) keeps the name from being taken
+   * or started here meanwhile.
+   */
+  private async serveOffline(): Promise<PrepareResult> {
+    const host = this.req.listenHost;
+    const pki = this.reg.state.pkiDir;
+    const scheme = this.req.tls ? "nbds" : "nbd";
+    const hostPart = host.includes(":") ? `[${host}]` : host;
+    const exports: Record<string, string> = {};
+    const raw = this.req.cookie.disks.filter((d) => d.format === "raw");
+    const ports = Array.from({ length: NBD_PORTS.last - NBD_PORTS.first + 1 }, (_, i) => NBD_PORTS.first + i);
+    const inUse = (err: unknown) => /EADDRINUSE|Address already in use/.test(errorMessage(err));
+    /** Tries each port of the pool (or only --disks-port for the first server) until one is free. */
+    const onFreePort = async (start: (port: number) => Promise<void>, fixed?: number): Promise<number> => {
+      for (const port of fixed !== undefined ? [fixed] : ports) {
+        try {
+          await start(port);
+          return port;
+        } catch (err) {
+          if (!inUse(err) || fixed !== undefined) throw err;
+        }
+      }
+      throw new Error(`no free port in ${NBD_PORTS.first}-${NBD_PORTS.last} for NBD`);
+    };
+    if (raw.length) {
+      const server = new NbdServer({
+        exports: await Promise.all(
+          raw.map(async (d) => ({ name: d.target, backend: await FileBackend.open(d.source) })),
+        ),
+        tls: this.req.tls
+          ? {
+              cert: path.join(pki, "server-cert.pem"),
+              key: path.join(pki, "server-key.pem"),
+              ca: path.join(pki, "ca-cert.pem"),
+              require: true,
+            }
+          : undefined,
+      });
+      this.serving.push(() => server.close());
+      const port = await onFreePort(async (p) => {
+        await server.listen({ host, port: p });
+      }, this.req.disksPort);
+      for (const d of raw) exports[d.target] = `${scheme}://${hostPart}:${port}/${d.target}`;
+    }
+    for (const d of this.req.cookie.disks.filter((x) => x.format === "qcow2")) {
+      let uri = "";
+      await onFreePort(async (port) => {
+        const exp = await serveWithQemuNbd({
+          file: d.source,
+          format: "qcow2",
+          name: d.target,
+          at: { host, port },
+          readonly: false,
+          tlsDir: this.req.tls ? pki : undefined,
+          runDir: this.reg.state.migrationsDir,
+        });
+        this.serving.push(() => exp.close());
+        uri = exp.uri;
+      });
+      exports[d.target] = uri;
+    }
+    this.machine.advance("prepared");
+    this.watch("prepared", SOURCE_WATCHDOG_MS);
+    this.log.info(
+      { domain: this.name, id: this.id, exports, created: this.created },
+      "offline migration prepared",
+    );
+    return { id: this.id, nbd: { host, port: 0 }, exports, migrateUri: "", notes: this.notes };
+  }
+
+  /** Stops what serves the images offline; our server and qemu-nbd both flush as they stop. */
+  private async stopServing(): Promise<void> {
+    for (const stop of this.serving.splice(0)) await stop();
   }
 
   /**
@@ -350,6 +435,7 @@ export class IncomingMigration {
     this.finishOpts = opts;
     this.machine.advance("finish");
     clearInterval(this.watchdog);
+    if (this.req.offline) return this.finishOffline();
     const run = this.entry!.running;
     try {
       if (!run) throw new Error(this.error ?? "the destination QEMU is not running");
@@ -379,6 +465,20 @@ export class IncomingMigration {
     if (!this.machine.is("finish"))
       throw new MigrationError("finish", `on ${this.req.listenHost}: ${this.error}`, "E_FINISH");
     await this.handOver(run!, opts);
+  }
+
+  /** Offline: the copy is complete; the images are flushed and the domain is defined here (persistent). */
+  private async finishOffline(): Promise<void> {
+    try {
+      await this.stopServing();
+    } catch (err) {
+      this.error = errorMessage(err);
+      await this.cleanup(`finish failed: ${this.error}`);
+      throw new MigrationError("finish", `on ${this.req.listenHost}: ${this.error}`, "E_FINISH");
+    }
+    // From here on the domain is this host's: decided (and written down) before it is defined.
+    this.machine.advance("resume");
+    this.handedOver(true);
   }
 
   /**
@@ -498,6 +598,9 @@ export class IncomingMigration {
       this.machine.advance("cleanup");
       clearInterval(this.watchdog);
       this.log.warn({ domain: this.name, id: this.id, reason }, "cleaning up incoming migration");
+      await this.stopServing().catch((err: unknown) =>
+        this.log.error({ err: errorMessage(err) }, "cannot stop serving the images"),
+      );
       const e = this.entry;
       if (e) {
         await this.reg
@@ -592,6 +695,18 @@ export async function recoverIncoming(
   onDone: (m: IncomingMigration) => void,
 ): Promise<IncomingMigration[]> {
   const held: IncomingMigration[] = [];
+  // qemu-nbd processes serving an offline migration's images outlive the agent that started them.
+  for (const f of fs.readdirSync(reg.state.migrationsDir).filter((x) => /^qemu-nbd-.*\.pid$/.test(x))) {
+    const file = path.join(reg.state.migrationsDir, f);
+    const pid = Number(fs.readFileSync(file, "utf8").trim());
+    try {
+      if (fs.readFileSync(`/proc/${pid}/cmdline`, "utf8").startsWith("qemu-nbd"))
+        process.kill(pid, "SIGKILL");
+    } catch {
+      /* gone already */
+    }
+    fs.rmSync(file, { force: true });
+  }
   for (const f of fs.readdirSync(reg.state.migrationsDir).filter((x) => x.endsWith(".json"))) {
     const file = path.join(reg.state.migrationsDir, f);
     let rec: IncomingRecord;

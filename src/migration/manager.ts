@@ -11,6 +11,7 @@ import { errorMessage } from "../errors.js";
 import { IncomingMigration, recoverIncoming, type PrepareRequest } from "./destination.js";
 import { recoverMirrors } from "./mirror.js";
 import { OutgoingMigration, type MigrateRequest } from "./source.js";
+import { OfflineMigration, offlineHint } from "./offline.js";
 import {
   FinishRequestSchema,
   MigrateRequestSchema,
@@ -130,6 +131,16 @@ export class MigrationManager {
     const entry = this.reg.get(name);
     if (entry.hold)
       throw new DomainStateError("E_DOMAIN_HELD", `domain '${name}' cannot be migrated: ${entry.hold}`);
+    if (req.offline)
+      return entry.lock.run(async () => {
+        const m = await OfflineMigration.begin(this.reg, name, req, this.opts.token, this.log, (done) =>
+          this.finished.set(done.name, done.describe()),
+        );
+        this.finished.delete(name);
+        m.start();
+        return m.describe();
+      });
+    if (!entry.running) throw offlineHint(name);
     return entry.lock.run(async () => {
       const m = await OutgoingMigration.begin(
         this.reg,

@@ -9,6 +9,7 @@ export type SourcePhase =
   | "begin"
   | "prepare"
   | "perform:mirror"
+  | "perform:copy"
   | "perform:memory"
   | "perform:switchover"
   | "finish"
@@ -23,8 +24,10 @@ export type SourcePhase =
 const SOURCE_NEXT: Record<SourcePhase, SourcePhase[]> = {
   begin: ["prepare", "rollback"],
   // Storage in the migration stream (or none) has no mirror phase.
-  prepare: ["perform:mirror", "perform:memory", "rollback"],
+  prepare: ["perform:mirror", "perform:memory", "perform:copy", "rollback"],
   "perform:mirror": ["perform:memory", "rollback"],
+  // Offline: the copy engine copies the shut-off domain's disks; then Finish defines it there.
+  "perform:copy": ["finish", "rollback"],
   "perform:memory": ["perform:switchover", "rollback"],
   // An agent restarted after the stream completed does not know whether Finish went out: it asks.
   "perform:switchover": ["finish", "finish:unknown", "rollback"],

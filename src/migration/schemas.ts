@@ -57,7 +57,8 @@ export const MigrationCookieSchema = z.strictObject({
     .max(4 * 1024 * 1024),
   name: z.string().min(1).max(200),
   uuid: z.string().regex(UUID_RE, "must be a UUID"),
-  accel: z.enum(["kvm", "tcg"]),
+  /** How the source runs the guest; absent for an offline migration (no QEMU runs). */
+  accel: z.enum(["kvm", "tcg"]).optional(),
   /** Every disk to copy; the UEFI variable store is one of them (target `nvram`) when storage is copied. */
   disks: z.array(CookieDiskSchema).max(256),
   storagePath: StoragePathSchema,
@@ -78,6 +79,8 @@ export const PrepareRequestSchema = z.strictObject({
   tls: z.boolean().default(false),
   /** With tls: the source's client certificate's subject; only it may connect (QEMU's tls-authz). */
   tlsIdentity: z.string().min(1).max(1024).optional(),
+  /** A shut-off domain: no QEMU here; the created images are served over NBD for the source's copy engine. */
+  offline: z.boolean().default(false),
 });
 export type PrepareRequest = z.infer<typeof PrepareRequestSchema>;
 
@@ -108,6 +111,8 @@ export const MigrateRequestSchema = z.strictObject({
   suspend: z.boolean().default(false),
   /** TLS on the NBD copy and the migration stream; absent: on when this host has certificates. */
   tls: z.boolean().optional(),
+  /** virsh --offline: a shut-off domain, its disks copied by nbdmig's copy engine, defined on the destination. */
+  offline: z.boolean().default(false),
 });
 export type MigrateRequest = z.infer<typeof MigrateRequestSchema>;
 

@@ -13,6 +13,7 @@ import { AgentClient, parseAgentUri, peerClient } from "../agent/client.js";
 import type { DomainEntry, DomainRegistry, RunningDomain } from "../agent/domains.js";
 import { errorMessage, MigrationError, NbdmigError, UsageError } from "../errors.js";
 import { domainToXml } from "../domain/xml.js";
+import type { DomainDef } from "../domain/model.js";
 import { formatNode, NVRAM_TARGET } from "../domain/qemu-args.js";
 import type { QmpClient, QmpEvent } from "../qemu/qmp.js";
 import type { MigrationStats } from "../qemu/qmp-schema.js";
@@ -85,11 +86,74 @@ export function chooseStoragePath(
 }
 
 /** What Begin reads from the destination agent (`GET /v1/host`). */
-interface DestinationFacts {
+export interface DestinationFacts {
   storage?: StorageCapabilities;
   network?: NetworkFacts;
   machines?: string[];
   tls?: { caSha256: string };
+}
+
+/**
+ * Begin's questions to the destination, before anything is created anywhere: can it run the domain (its
+ * networks, links, machine type), and TLS (on by --tls or when this host has certificates: both hosts need
+ * certificates of the same CA). Adds what the operator should know to `notes`.
+ */
+export async function checkDestination(
+  reg: DomainRegistry,
+  def: DomainDef,
+  req: { dest: string; destToken?: string; tls?: boolean },
+  ownToken: string,
+  notes: string[],
+): Promise<{ peer: AgentClient; host: DestinationFacts; tls: boolean }> {
+  const destAddr = parseAgentUri(req.dest);
+  const name = def.name;
+  const peer = peerClient(destAddr, reg.state.pkiDir, req.destToken, ownToken, 60_000);
+  const host = await peer
+    .call<DestinationFacts>("GET", "/v1/host", undefined, 10_000)
+    .catch((err: unknown) => {
+      throw new MigrationError(
+        "begin",
+        `on ${destAddr.host}: ${errorMessage(err)}`,
+        (err as NbdmigError).code,
+      );
+    });
+  // Refuse before anything is created anywhere: a guest whose network or machine type the destination
+  // lacks would start there without its network, or not at all.
+  const lacks = destinationLacks(def, host);
+  if (lacks.length) {
+    throw new MigrationError(
+      "begin",
+      `the destination ${destAddr.host} cannot run '${name}': ${lacks.join("; ")}`,
+      "E_DEST_LACKS",
+    );
+  }
+  const pki = reg.state.pkiDir;
+  const tls = req.tls ?? hasPki(pki);
+  if (tls) {
+    if (!hasPki(pki))
+      throw new UsageError(
+        `--tls needs this host's certificates in ${pki} (ca-cert.pem, client-cert.pem, client-key.pem); make them with 'nbdmig tls-host', or migrate without --tls`,
+        "E_TLS",
+      );
+    checkPki(pki, "client");
+    if (!host.tls)
+      throw new MigrationError(
+        "begin",
+        `the destination ${destAddr.host} has no TLS certificates (its /var/lib/nbdmig/pki, or its --state-dir's pki); give it some with 'nbdmig tls-host' there, or migrate with --no-tls`,
+        "E_TLS",
+      );
+    const ours = caFingerprint(pki);
+    if (host.tls.caSha256 !== ours)
+      throw new MigrationError(
+        "begin",
+        `the destination ${destAddr.host} trusts another CA (sha256 ${host.tls.caSha256.slice(0, 23)}...) than this host (${ours.slice(0, 23)}... in ${pki}/ca-cert.pem): both hosts need the same ca-cert.pem and certificates it signed`,
+        "E_TLS",
+      );
+    notes.push(
+      `TLS: the disk copy and the migration stream are encrypted, both ends authenticated by certificates of the CA ${ours.slice(0, 23)}...`,
+    );
+  }
+  return { peer, host, tls };
 }
 
 /** Without an answer from the destination agent for this long, the migration is rolled back. */
@@ -121,7 +185,7 @@ interface Progress {
  * second. `onLost` hears once why the destination is gone: it gave up, forgot the migration, or stayed
  * silent for PEER_TIMEOUT_MS (`silent`).
  */
-class DestinationWatch {
+export class DestinationWatch {
   private lost = false;
   private lastOk = Date.now();
   private readonly timer: NodeJS.Timeout;
@@ -235,7 +299,7 @@ export class OutgoingMigration {
     records: OutgoingRecords,
     onDone: (m: OutgoingMigration) => void,
   ): Promise<OutgoingMigration> {
-    const destAddr = parseAgentUri(req.dest);
+    parseAgentUri(req.dest); // a malformed DEST_URI is refused first
     if (req.bandwidthMiB !== undefined && !(Number.isInteger(req.bandwidthMiB) && req.bandwidthMiB > 0)) {
       throw new UsageError(`--bandwidth takes a positive whole number of MiB/s, not '${req.bandwidthMiB}'`);
     }
@@ -326,52 +390,7 @@ export class OutgoingMigration {
         mode: "full",
       });
     }
-    const peer = peerClient(destAddr, reg.state.pkiDir, req.destToken, ownToken, 60_000);
-    const host = await peer
-      .call<DestinationFacts>("GET", "/v1/host", undefined, 10_000)
-      .catch((err: unknown) => {
-        throw new MigrationError(
-          "begin",
-          `on ${destAddr.host}: ${errorMessage(err)}`,
-          (err as NbdmigError).code,
-        );
-      });
-    // Refuse before anything is created anywhere: a guest whose network or machine type the destination
-    // lacks would start there without its network, or not at all.
-    const lacks = destinationLacks(def, host);
-    if (lacks.length) {
-      throw new MigrationError(
-        "begin",
-        `the destination ${destAddr.host} cannot run '${name}': ${lacks.join("; ")}`,
-        "E_DEST_LACKS",
-      );
-    }
-    const pki = reg.state.pkiDir;
-    const tls = req.tls ?? hasPki(pki);
-    if (tls) {
-      if (!hasPki(pki))
-        throw new UsageError(
-          `--tls needs this host's certificates in ${pki} (ca-cert.pem, client-cert.pem, client-key.pem); make them with 'nbdmig tls-host', or migrate without --tls`,
-          "E_TLS",
-        );
-      checkPki(pki, "client");
-      if (!host.tls)
-        throw new MigrationError(
-          "begin",
-          `the destination ${destAddr.host} has no TLS certificates (its /var/lib/nbdmig/pki, or its --state-dir's pki); give it some with 'nbdmig tls-host' there, or migrate with --no-tls`,
-          "E_TLS",
-        );
-      const ours = caFingerprint(pki);
-      if (host.tls.caSha256 !== ours)
-        throw new MigrationError(
-          "begin",
-          `the destination ${destAddr.host} trusts another CA (sha256 ${host.tls.caSha256.slice(0, 23)}...) than this host (${ours.slice(0, 23)}... in ${pki}/ca-cert.pem): both hosts need the same ca-cert.pem and certificates it signed`,
-          "E_TLS",
-        );
-      notes.push(
-        `TLS: the disk copy and the migration stream are encrypted, both ends authenticated by certificates of the CA ${ours.slice(0, 23)}...`,
-      );
-    }
+    const { peer, host, tls } = await checkDestination(reg, def, req, ownToken, notes);
     let storagePath: StoragePath = "none";
     if (cookieDisks.length > 0) {
       if (!host.storage) {

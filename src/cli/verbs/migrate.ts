@@ -157,6 +157,10 @@ export function register(program: Command): void {
     .option("--live", "live migration (the guest keeps running; the default, as the flag is in virsh)")
     .option("--offline-pause", "pause the guest for the whole migration (virsh without --live)")
     .option(
+      "--offline",
+      "migrate a shut-off domain: its disks are copied by nbdmig's copy engine (with --copy-storage-all) and it is defined on the destination",
+    )
+    .option(
       "--copy-storage-all",
       "copy every local disk (not shareable, read-only or source-less ones) over NBD",
     )
@@ -229,6 +233,10 @@ export function register(program: Command): void {
           "migrate needs the destination agent's URI: nbdmig migrate DOMAIN nbdmig://HOST:PORT",
         );
       if (o.live && o.offlinePause) throw new UsageError("--live and --offline-pause exclude each other");
+      if (o.offline && (o.live || o.offlinePause || o.suspend || o.timeout || o.storageConverge))
+        throw new UsageError(
+          "--offline moves a shut-off domain: --live, --offline-pause, --suspend, --timeout and --storage-converge are for a running one",
+        );
       if (o.copyStorageAll && o.copyStorageInc)
         throw new UsageError("--copy-storage-all and --copy-storage-inc exclude each other");
       if (o.migrateDisks && !o.copyStorageAll && !o.copyStorageInc) {
@@ -259,7 +267,8 @@ export function register(program: Command): void {
       const started = await agent.call<JobInfo>("POST", `/v1/domains/${enc(name)}/migrate`, {
         dest,
         destToken: o.destTokenFile ? readToken(String(o.destTokenFile)) : undefined,
-        live: !o.offlinePause,
+        live: !o.offlinePause && !o.offline,
+        offline: o.offline === true,
         copyStorage: o.copyStorageAll ? "all" : o.copyStorageInc ? "inc" : "none",
         verifyBacking: o.verifyBacking === true,
         storageConverge: converge,

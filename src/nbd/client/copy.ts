@@ -178,6 +178,8 @@ export interface CopyOptions {
   /** Compare sha256 of both sides afterwards. */
   verify?: boolean;
   progress?: (done: number, total: number) => void;
+  /** Stops the copy: each worker throws the signal's reason before its next request. */
+  signal?: AbortSignal;
   client?: ClientOptions;
 }
 
@@ -341,6 +343,7 @@ async function run(source: Endpoint, dest: Endpoint, opts: CopyOptions): Promise
   const worker = async (lane: number) => {
     const own = alignedBuffer(reqSize);
     for (let w = await work.next(); w; w = await work.next()) {
+      opts.signal?.throwIfAborted();
       if (w.zero) {
         await zero(lane, w.offset, w.length);
         continue;

@@ -1,0 +1,99 @@
+/**
+ * An image served over NBD by qemu-nbd, for the offline copy: a qcow2 image's guest-visible content read
+ * on the source, or written into the precreated image on the destination. (Raw images need no qemu-nbd: the
+ * copy engine reads them as files, and the destination serves them with nbdmig's own NBD server; qcow2
+ * needs QEMU's block layer.) qemu-nbd runs with `--fork`, which returns once it listens.
+ */
+import { execFile } from "node:child_process";
+import fs from "node:fs";
+import path from "node:path";
+import { promisify } from "node:util";
+import { UsageError } from "../errors.js";
+
+const run = promisify(execFile);
+
+export const qemuNbdBinary = (): string => process.env.NBDMIG_QEMU_NBD ?? "qemu-nbd";
+
+export interface QemuNbdExport {
+  /** The NBD URI of the export (nbd:// or nbd+unix://; nbds:// with TLS). */
+  uri: string;
+  close(): Promise<void>;
+}
+
+export interface QemuNbdOptions {
+  file: string;
+  format: "raw" | "qcow2";
+  name: string;
+  /** Where it listens: a Unix socket, or a TCP address. */
+  at: { socket: string } | { host: string; port: number };
+  readonly: boolean;
+  /** Only the image itself, without its backing chain (what `--copy-storage-inc` copies). */
+  topOnly?: boolean;
+  /** TLS with this host's certificates (a tls-creds-x509 directory); clients must present one. */
+  tlsDir?: string;
+  /** A directory for the pid file. */
+  runDir: string;
+}
+
+/** Starts qemu-nbd for one image; throws with its stderr when it cannot start (e.g. the port is taken). */
+export async function serveWithQemuNbd(o: QemuNbdOptions): Promise<QemuNbdExport> {
+  fs.mkdirSync(o.runDir, { recursive: true });
+  const pidFile = path.join(o.runDir, `qemu-nbd-${o.name}-${process.pid}-${Date.now()}.pid`);
+  const image = o.topOnly
+    ? `json:${JSON.stringify({ driver: o.format, backing: null, file: { driver: "file", filename: o.file } })}`
+    : o.file;
+  const args = [
+    "--fork",
+    "--pid-file",
+    pidFile,
+    "--persistent",
+    "--shared",
+    "8",
+    "--export-name",
+    o.name,
+    "--cache",
+    "writeback",
+    ...(o.topOnly ? [] : ["--format", o.format]),
+    ...(o.readonly ? ["--read-only"] : ["--discard", "unmap"]),
+    ...("socket" in o.at ? ["--socket", o.at.socket] : ["--bind", o.at.host, "--port", String(o.at.port)]),
+    ...(o.tlsDir
+      ? [
+          "--object",
+          `tls-creds-x509,id=nbdmig-tls,endpoint=server,dir=${o.tlsDir},verify-peer=on`,
+          "--tls-creds",
+          "nbdmig-tls",
+        ]
+      : []),
+    image,
+  ];
+  try {
+    await run(qemuNbdBinary(), args);
+  } catch (err) {
+    const e = err as NodeJS.ErrnoException & { stderr?: string };
+    if (e.code === "ENOENT")
+      throw new UsageError(`qemu-nbd is missing (apt-get install qemu-utils)`, "E_NO_QEMU_NBD");
+    throw new Error(`qemu-nbd ${o.file}: ${(e.stderr ?? e.message).trim()}`, { cause: err });
+  }
+  const pid = Number(fs.readFileSync(pidFile, "utf8").trim());
+  const scheme = o.tlsDir ? "nbds" : "nbd";
+  const uri =
+    "socket" in o.at
+      ? `${scheme}+unix:///${encodeURIComponent(o.name)}?socket=${o.at.socket}`
+      : `${scheme}://${o.at.host.includes(":") ? `[${o.at.host}]` : o.at.host}:${o.at.port}/${encodeURIComponent(o.name)}`;
+  return {
+    uri,
+    close: async () => {
+      try {
+        process.kill(pid, "SIGTERM");
+      } catch {
+        fs.rmSync(pidFile, { force: true });
+        return;
+      }
+      // qemu-nbd flushes the image and removes its pid file as it exits.
+      for (let i = 0; i < 100 && fs.existsSync(`/proc/${pid}`); i++)
+        await new Promise((r) => setTimeout(r, 50));
+      if (fs.existsSync(`/proc/${pid}`)) process.kill(pid, "SIGKILL");
+      fs.rmSync(pidFile, { force: true });
+    },
+  };
+}

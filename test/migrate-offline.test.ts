@@ -1,0 +1,175 @@
+/**
+ * Offline migration (`migrate --offline --copy-storage-all`): a shut-off domain's disks, qcow2 and raw, are
+ * copied by nbdmig's copy engine into images the destination serves over NBD (nbdmig's own server for
+ * raw, qemu-nbd for qcow2), and the domain is defined there. The copies are identical and sparse, the
+ * domain boots on the destination; refusals create nothing; an aborted copy leaves the destination clean
+ * and the source as it was.
+ */
+import assert from "node:assert/strict";
+import fs from "node:fs";
+import { after, afterEach, before, describe, it } from "node:test";
+import { Testbed } from "../src/testbed/testbed.js";
+import { available, need, testGuest } from "./helpers/env.js";
+import { guestXml } from "./helpers/guest-xml.js";
+import {
+  assertDestClean,
+  compare,
+  destroyAll,
+  IMG,
+  jobOf,
+  makeImage,
+  migrateInBackground,
+  MIGRATION_TOOLS,
+  nbdmig,
+  ok,
+  startUnwaited,
+} from "./helpers/migration.js";
+import { waitFor } from "./helpers/wait.js";
+
+const MiB = 1024 * 1024;
+
+describe("offline migration of a shut-off domain with its disks", { timeout: 900_000 }, () => {
+  let tb: Testbed | undefined;
+  let guest: { kernel: string; initrd: string };
+
+  before(async () => {
+    if (!available(MIGRATION_TOOLS, true)) return;
+    guest = testGuest();
+    tb = await Testbed.up({});
+  });
+  afterEach(async () => {
+    if (!tb) return;
+    tb.setRate(undefined);
+    await destroyAll(tb, ["a", "b"]);
+  });
+  after(async () => tb?.down());
+
+  /** Defines (never starts) a domain on a with a sparse qcow2 and a sparse raw disk holding data. */
+  function defineCold(name: string, fillMiB: number): string[] {
+    makeImage(tb!, "a", { name: `${name}-sys.qcow2`, size: "1G", fillMiB });
+    makeImage(tb!, "a", { name: `${name}-data.raw`, format: "raw", size: "256M", fillMiB: 16 });
+    fs.writeFileSync(
+      `${tb!.a.dir}/${name}.xml`,
+      guestXml({
+        name,
+        kernel: guest.kernel,
+        initrd: guest.initrd,
+        disks: [
+          { target: "vda", source: `${IMG}/${name}-sys.qcow2` },
+          { target: "vdb", source: `${IMG}/${name}-data.raw`, format: "raw" },
+        ],
+      }),
+    );
+    ok(tb!, "a", ["define", `/var/lib/nbdmig/${name}.xml`]);
+    return [`${name}-sys.qcow2`, `${name}-data.raw`];
+  }
+
+  const allocated = (file: string) => fs.statSync(file).blocks * 512;
+
+  it("moves it: identical and sparse disks, defined on the destination, gone from the source; it boots there", async (t) => {
+    if (!need(t, MIGRATION_TOOLS, true)) return;
+    const images = defineCold("cold", 48);
+    const r = nbdmig(tb!, "a", [
+      "migrate",
+      "--offline",
+      "--copy-storage-all",
+      "--undefinesource",
+      "--verbose",
+      "cold",
+      tb!.b.uri,
+    ]);
+    assert.equal(r.status, 0, r.stderr);
+    assert.match(r.stdout, /Migration of 'cold' to .* completed/);
+    for (const img of images) {
+      const [src, dst] = [`${tb!.a.imagesDir}/${img}`, `${tb!.b.imagesDir}/${img}`];
+      assert.equal(compare(src, dst), "Images are identical.", img);
+      t.diagnostic(`${img}: ${allocated(src) / MiB} MiB allocated on a, ${allocated(dst) / MiB} MiB on b`);
+      assert.ok(allocated(dst) <= allocated(src) * 1.1 + 2 * MiB, `${img} stays sparse on the destination`);
+    }
+    const job = JSON.parse(ok(tb!, "a", ["domjobinfo", "cold", "--completed", "--json"])) as {
+      status: string;
+      phase: string;
+      disks: { target: string; total: number; dataBytes: number }[];
+    };
+    assert.equal(job.status, "completed");
+    const sent = job.disks.reduce((s, d) => s + d.dataBytes, 0);
+    t.diagnostic(`sent as data: ${(sent / MiB).toFixed(1)} MiB for 64 MiB written into 1.25 GiB of disks`);
+    assert.ok(sent <= 70 * MiB, `only the data crossed: ${sent} bytes`);
+    assert.match(ok(tb!, "b", ["dominfo", "cold"]), /State:\s+shut off[\s\S]*Persistent:\s+yes/);
+    assert.match(nbdmig(tb!, "a", ["dominfo", "cold"]).stderr, /not found on this host/);
+    for (const img of images) assert.ok(fs.existsSync(`${tb!.a.imagesDir}/${img}`), "source images stay");
+    ok(tb!, "b", ["start", "cold"]);
+    await waitFor("the guest to boot on the destination", () =>
+      /nbdmig-guest: ready disk=\/dev\/vda/.test(tb!.b.consoleLog("cold")),
+    );
+    await assertDestClean(tb!, "cold", [], 30_000, "a");
+  });
+
+  it("refuses a running domain, a shut-off one without --offline, and a name the destination has, creating nothing", async (t) => {
+    if (!need(t, MIGRATION_TOOLS, true)) return;
+    makeImage(tb!, "a", { name: "warm.qcow2", size: "64M" });
+    await startUnwaited(
+      tb!,
+      { name: "warm", disks: [{ target: "vda", source: `${IMG}/warm.qcow2` }] },
+      guest,
+    );
+    let r = nbdmig(tb!, "a", ["migrate", "--offline", "--copy-storage-all", "warm", tb!.b.uri]);
+    assert.equal(r.status, 2, r.stderr);
+    assert.match(
+      r.stderr,
+      /domain 'warm' is running: migrate it live \(without --offline\), or shut it down first/,
+    );
+
+    const images = defineCold("taken", 8);
+    r = nbdmig(tb!, "a", ["migrate", "--live", "--copy-storage-all", "taken", tb!.b.uri]);
+    assert.notEqual(r.status, 0);
+    assert.match(r.stderr, /domain 'taken' is shut off: add --offline to move it/);
+    r = nbdmig(tb!, "a", ["migrate", "--offline", "--live", "--copy-storage-all", "taken", tb!.b.uri]);
+    assert.equal(r.status, 2);
+    assert.match(r.stderr, /--offline moves a shut-off domain: --live/);
+
+    fs.copyFileSync(`${tb!.a.dir}/taken.xml`, `${tb!.b.dir}/taken.xml`);
+    ok(tb!, "b", ["define", "/var/lib/nbdmig/taken.xml"]);
+    r = nbdmig(tb!, "a", ["migrate", "--offline", "--copy-storage-all", "taken", tb!.b.uri]);
+    assert.equal(r.status, 1, r.stderr);
+    assert.match(r.stderr, /domain 'taken' already exists here; undefine it on the destination first/);
+    for (const img of images) assert.ok(!fs.existsSync(`${tb!.b.imagesDir}/${img}`), `${img} not created`);
+    ok(tb!, "b", ["undefine", "taken"]);
+    assert.match(ok(tb!, "a", ["dominfo", "taken"]), /State:\s+shut off/);
+  });
+
+  it("an aborted copy leaves the destination clean and the source as it was; the same command then completes", async (t) => {
+    if (!need(t, MIGRATION_TOOLS, true)) return;
+    const images = defineCold("slow", 64);
+    // 64 Mbit/s: the 80 MiB of data take about 10 s.
+    tb!.setRate("64mbit");
+    const args = ["--offline", "--copy-storage-all", "slow", tb!.b.uri];
+    const run = migrateInBackground(tb!, args);
+    await waitFor(
+      "the copy to be under way",
+      async () => {
+        const j = await jobOf<{ phase: string; disk: { processed: number } }>(tb!, "slow");
+        return j?.phase === "perform:copy" && j.disk.processed > 8 * MiB;
+      },
+      60_000,
+      100,
+    );
+    // Meanwhile neither side can start it.
+    assert.match(nbdmig(tb!, "a", ["start", "slow"]).stderr, /has an offline migration job in progress/);
+    assert.match(nbdmig(tb!, "b", ["start", "slow"]).stderr, /has an incoming migration job in progress/);
+    ok(tb!, "a", ["domjobabort", "slow"]);
+    const res = await run.done;
+    assert.equal(res.status, 1);
+    assert.match(res.stderr, /cancelled by domjobabort/);
+    await assertDestClean(tb!, "slow", images);
+    assert.match(ok(tb!, "a", ["dominfo", "slow"]), /State:\s+shut off/);
+    tb!.setRate(undefined);
+    const again = nbdmig(tb!, "a", ["migrate", ...args]);
+    assert.equal(again.status, 0, again.stderr);
+    for (const img of images)
+      assert.equal(
+        compare(`${tb!.a.imagesDir}/${img}`, `${tb!.b.imagesDir}/${img}`),
+        "Images are identical.",
+      );
+  });
+});
