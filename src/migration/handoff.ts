@@ -90,6 +90,26 @@ export function persistPhases(
   };
 }
 
+/**
+ * A rollback tells the destination to remove what it prepared; when it cannot be reached, its watchdog
+ * does that on its own (so this only logs).
+ */
+export async function cancelOnDestination(
+  peer: AgentClient,
+  id: string,
+  log: Logger,
+  domain: string,
+): Promise<void> {
+  await peer
+    .call("POST", `/v1/migrations/${id}/cancel`, {}, 5000)
+    .catch((e: unknown) =>
+      log.warn(
+        { domain, err: errorMessage(e) },
+        "cannot reach the destination to clean up; its watchdog will",
+      ),
+    );
+}
+
 export type Verdict = "runs" | "never" | "unknown";
 
 /**
@@ -433,16 +453,7 @@ export class SourceHandoff {
     await restoreSource(this.entry.running!, this.record);
     this.entry.job = undefined;
     this.entry.hold = undefined;
-    if (this.record.id) {
-      await this.peer
-        .call("POST", `/v1/migrations/${this.record.id}/cancel`, {}, 5000)
-        .catch((e: unknown) =>
-          this.log.warn(
-            { domain: this.name, err: errorMessage(e) },
-            "cannot tell the destination; its watchdog cleans up",
-          ),
-        );
-    }
+    if (this.record.id) await cancelOnDestination(this.peer, this.record.id, this.log, this.name);
     this.notes.push(`rolled back: ${reason}`);
     this.log.warn({ domain: this.name, reason }, "migration rolled back after recovery");
     this.machine.advance("failed");

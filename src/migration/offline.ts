@@ -25,11 +25,12 @@ import { copy } from "../nbd/client/copy.js";
 import { imageInfo } from "../qemu/img.js";
 import { serveWithQemuNbd, type QemuNbdExport } from "../qemu/nbd-export.js";
 import { sha256File } from "../util/hash.js";
+import { cancelOnDestination } from "./handoff.js";
 import { selectDisks, type CookieDisk, type MigrationCookie } from "./cookie.js";
 import type { PrepareResult } from "./destination.js";
 import { protocolPhase, sourceMachine, type PhaseMachine, type SourcePhase } from "./phases.js";
 import type { MigrateRequest } from "./schemas.js";
-import { checkDestination, DestinationWatch } from "./source.js";
+import { checkDestination, DestinationWatch, prepareOnDestination } from "./source.js";
 
 /** NBD connections per disk, as nbdcopy's default. */
 const CONNECTIONS = 4;
@@ -206,22 +207,14 @@ export class OfflineMigration {
 
   private async prepare(): Promise<void> {
     this.machine.advance("prepare");
-    const { host } = parseAgentUri(this.req.dest);
-    const res = await this.peer
-      .call<{ prepared: PrepareResult }>("POST", "/v1/migrations/prepare", {
-        cookie: this.cookie,
-        listenHost: host,
-        disksPort: this.req.disksPort,
-        tls: this.tls,
-        offline: true,
-      })
-      .catch((err: unknown) => {
-        if (err instanceof MigrationError) throw err;
-        throw new MigrationError("prepare", `on ${host}: ${errorMessage(err)}`, (err as NbdmigError).code);
-      });
-    this.prepared = res.prepared;
-    this.notes.push(...(res.prepared.notes ?? []));
-    this.watch = new DestinationWatch(this.peer, res.prepared.id, async (why) => {
+    this.prepared = await prepareOnDestination(this.peer, this.req.dest, {
+      cookie: this.cookie,
+      disksPort: this.req.disksPort,
+      tls: this.tls,
+      offline: true,
+    });
+    this.notes.push(...(this.prepared.notes ?? []));
+    this.watch = new DestinationWatch(this.peer, this.prepared.id, (why) => {
       this.stop.abort(new MigrationError(protocolPhase(this.machine.phase), why, "E_PEER"));
       return Promise.resolve();
     });
@@ -278,16 +271,7 @@ export class OfflineMigration {
           );
     this.machine.advance("rollback");
     this.log.warn({ domain: this.name, err: this.failure.message }, "offline migration failed");
-    if (this.prepared) {
-      await this.peer
-        .call("POST", `/v1/migrations/${this.prepared.id}/cancel`, {}, 5_000)
-        .catch((e: unknown) =>
-          this.log.warn(
-            { domain: this.name, err: errorMessage(e) },
-            "cannot reach the destination to clean up; its watchdog will",
-          ),
-        );
-    }
+    if (this.prepared) await cancelOnDestination(this.peer, this.prepared.id, this.log, this.name);
     this.machine.advance(this.failure.code === "E_ABORTED" ? "cancelled" : "failed");
   }
 

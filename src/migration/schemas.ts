@@ -83,6 +83,8 @@ export const PrepareRequestSchema = z.strictObject({
   offline: z.boolean().default(false),
 });
 export type PrepareRequest = z.infer<typeof PrepareRequestSchema>;
+/** A Prepare body as the source writes it (defaults not yet applied). */
+export type PrepareRequestInput = z.input<typeof PrepareRequestSchema>;
 
 /** POST /v1/migrations/ID/finish. */
 export const FinishRequestSchema = z.strictObject({ suspend: z.boolean(), persistent: z.boolean() });

@@ -28,12 +28,13 @@ import {
   type StoragePath,
 } from "./cookie.js";
 import type { PrepareResult } from "./destination.js";
-import type { MigrateRequest } from "./schemas.js";
+import type { MigrateRequest, PrepareRequestInput } from "./schemas.js";
 import { Mirrors } from "./mirror.js";
 import { StorageConverger } from "./converge.js";
 import { tcpBytesAcked } from "./wire.js";
 import { PhaseMachine, protocolPhase, sourceMachine, type SourcePhase } from "./phases.js";
 import {
+  cancelOnDestination,
   cancelQemuMigration,
   FINISH_SETTLE_MS,
   holdReason,
@@ -154,6 +155,29 @@ export async function checkDestination(
     );
   }
   return { peer, host, tls };
+}
+
+/**
+ * Prepare on the destination agent (it listens where the source reached it). Its own refusal keeps its
+ * phase and code; a call that fails becomes Prepare's error.
+ */
+export async function prepareOnDestination(
+  peer: AgentClient,
+  dest: string,
+  body: Omit<PrepareRequestInput, "listenHost">,
+): Promise<PrepareResult> {
+  const { host } = parseAgentUri(dest);
+  const res = await peer
+    .call<{ prepared: PrepareResult }>("POST", "/v1/migrations/prepare", { ...body, listenHost: host })
+    .catch((err: unknown) => {
+      if (err instanceof MigrationError) throw err;
+      throw new MigrationError(
+        "prepare",
+        `on ${host}: ${errorMessage(err)}`,
+        (err as NbdmigError).code ?? "E_PREPARE",
+      );
+    });
+  return res.prepared;
 }
 
 /** Without an answer from the destination agent for this long, the migration is rolled back. */
@@ -508,27 +532,15 @@ export class OutgoingMigration {
 
   private async prepare(): Promise<void> {
     this.machine.advance("prepare");
-    const { host } = parseAgentUri(this.req.dest);
-    const res = await this.peer
-      .call<{ prepared: PrepareResult }>("POST", "/v1/migrations/prepare", {
-        cookie: this.cookie,
-        listenHost: host,
-        disksPort: this.req.disksPort,
-        tls: this.tls,
-        tlsIdentity: this.tls ? clientIdentity(this.reg.state.pkiDir) : undefined,
-      })
-      .catch((err: unknown) => {
-        if (err instanceof MigrationError) throw err;
-        throw new MigrationError(
-          "prepare",
-          `on ${host}: ${errorMessage(err)}`,
-          (err as NbdmigError).code ?? "E_PREPARE",
-        );
-      });
-    this.prepared = res.prepared;
+    this.prepared = await prepareOnDestination(this.peer, this.req.dest, {
+      cookie: this.cookie,
+      disksPort: this.req.disksPort,
+      tls: this.tls,
+      tlsIdentity: this.tls ? clientIdentity(this.reg.state.pkiDir) : undefined,
+    });
     // The destination's id, before anything else happens: a restarted agent can then ask it or cancel it.
     this.records.save({ ...this.record(), phase: this.machine.phase });
-    this.notes.push(...(res.prepared.notes ?? []));
+    this.notes.push(...(this.prepared.notes ?? []));
     this.log.info(
       { domain: this.name, dest: this.req.dest, prepared: this.prepared },
       "destination prepared",
@@ -878,16 +890,7 @@ export class OutgoingMigration {
         this.addToFailure(`; rollback on the source was incomplete: ${errorMessage(e)}`);
       }
     }
-    if (this.prepared) {
-      await this.peer
-        .call("POST", `/v1/migrations/${this.prepared.id}/cancel`, {}, 5_000)
-        .catch((e: unknown) => {
-          this.log.warn(
-            { domain: this.name, err: errorMessage(e) },
-            "cannot reach the destination to clean up; its watchdog will",
-          );
-        });
-    }
+    if (this.prepared) await cancelOnDestination(this.peer, this.prepared.id, this.log, this.name);
     this.entry.job = undefined;
     const reason = this.stop.signal.reason as NbdmigError | undefined;
     this.machine.advance(reason?.code === "E_ABORTED" ? "cancelled" : "failed");
