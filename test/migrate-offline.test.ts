@@ -74,6 +74,7 @@ describe("offline migration of a shut-off domain with its disks", { timeout: 900
       "--offline",
       "--copy-storage-all",
       "--undefinesource",
+      "--verify",
       "--verbose",
       "cold",
       tb!.b.uri,
@@ -89,9 +90,19 @@ describe("offline migration of a shut-off domain with its disks", { timeout: 900
     const job = JSON.parse(ok(tb!, "a", ["domjobinfo", "cold", "--completed", "--json"])) as {
       status: string;
       phase: string;
-      disks: { target: string; total: number; dataBytes: number }[];
+      notes: string[];
+      disks: { target: string; total: number; dataBytes: number; verified?: { comparedBytes: number } }[];
     };
     assert.equal(job.status, "completed");
+    for (const d of job.disks) {
+      assert.ok(d.verified, `disk ${d.target} verified`);
+      // Only what holds data on either side is read back: the rest is zero on both.
+      assert.ok(
+        d.verified.comparedBytes < d.total / 4,
+        `${d.target}: ${d.verified.comparedBytes} bytes compared`,
+      );
+    }
+    for (const n of job.notes.filter((x) => x.includes("verified"))) t.diagnostic(n);
     const sent = job.disks.reduce((s, d) => s + d.dataBytes, 0);
     t.diagnostic(`sent as data: ${(sent / MiB).toFixed(1)} MiB for 64 MiB written into 1.25 GiB of disks`);
     assert.ok(sent <= 70 * MiB, `only the data crossed: ${sent} bytes`);
@@ -136,6 +147,41 @@ describe("offline migration of a shut-off domain with its disks", { timeout: 900
     for (const img of images) assert.ok(!fs.existsSync(`${tb!.b.imagesDir}/${img}`), `${img} not created`);
     ok(tb!, "b", ["undefine", "taken"]);
     assert.match(ok(tb!, "a", ["dominfo", "taken"]), /State:\s+shut off/);
+  });
+
+  it("--verify finds a block changed on the destination after the copy: the migration fails, the destination is clean", async (t) => {
+    if (!need(t, MIGRATION_TOOLS, true)) return;
+    const images = defineCold("bad", 8);
+    // The source holds 3 s after each disk's copy, before comparing: the test changes the raw disk then.
+    await tb!.a.killAgent("SIGTERM");
+    await tb!.a.startAgent([], { NBDMIG_FAILPOINTS: "source:before-verify=sleep:3000" });
+    try {
+      const run = migrateInBackground(tb!, ["--offline", "--copy-storage-all", "--verify", "bad", tb!.b.uri]);
+      await waitFor(
+        "the raw disk to be copied",
+        async () => {
+          const j = await jobOf<{ disks: { target: string; dataBytes?: number }[] }>(tb!, "bad");
+          return j?.disks.find((d) => d.target === "vdb")?.dataBytes !== undefined;
+        },
+        60_000,
+        50,
+      );
+      // 4 KiB of garbage at 100 MiB, a hole on the source (nbdmig's NBD server serves the file as it is).
+      const fd = fs.openSync(`${tb!.b.imagesDir}/bad-data.raw`, "r+");
+      fs.writeSync(fd, Buffer.alloc(4096, 0x5a), 0, 4096, 100 * MiB);
+      fs.closeSync(fd);
+      const res = await run.done;
+      assert.equal(res.status, 1);
+      assert.match(
+        res.stderr,
+        /verify: disk vdb differs on the destination from the source at offset 104857600/,
+      );
+      await assertDestClean(tb!, "bad", images);
+      assert.match(ok(tb!, "a", ["dominfo", "bad"]), /State:\s+shut off/);
+    } finally {
+      await tb!.a.killAgent("SIGTERM");
+      await tb!.a.startAgent();
+    }
   });
 
   it("an aborted copy leaves the destination clean and the source as it was; the same command then completes", async (t) => {

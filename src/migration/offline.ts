@@ -21,7 +21,9 @@ import type { DomainEntry, DomainRegistry } from "../agent/domains.js";
 import { DomainStateError, errorMessage, MigrationError, NbdmigError, UsageError } from "../errors.js";
 import { NVRAM_TARGET } from "../domain/qemu-args.js";
 import { domainToXml } from "../domain/xml.js";
-import { copy } from "../nbd/client/copy.js";
+import { compareImages, copy } from "../nbd/client/copy.js";
+import { holdpoint } from "../util/failpoint.js";
+import { formatBytes } from "../util/format.js";
 import { imageInfo } from "../qemu/img.js";
 import { serveWithQemuNbd, type QemuNbdExport } from "../qemu/nbd-export.js";
 import { sha256File } from "../util/hash.js";
@@ -43,6 +45,8 @@ interface DiskProgress {
   dataBytes?: number;
   startedAt?: number;
   doneAt?: number;
+  /** With --verify: what the comparison of both sides read, and skipped as zero on both. */
+  verified?: { comparedBytes: number; skippedBytes: number };
 }
 
 export class OfflineMigration {
@@ -87,6 +91,8 @@ export class OfflineMigration {
         `domain '${name}' is running: migrate it live (without --offline), or shut it down first`,
       );
     reg.refuseIfBusy(entry);
+    if (req.verify && req.copyStorage !== "all")
+      throw new UsageError("--verify compares copied disks: it goes with --copy-storage-all");
     if (req.copyStorage === "inc")
       throw new UsageError(
         "--offline with --copy-storage-inc is not supported yet: copy the whole disks with --copy-storage-all",
@@ -192,7 +198,13 @@ export class OfflineMigration {
       this.machine.advance("confirm");
       this.watch?.stop();
       this.entry.job = undefined;
-      if (this.req.undefineSource) this.reg.undefine(this.name, { nvram: "keep" });
+      // The destination has the domain now: what fails here is only logged.
+      try {
+        if (this.req.undefineSource) this.reg.undefine(this.name, { nvram: "keep" });
+      } catch (err) {
+        this.log.error({ domain: this.name, err: errorMessage(err) }, "cannot undefine the source's copy");
+        this.notes.push(`--undefinesource: ${errorMessage(err)}`);
+      }
       this.machine.advance("completed");
       this.log.info({ domain: this.name, dest: this.req.dest }, "offline migration completed");
     } catch (err) {
@@ -251,12 +263,33 @@ export class OfflineMigration {
       p.copied = r.size;
       p.dataBytes = r.dataBytes;
       p.doneAt = Date.now();
+      if (this.req.verify) await this.verifyDisk(d, src, dst, p);
     } catch (err) {
       if (this.stop.signal.aborted) throw this.stop.signal.reason;
+      if (err instanceof MigrationError) throw err;
       throw new MigrationError("perform", `copy of disk ${d.target}: ${errorMessage(err)}`, "E_COPY");
     } finally {
       await reader?.close();
     }
+  }
+
+  /**
+   * --verify: the destination's image, read back over NBD, equals the source's, block by block (what both
+   * sides report as zero is not read). A difference fails the migration.
+   */
+  private async verifyDisk(d: CookieDisk, src: string, dst: string, p: DiskProgress): Promise<void> {
+    await holdpoint("source:before-verify");
+    const c = await compareImages(src, dst, { signal: this.stop.signal });
+    if (c.mismatchAt !== undefined)
+      throw new MigrationError(
+        "perform",
+        `verify: disk ${d.target} differs on the destination from the source at offset ${c.mismatchAt} (the 1 MiB block there); the copy is not kept`,
+        "E_VERIFY",
+      );
+    p.verified = { comparedBytes: c.comparedBytes, skippedBytes: c.skippedBytes };
+    this.notes.push(
+      `disk ${d.target} verified: equal on both sides (${formatBytes(c.comparedBytes)} compared, ${formatBytes(c.skippedBytes)} zero on both)`,
+    );
   }
 
   /** Nothing changed here: the destination is told to remove what it created (else its watchdog does). */
@@ -311,6 +344,7 @@ export class OfflineMigration {
         ready: d.doneAt !== undefined,
         rateBps: Math.round(d.doneAt ? 0 : rate(d)),
         dataBytes: d.dataBytes,
+        verified: d.verified,
       })),
       disk: {
         processed,

@@ -115,6 +115,8 @@ export const MigrateRequestSchema = z.strictObject({
   tls: z.boolean().optional(),
   /** virsh --offline: a shut-off domain, its disks copied by nbdmig's copy engine, defined on the destination. */
   offline: z.boolean().default(false),
+  /** With offline: compare every copied disk on both sides before Finish; a difference fails the migration. */
+  verify: z.boolean().default(false),
 });
 export type MigrateRequest = z.infer<typeof MigrateRequestSchema>;
 

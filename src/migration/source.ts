@@ -324,6 +324,10 @@ export class OutgoingMigration {
     onDone: (m: OutgoingMigration) => void,
   ): Promise<OutgoingMigration> {
     parseAgentUri(req.dest); // a malformed DEST_URI is refused first
+    if (req.verify)
+      throw new UsageError(
+        "--verify goes with --offline --copy-storage-all: a live migration's disks keep changing until the switchover",
+      );
     if (req.bandwidthMiB !== undefined && !(Number.isInteger(req.bandwidthMiB) && req.bandwidthMiB > 0)) {
       throw new UsageError(`--bandwidth takes a positive whole number of MiB/s, not '${req.bandwidthMiB}'`);
     }

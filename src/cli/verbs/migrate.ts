@@ -161,6 +161,10 @@ export function register(program: Command): void {
       "migrate a shut-off domain: its disks are copied by nbdmig's copy engine (with --copy-storage-all) and it is defined on the destination",
     )
     .option(
+      "--verify",
+      "with --offline: compare every copied disk on both sides before the domain is defined there",
+    )
+    .option(
       "--copy-storage-all",
       "copy every local disk (not shareable, read-only or source-less ones) over NBD",
     )
@@ -242,6 +246,10 @@ export function register(program: Command): void {
       if (o.migrateDisks && !o.copyStorageAll && !o.copyStorageInc) {
         throw new UsageError("--migrate-disks needs --copy-storage-all or --copy-storage-inc");
       }
+      if (o.verify && !(o.offline && o.copyStorageAll))
+        throw new UsageError(
+          "--verify goes with --offline --copy-storage-all (a live migration's disks keep changing until the switchover)",
+        );
       if (o.verifyBacking && !o.copyStorageInc)
         throw new UsageError("--verify-backing goes with --copy-storage-inc");
       if (o.timeoutSuspend && !o.timeout) throw new UsageError("--timeout-suspend goes with --timeout SEC");
@@ -269,6 +277,7 @@ export function register(program: Command): void {
         destToken: o.destTokenFile ? readToken(String(o.destTokenFile)) : undefined,
         live: !o.offlinePause && !o.offline,
         offline: o.offline === true,
+        verify: o.verify === true,
         copyStorage: o.copyStorageAll ? "all" : o.copyStorageInc ? "inc" : "none",
         verifyBacking: o.verifyBacking === true,
         storageConverge: converge,
