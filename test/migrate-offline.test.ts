@@ -10,10 +10,10 @@ import fs from "node:fs";
 import { after, afterEach, before, describe, it } from "node:test";
 import { Testbed } from "../src/testbed/testbed.js";
 import { available, need, testGuest } from "./helpers/env.js";
-import { guestXml } from "./helpers/guest-xml.js";
 import {
   assertDestClean,
   compare,
+  defineGuest,
   destroyAll,
   IMG,
   jobOf,
@@ -48,19 +48,17 @@ describe("offline migration of a shut-off domain with its disks", { timeout: 900
   function defineCold(name: string, fillMiB: number): string[] {
     makeImage(tb!, "a", { name: `${name}-sys.qcow2`, size: "1G", fillMiB });
     makeImage(tb!, "a", { name: `${name}-data.raw`, format: "raw", size: "256M", fillMiB: 16 });
-    fs.writeFileSync(
-      `${tb!.a.dir}/${name}.xml`,
-      guestXml({
+    defineGuest(
+      tb!,
+      {
         name,
-        kernel: guest.kernel,
-        initrd: guest.initrd,
         disks: [
           { target: "vda", source: `${IMG}/${name}-sys.qcow2` },
           { target: "vdb", source: `${IMG}/${name}-data.raw`, format: "raw" },
         ],
-      }),
+      },
+      guest,
     );
-    ok(tb!, "a", ["define", `/var/lib/nbdmig/${name}.xml`]);
     return [`${name}-sys.qcow2`, `${name}-data.raw`];
   }
 

@@ -13,10 +13,10 @@ import fs from "node:fs";
 import { after, before, describe, it } from "node:test";
 import { Testbed } from "../src/testbed/testbed.js";
 import { available, cli, need, testGuest } from "./helpers/env.js";
-import { guestXml } from "./helpers/guest-xml.js";
 import {
   assertDestClean,
   compare,
+  defineGuest,
   destroyAll,
   IMG,
   makeImage,
@@ -230,19 +230,17 @@ describe("TLS on every channel", { timeout: 900_000 }, () => {
       const file = makeImage(tb!, "a", { name: img, format, size: "64M" });
       execFileSync("qemu-io", ["-f", format, "-c", `write -s ${chunk} 8M 1M`, file], { stdio: "ignore" });
     }
-    fs.writeFileSync(
-      `${tb!.a.dir}/cold.xml`,
-      guestXml({
+    defineGuest(
+      tb!,
+      {
         name: "cold",
-        kernel: guest.kernel,
-        initrd: guest.initrd,
         disks: [
           { target: "vda", source: `${IMG}/cold.qcow2` },
           { target: "vdb", source: `${IMG}/cold.raw`, format: "raw" },
         ],
-      }),
+      },
+      guest,
     );
-    ok(tb!, "a", ["define", "/var/lib/nbdmig/cold.xml"]);
     const pcap = `${tb!.dir}/cold.pcap`;
     const stop = await tb!.captureLink(pcap);
     try {

@@ -23,7 +23,7 @@ import { PrepareRequestSchema, type CookieDisk, type PrepareRequest } from "./sc
 export type { PrepareRequest } from "./schemas.js";
 import { DEST_PHASES, destMachine, requirePhase, type DestPhase, type PhaseMachine } from "./phases.js";
 import { failpoint, holdpoint } from "../util/failpoint.js";
-import { addTlsCreds, checkPki, TLS_CREDS_ID } from "../qemu/pki.js";
+import { addTlsCreds, CA_CERT, certFileName, checkPki, keyFileName, TLS_CREDS_ID } from "../qemu/pki.js";
 import { bindFromPool, MIGRATION_PORTS, NBD_PORTS } from "./ports.js";
 import { NbdServer } from "../nbd/server/server.js";
 import { FileBackend } from "../nbd/server/backends/file.js";
@@ -286,20 +286,8 @@ export class IncomingMigration {
     const hostPart = host.includes(":") ? `[${host}]` : host;
     const exports: Record<string, string> = {};
     const raw = this.req.cookie.disks.filter((d) => d.format === "raw");
-    const ports = Array.from({ length: NBD_PORTS.last - NBD_PORTS.first + 1 }, (_, i) => NBD_PORTS.first + i);
+    // Our server says EADDRINUSE, qemu-nbd "Address already in use".
     const inUse = (err: unknown) => /EADDRINUSE|Address already in use/.test(errorMessage(err));
-    /** Tries each port of the pool (or only --disks-port for the first server) until one is free. */
-    const onFreePort = async (start: (port: number) => Promise<void>, fixed?: number): Promise<number> => {
-      for (const port of fixed !== undefined ? [fixed] : ports) {
-        try {
-          await start(port);
-          return port;
-        } catch (err) {
-          if (!inUse(err) || fixed !== undefined) throw err;
-        }
-      }
-      throw new Error(`no free port in ${NBD_PORTS.first}-${NBD_PORTS.last} for NBD`);
-    };
     if (raw.length) {
       const server = new NbdServer({
         exports: await Promise.all(
@@ -307,34 +295,44 @@ export class IncomingMigration {
         ),
         tls: this.req.tls
           ? {
-              cert: path.join(pki, "server-cert.pem"),
-              key: path.join(pki, "server-key.pem"),
-              ca: path.join(pki, "ca-cert.pem"),
+              cert: path.join(pki, certFileName("server")),
+              key: path.join(pki, keyFileName("server")),
+              ca: path.join(pki, CA_CERT),
               require: true,
             }
           : undefined,
       });
       this.serving.push(() => server.close());
-      const port = await onFreePort(async (p) => {
-        await server.listen({ host, port: p });
-      }, this.req.disksPort);
+      const port = await bindFromPool(
+        NBD_PORTS,
+        this.req.disksPort,
+        async (p) => {
+          await server.listen({ host, port: p });
+        },
+        inUse,
+      );
       for (const d of raw) exports[d.target] = `${scheme}://${hostPart}:${port}/${d.target}`;
     }
     for (const d of this.req.cookie.disks.filter((x) => x.format === "qcow2")) {
       let uri = "";
-      await onFreePort(async (port) => {
-        const exp = await serveWithQemuNbd({
-          file: d.source,
-          format: "qcow2",
-          name: d.target,
-          at: { host, port },
-          readonly: false,
-          tlsDir: this.req.tls ? pki : undefined,
-          runDir: this.reg.state.migrationsDir,
-        });
-        this.serving.push(() => exp.close());
-        uri = exp.uri;
-      });
+      await bindFromPool(
+        NBD_PORTS,
+        undefined,
+        async (port) => {
+          const exp = await serveWithQemuNbd({
+            file: d.source,
+            format: "qcow2",
+            name: d.target,
+            at: { host, port },
+            readonly: false,
+            tlsDir: this.req.tls ? pki : undefined,
+            runDir: this.reg.state.migrationsDir,
+          });
+          this.serving.push(() => exp.close());
+          uri = exp.uri;
+        },
+        inUse,
+      );
       exports[d.target] = uri;
     }
     this.machine.advance("prepared");

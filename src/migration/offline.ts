@@ -30,7 +30,15 @@ import { sha256File } from "../util/hash.js";
 import { cancelOnDestination } from "./handoff.js";
 import { selectDisks, type CookieDisk, type MigrationCookie } from "./cookie.js";
 import type { PrepareResult } from "./destination.js";
-import { protocolPhase, sourceMachine, type PhaseMachine, type SourcePhase } from "./phases.js";
+import {
+  asMigrationError,
+  failureFields,
+  protocolPhase,
+  sourceJobStatus,
+  sourceMachine,
+  type PhaseMachine,
+  type SourcePhase,
+} from "./phases.js";
 import type { MigrateRequest } from "./schemas.js";
 import { checkDestination, DestinationWatch, prepareOnDestination } from "./source.js";
 
@@ -226,10 +234,9 @@ export class OfflineMigration {
       offline: true,
     });
     this.notes.push(...(this.prepared.notes ?? []));
-    this.watch = new DestinationWatch(this.peer, this.prepared.id, (why) => {
-      this.stop.abort(new MigrationError(protocolPhase(this.machine.phase), why, "E_PEER"));
-      return Promise.resolve();
-    });
+    this.watch = new DestinationWatch(this.peer, this.prepared.id, (why) =>
+      this.stop.abort(new MigrationError(protocolPhase(this.machine.phase), why, "E_PEER")),
+    );
     this.stop.signal.throwIfAborted();
   }
 
@@ -294,14 +301,7 @@ export class OfflineMigration {
 
   /** Nothing changed here: the destination is told to remove what it created (else its watchdog does). */
   private async rollback(err: unknown): Promise<void> {
-    this.failure =
-      err instanceof MigrationError
-        ? err
-        : new MigrationError(
-            protocolPhase(this.machine.phase),
-            errorMessage(err),
-            err instanceof NbdmigError ? err.code : "E_INTERNAL",
-          );
+    this.failure = asMigrationError(err, this.machine.phase);
     this.machine.advance("rollback");
     this.log.warn({ domain: this.name, err: this.failure.message }, "offline migration failed");
     if (this.prepared) await cancelOnDestination(this.peer, this.prepared.id, this.log, this.name);
@@ -314,13 +314,6 @@ export class OfflineMigration {
     const processed = this.disks.reduce((s, d) => s + d.copied, 0);
     const rate = (d: DiskProgress) =>
       d.startedAt ? d.copied / Math.max(0.001, ((d.doneAt ?? Date.now()) - d.startedAt) / 1000) : 0;
-    const status = this.machine.is("completed")
-      ? "completed"
-      : this.machine.is("failed")
-        ? "failed"
-        : this.machine.is("cancelled")
-          ? "cancelled"
-          : "active";
     return {
       type: "outgoing",
       operation: "Offline migration",
@@ -332,7 +325,7 @@ export class OfflineMigration {
       copyStorage: this.req.copyStorage,
       notes: this.notes,
       phase: this.machine.phase,
-      status,
+      status: sourceJobStatus(this.machine),
       startedAt: this.startedAt,
       elapsedMs: end - this.startedAt,
       phaseTimes: Object.fromEntries(this.machine.history.map((h) => [h.phase, h.at - this.startedAt])),
@@ -352,10 +345,7 @@ export class OfflineMigration {
         total,
         rateBps: Math.round(this.disks.reduce((s, d) => s + (d.doneAt ? 0 : rate(d)), 0)),
       },
-      error: this.failure?.message,
-      errorCode: this.failure?.code,
-      errorPhase: this.failure?.phase,
-      errorDetail: this.failure?.detail,
+      ...failureFields(this.failure),
     };
   }
 }

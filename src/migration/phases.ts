@@ -2,7 +2,7 @@
  * The migration state machines, one per side. Every step of the engine and every agent call names the phases
  * in which it is valid; `advance` refuses any transition that is not in the table.
  */
-import { assert, MigrationError, type MigrationPhase } from "../errors.js";
+import { assert, errorMessage, MigrationError, NbdmigError, type MigrationPhase } from "../errors.js";
 
 /** Source side (outgoing). `perform:*` sub-phases are what `domjobinfo` shows. */
 export type SourcePhase =
@@ -119,6 +119,31 @@ export function protocolPhase(p: SourcePhase): MigrationPhase {
   if (p === "finish:unknown" || p === "unsettled") return "finish";
   if (p === "begin" || p === "prepare" || p === "finish" || p === "confirm") return p;
   return "confirm";
+}
+
+/** The status a source job reports for its phase (domjobinfo, the CLI's wait). */
+export function sourceJobStatus(
+  m: PhaseMachine<SourcePhase>,
+): "completed" | "failed" | "cancelled" | "active" {
+  if (m.is("completed")) return "completed";
+  if (m.is("failed", "unsettled")) return "failed";
+  if (m.is("cancelled")) return "cancelled";
+  return "active";
+}
+
+/** Why a source job failed, as it reports it: a MigrationError as it is, anything else in `phase`. */
+export function asMigrationError(err: unknown, phase: SourcePhase): MigrationError {
+  if (err instanceof MigrationError) return err;
+  return new MigrationError(
+    protocolPhase(phase),
+    errorMessage(err),
+    err instanceof NbdmigError ? err.code : "E_INTERNAL",
+  );
+}
+
+/** domjobinfo's error fields of a failed job. */
+export function failureFields(f: MigrationError | undefined): Record<string, string | undefined> {
+  return { error: f?.message, errorCode: f?.code, errorPhase: f?.phase, errorDetail: f?.detail };
 }
 
 /** Throws unless the machine is in one of `valid` (an API called at the wrong time). */

@@ -4,11 +4,18 @@ import { QmpError } from "../errors.js";
 export const MIGRATION_PORTS = { first: 49152, last: 49183 };
 export const NBD_PORTS = { first: 49184, last: 49215 };
 
-/** Calls `bind(port)` on each port of the pool (or only `fixed`) until one is not in use. */
+/** QEMU's answer when a port is taken. */
+const qemuPortInUse = (err: unknown): boolean => err instanceof QmpError && /in use/i.test(err.desc);
+
+/**
+ * Calls `bind(port)` on each port of the pool (or only `fixed`) until one is not in use; `inUse` tells
+ * that failure from others (by default QEMU's; a listener of our own or qemu-nbd says it differently).
+ */
 export async function bindFromPool(
   pool: { first: number; last: number },
   fixed: number | undefined,
   bind: (port: number) => Promise<void>,
+  inUse: (err: unknown) => boolean = qemuPortInUse,
 ): Promise<number> {
   const ports =
     fixed !== undefined
@@ -21,7 +28,7 @@ export async function bindFromPool(
       return port;
     } catch (err) {
       lastErr = err;
-      if (!(err instanceof QmpError && /in use/i.test(err.desc))) throw err;
+      if (!inUse(err)) throw err;
     }
   }
   throw lastErr;

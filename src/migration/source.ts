@@ -32,7 +32,15 @@ import type { MigrateRequest, PrepareRequestInput } from "./schemas.js";
 import { Mirrors } from "./mirror.js";
 import { StorageConverger } from "./converge.js";
 import { tcpBytesAcked } from "./wire.js";
-import { PhaseMachine, protocolPhase, sourceMachine, type SourcePhase } from "./phases.js";
+import {
+  asMigrationError,
+  failureFields,
+  PhaseMachine,
+  protocolPhase,
+  sourceJobStatus,
+  sourceMachine,
+  type SourcePhase,
+} from "./phases.js";
 import {
   cancelOnDestination,
   cancelQemuMigration,
@@ -216,7 +224,7 @@ export class DestinationWatch {
   constructor(
     private readonly peer: AgentClient,
     private readonly id: string,
-    private readonly onLost: (why: string, silent: boolean) => Promise<void>,
+    private readonly onLost: (why: string, silent: boolean) => void | Promise<void>,
   ) {
     this.timer = setInterval(() => void this.beat(), 1000);
   }
@@ -862,14 +870,7 @@ export class OutgoingMigration {
 
   private async rollback(err: unknown): Promise<void> {
     const failedIn = this.machine.phase;
-    this.failure =
-      err instanceof MigrationError
-        ? err
-        : new MigrationError(
-            protocolPhase(failedIn),
-            errorMessage(err),
-            err instanceof NbdmigError ? err.code : "E_INTERNAL",
-          );
+    this.failure = asMigrationError(err, failedIn);
     // A mirror fails with QEMU's bare errno ("Input/output error") when the other end goes away: the
     // destination usually knows why.
     if (this.failure.code === "E_MIRROR") {
@@ -918,13 +919,6 @@ export class OutgoingMigration {
     const diskTotal = sd ? sd.total : disks.reduce((s, d) => s + d.total, 0);
     const diskDone = sd ? sd.total - sd.remaining : disks.reduce((s, d) => s + d.copied, 0);
     const end = this.progress.finishedAt ?? Date.now();
-    const status = this.machine.is("completed")
-      ? "completed"
-      : this.machine.is("failed", "unsettled")
-        ? "failed"
-        : this.machine.is("cancelled")
-          ? "cancelled"
-          : "active";
     return {
       type: "outgoing",
       operation: "Outgoing migration",
@@ -940,7 +934,7 @@ export class OutgoingMigration {
       notes: this.notes,
       ramBytes: this.run.def.memoryKiB * 1024,
       phase: this.machine.phase,
-      status,
+      status: sourceJobStatus(this.machine),
       startedAt: this.startedAt,
       elapsedMs: end - this.startedAt,
       timeToReadyMs: readyAt ? readyAt - this.startedAt : undefined,
@@ -964,10 +958,7 @@ export class OutgoingMigration {
             iterations: m["dirty-sync-count"],
           }
         : undefined,
-      error: this.failure?.message,
-      errorCode: this.failure?.code,
-      errorPhase: this.failure?.phase,
-      errorDetail: this.failure?.detail,
+      ...failureFields(this.failure),
     };
   }
 }

@@ -57,6 +57,19 @@ export function ok(tb: Testbed, host: "a" | "b", args: string[]): string {
   return r.stdout;
 }
 
+/** Defines a guest on host a (persistent, shut off). */
+export function defineGuest(
+  tb: Testbed,
+  spec: Omit<GuestSpec, "kernel" | "initrd">,
+  guest: { kernel: string; initrd: string },
+): void {
+  fs.writeFileSync(
+    `${tb.a.dir}/${spec.name}.xml`,
+    guestXml({ ...spec, kernel: guest.kernel, initrd: guest.initrd }),
+  );
+  ok(tb, "a", ["define", `/var/lib/nbdmig/${spec.name}.xml`]);
+}
+
 /** Defines a guest on host a and starts it (`start` with `flags`); answers the QEMU's pid. */
 async function defineAndStart(
   tb: Testbed,
@@ -64,11 +77,7 @@ async function defineAndStart(
   guest: { kernel: string; initrd: string },
   flags: string[] = [],
 ): Promise<number> {
-  fs.writeFileSync(
-    `${tb.a.dir}/${spec.name}.xml`,
-    guestXml({ ...spec, kernel: guest.kernel, initrd: guest.initrd }),
-  );
-  ok(tb, "a", ["define", `/var/lib/nbdmig/${spec.name}.xml`]);
+  defineGuest(tb, spec, guest);
   ok(tb, "a", ["start", ...flags, spec.name]);
   return (await tb.a.client().call<{ pid: number }>("GET", `/v1/domains/${spec.name}`)).pid;
 }
