@@ -1,8 +1,12 @@
-/** What both benchmarks need: the CLI inside a test host, the reference image, a median. */
+/**
+ * What the benchmarks share: the CLI and commands inside a test host, the reference image, nbdcopy between
+ * the hosts, a median.
+ */
 import { execFileSync } from "node:child_process";
 import fs from "node:fs";
 import path from "node:path";
-import type { Testbed } from "../src/testbed/testbed.js";
+import { createImage, imageInfo } from "../src/qemu/img.js";
+import { HOST_ROOT, type Testbed } from "../src/testbed/testbed.js";
 
 export function nbdmig(
   tb: Testbed,
@@ -29,3 +33,110 @@ export function referenceImage(tb: Testbed, host: "a" | "b", name: string): stri
 
 export const median = (xs: number[]): number =>
   xs.length ? [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]! : 0;
+
+/** Runs argv inside a test host (its network and mount namespaces); answers its stdout. */
+export function inHost(tb: Testbed, host: "a" | "b", argv: string[]): string {
+  const pre = tb[host].execPrefix();
+  return execFileSync(pre[0]!, [...pre.slice(1), ...argv], { encoding: "utf8" });
+}
+
+/**
+ * A qemu-nbd inside a host, started as nbdmig starts the ones of an offline migration
+ * (src/qemu/nbd-export.ts: 8 clients, so that it offers multi-conn, writeback cache, discard on a writable
+ * export). `file` and the socket are paths inside the host. Answers the export's URI there, and a stop.
+ */
+function qemuNbdInHost(
+  tb: Testbed,
+  host: "a" | "b",
+  o: { file: string; format: string; readonly: boolean; at: { socket: string } | { port: number } },
+): { uri: string; stop: () => void } {
+  const pidFile = `${HOST_ROOT}/peer-qemu-nbd-${path.basename(o.file)}.pid`;
+  inHost(tb, host, [
+    "qemu-nbd",
+    "--fork",
+    "--pid-file",
+    pidFile,
+    "--persistent",
+    "--shared",
+    "8",
+    "--export-name",
+    "peer",
+    "--cache",
+    "writeback",
+    "--format",
+    o.format,
+    ...(o.readonly ? ["--read-only"] : ["--discard", "unmap"]),
+    ...("socket" in o.at
+      ? ["--socket", o.at.socket]
+      : ["--bind", tb[host].addr, "--port", String(o.at.port)]),
+    o.file,
+  ]);
+  const pid = Number(fs.readFileSync(tb[host].hostPath(pidFile), "utf8"));
+  return {
+    uri:
+      "socket" in o.at
+        ? `nbd+unix:///peer?socket=${o.at.socket}`
+        : `nbd://${tb[host].addr}:${o.at.port}/peer`,
+    stop: () => {
+      try {
+        process.kill(pid);
+      } catch {
+        // Already gone.
+      }
+    },
+  };
+}
+
+/**
+ * The peer of an offline copy: nbdcopy on host a, from a read-only qemu-nbd serving `source` there into a
+ * qemu-nbd on host b serving a fresh image created as nbdmig's destination creates one (same format and
+ * size), both qemu-nbd started as nbdmig starts its own, so that nbdcopy gets its default 4 connections
+ * (multi-conn on both ends). Answers the copy's seconds and the bytes host a sent over the migration link.
+ */
+export async function nbdcopyBetweenHosts(
+  tb: Testbed,
+  source: string,
+  opts: { flush?: boolean } = {},
+): Promise<{ seconds: number; wireBytes: number }> {
+  const info = await imageInfo(source);
+  const name = `peer-${path.basename(source)}`;
+  const dest = path.join(tb.b.imagesDir, name);
+  await createImage(dest, info.format, info.virtualSize);
+  const inA = (p: string) => path.join(`${HOST_ROOT}/images`, path.relative(tb.a.imagesDir, p));
+  const src = qemuNbdInHost(tb, "a", {
+    file: inA(source),
+    format: info.format,
+    readonly: true,
+    at: { socket: `${HOST_ROOT}/${name}.sock` },
+  });
+  const dst = qemuNbdInHost(tb, "b", {
+    file: `${HOST_ROOT}/images/${name}`,
+    format: info.format,
+    readonly: false,
+    at: { port: 10810 },
+  });
+  try {
+    execFileSync("sync");
+    const tx0 = tb.linkTxBytes();
+    const t0 = process.hrtime.bigint();
+    inHost(tb, "a", ["nbdcopy", ...(opts.flush ? ["--flush"] : []), src.uri, dst.uri]);
+    const seconds = Number(process.hrtime.bigint() - t0) / 1e9;
+    return { seconds, wireBytes: tb.linkTxBytes() - tx0 };
+  } finally {
+    src.stop();
+    dst.stop();
+    fs.rmSync(dest, { force: true });
+  }
+}
+
+/** The extents of an image that hold data, as qemu-img map reports them (guest-visible offsets). */
+export function dataExtents(file: string): { start: number; length: number }[] {
+  const map = JSON.parse(
+    execFileSync("qemu-img", ["map", "-U", "--output=json", file], { encoding: "utf8" }),
+  ) as {
+    start: number;
+    length: number;
+    data: boolean;
+  }[];
+  return map.filter((e) => e.data).map(({ start, length }) => ({ start, length }));
+}

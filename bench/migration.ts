@@ -12,7 +12,7 @@ import path from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
 import { fileURLToPath } from "node:url";
 import { guestAddress, longestGap, Testbed } from "../src/testbed/testbed.js";
-import { median, nbdmigOk, referenceImage } from "./common.js";
+import { inHost, median, nbdcopyBetweenHosts, nbdmigOk, referenceImage } from "./common.js";
 
 const repo = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..");
 const MiB = 1024 * 1024;
@@ -30,12 +30,6 @@ export interface MigrationRow {
   wireMiB: number;
   rateMiBs: number;
   note?: string;
-}
-
-function inHost(tb: Testbed, host: "a" | "b", argv: string[]): string {
-  return execFileSync(tb[host].execPrefix()[0]!, [...tb[host].execPrefix().slice(1), ...argv], {
-    encoding: "utf8",
-  });
 }
 
 async function migrateOnce(
@@ -135,48 +129,14 @@ function tcpRate(tb: Testbed): number {
 }
 
 /** nbdcopy streams the same 2 GiB image (512 MiB of data) into a qemu-nbd serving a fresh image on host b. */
-function nbdcopyRate(tb: Testbed): { s: number; rate: number; wire: number } {
+async function nbdcopyRate(tb: Testbed): Promise<{ s: number; rate: number; wire: number }> {
   const src = referenceImage(tb, "a", "peer.qcow2");
-  execFileSync("qemu-img", ["create", "-q", "-f", "qcow2", path.join(tb.b.imagesDir, "peer.qcow2"), "2G"]);
-  const nbd = spawn(
-    tb.b.execPrefix()[0]!,
-    [
-      ...tb.b.execPrefix().slice(1),
-      "qemu-nbd",
-      "-f",
-      "qcow2",
-      "-x",
-      "peer",
-      "-b",
-      tb.b.addr,
-      "-p",
-      "10810",
-      "-t",
-      "/var/lib/nbdmig/images/peer.qcow2",
-    ],
-    { stdio: "ignore" },
-  );
-  execFileSync("sleep", ["0.5"]);
-  execFileSync("sync");
-  const tx0 = tb.linkTxBytes();
-  const t0 = process.hrtime.bigint();
-  inHost(tb, "a", [
-    "nbdcopy",
-    "--",
-    "[",
-    "qemu-nbd",
-    "-r",
-    "-f",
-    "qcow2",
-    src.replace(tb.a.dir, "/var/lib/nbdmig"),
-    "]",
-    `nbd://${tb.b.addr}:10810/peer`,
-  ]);
-  const s = Number(process.hrtime.bigint() - t0) / 1e9;
-  const wire = tb.linkTxBytes() - tx0;
-  nbd.kill();
-  for (const h of ["a", "b"] as const) fs.rmSync(path.join(tb[h].imagesDir, "peer.qcow2"), { force: true });
-  return { s, rate: 2048 / s, wire: wire / MiB };
+  try {
+    const { seconds, wireBytes } = await nbdcopyBetweenHosts(tb, src);
+    return { s: seconds, rate: 2048 / seconds, wire: wireBytes / MiB };
+  } finally {
+    fs.rmSync(src, { force: true });
+  }
 }
 
 export async function migrationBench(runs: number): Promise<MigrationRow[]> {
@@ -204,7 +164,7 @@ export async function migrationBench(runs: number): Promise<MigrationRow[]> {
     ] as const) {
       tb.setRate(rate);
       const tcp = tcpRate(tb);
-      const peer = nbdcopyRate(tb);
+      const peer = await nbdcopyRate(tb);
       // Plain and TLS interleaved round by round, so that both see the same machine.
       const ours: Record<"plain" | "tls", MigrationRow[]> = { plain: [], tls: [] };
       for (let i = 0; i < runs; i++) {

@@ -1,12 +1,13 @@
 /**
  * `npm run bench`: benchmarks that compare nbdmig with real peers measured in the same run. Needs root (the
- * namespace test bed). `--only migration|db|converge|nbd`, `--runs N` (default 3), `--bound S` (default 180),
+ * namespace test bed). `--only migration|db|converge|nbd|offline`, `--runs N` (default 3), `--bound S` (default 180),
  * `--modes auto,throttle,...` (converge only).
  */
 import { convergeBench } from "./converge.js";
 import { dbBench } from "./db.js";
 import { migrationBench, type MigrationRow } from "./migration.js";
 import { nbdBench } from "./nbd.js";
+import { offlineBench } from "./offline.js";
 
 const args = process.argv.slice(2);
 const opt = (name: string) => (args.includes(name) ? args[args.indexOf(name) + 1] : undefined);
@@ -165,4 +166,66 @@ if (!only || only === "nbd") {
       copies.map((r) => [r.what, r.tool, f(r.seconds, 2), f(r.loopbackMiB, 0)]),
     ),
   );
+}
+
+if (!only || only === "offline") {
+  const { rows, resume, resumeNotRun } = await offlineBench(runs);
+  console.log(
+    `\nOffline migration of a shut-off domain (migrate --offline --copy-storage-all) beside nbdcopy between the same two qemu-nbd-served images, same run, same link; medians of ${runs}\n`,
+  );
+  console.log(
+    table(
+      ["disk", "link", "tool", "seconds", "data MiB/s", "wire MiB", "wire / data", "note"],
+      rows.map((r) => [
+        r.disk,
+        r.link,
+        r.tool,
+        f(r.seconds, 2),
+        f(r.dataMiBs, 0),
+        f(r.wireMiB, 1),
+        f(r.wireRatio, 3),
+        r.note ?? "",
+      ]),
+    ),
+  );
+  console.log(`
+  "data" is what block status reports as allocated on the source (512 MiB, 100 MiB), so "data MiB/s" is the
+  allocated data over the whole command's time (nbdmig: the CLI from start to exit, Begin, Prepare and
+  Finish included; the copy phase alone in the note). "wire" is what host a sent over the link. nbdcopy
+  runs with its defaults (4 connections, both qemu-nbd offering multi-conn) and --flush, from a read-only
+  qemu-nbd on host a into a qemu-nbd on host b serving an image created as nbdmig's destination creates one.`);
+  if (resumeNotRun) console.log(`\nResumed copy (--keep-partial): not run, ${resumeNotRun}.`);
+  else {
+    console.log(
+      `\nResumed copy: migrate --offline --copy-storage-all --keep-partial aborted once half of the data had crossed, then the same command again (the second attempt measured); medians of ${runs}\n`,
+    );
+    console.log(
+      table(
+        [
+          "disk",
+          "link",
+          "cut at MiB sent",
+          "resumed from MiB",
+          "missing MiB",
+          "seconds",
+          "wire MiB",
+          "wire / missing",
+          "note",
+        ],
+        resume.map((r) => [
+          r.disk,
+          r.link,
+          f(r.cutMiB, 0),
+          f(r.resumedFromMiB, 0),
+          f(r.missingMiB, 1),
+          f(r.seconds, 2),
+          f(r.wireMiB, 1),
+          f(r.ratio, 3),
+          r.note,
+        ]),
+      ),
+    );
+    console.log(`
+  "missing" is the source's allocated data at or beyond the offset the second attempt resumed at.`);
+  }
 }

@@ -216,4 +216,110 @@ describe("offline migration of a shut-off domain with its disks", { timeout: 900
         "Images are identical.",
       );
   });
+
+  type PartialJob = {
+    status: string;
+    disks: { target: string; copied: number; dataBytes?: number; resumedFrom?: number }[];
+  };
+  const partialsOn = (host: "a" | "b") =>
+    JSON.parse(ok(tb!, host, ["partial", "list", "--json"])) as {
+      name: string;
+      disks: { target: string; doneTo: number }[];
+    }[];
+
+  it("a copy cut at about half (the destination's agent killed) resumes with the same command: only the rest travels", async (t) => {
+    if (!need(t, MIGRATION_TOOLS, true)) return;
+    const images = defineCold("cut", 64);
+    tb!.setRate("64mbit");
+    const args = ["--offline", "--copy-storage-all", "--keep-partial", "--verify", "cut", tb!.b.uri];
+    const run = migrateInBackground(tb!, args);
+    await waitFor(
+      "the destination to record a quarter of the qcow2 disk's 64 MiB as copied",
+      async () => {
+        const j = await jobOf<{ disks: { doneTo?: number }[] }>(tb!, "cut", "b");
+        return (j?.disks[0]?.doneTo ?? 0) >= 16 * MiB;
+      },
+      60_000,
+      50,
+    );
+    await tb!.b.killAgent("SIGKILL");
+    const res = await run.done;
+    assert.equal(res.status, 1, res.stderr);
+    // The restarted agent stops the qemu-nbd its predecessor left and keeps what the checkpoints recorded.
+    await tb!.b.startAgent();
+    const kept = partialsOn("b");
+    assert.equal(kept.length, 1, JSON.stringify(kept));
+    const doneTo = kept[0]!.disks.find((d) => d.target === "vda")!.doneTo;
+    t.diagnostic(`kept on the destination: vda up to ${(doneTo / MiB).toFixed(1)} MiB`);
+    assert.ok(doneTo >= 16 * MiB && doneTo <= 64 * MiB, `vda kept up to ${doneTo}`);
+    assert.match(nbdmig(tb!, "b", ["dominfo", "cut"]).stderr, /not found on this host/);
+
+    tb!.setRate(undefined);
+    const again = nbdmig(tb!, "a", ["migrate", ...args]);
+    assert.equal(again.status, 0, again.stderr);
+    const job = JSON.parse(ok(tb!, "a", ["domjobinfo", "cut", "--completed", "--json"])) as PartialJob;
+    const vda = job.disks.find((d) => d.target === "vda")!;
+    t.diagnostic(`second attempt: vda resumed at ${vda.resumedFrom}, sent ${vda.dataBytes} bytes as data`);
+    assert.equal(vda.resumedFrom, doneTo);
+    // The 64 MiB of data lie at the start of vda: what lies past the checkpoint is what travels again.
+    assert.ok(vda.dataBytes! <= 64 * MiB - doneTo + MiB, `vda sent ${vda.dataBytes} bytes`);
+    for (const img of images)
+      assert.equal(
+        compare(`${tb!.a.imagesDir}/${img}`, `${tb!.b.imagesDir}/${img}`),
+        "Images are identical.",
+      );
+    assert.deepEqual(partialsOn("b"), [], "the partial copy is gone once taken over");
+    assert.match(ok(tb!, "b", ["dominfo", "cut"]), /State:\s+shut off/);
+  });
+
+  it("a partial copy left alone is removed when its time is up; discard removes one at once", async (t) => {
+    if (!need(t, MIGRATION_TOOLS, true)) return;
+    const images = defineCold("gone", 64);
+    tb!.setRate("64mbit");
+    const cut = async (keep: string) => {
+      const run = migrateInBackground(tb!, [
+        "--offline",
+        "--copy-storage-all",
+        "--keep-partial-for",
+        keep,
+        "gone",
+        tb!.b.uri,
+      ]);
+      await waitFor(
+        "a checkpoint on the destination",
+        async () => {
+          const j = await jobOf<{ phase: string; disks: { doneTo?: number }[] }>(tb!, "gone", "b");
+          return j?.phase === "prepared" && (j.disks[0]?.doneTo ?? 0) > 0;
+        },
+        60_000,
+        50,
+      );
+      ok(tb!, "a", ["domjobabort", "gone"]);
+      const res = await run.done;
+      assert.equal(res.status, 1);
+      assert.match(
+        res.stderr,
+        /cancelled by domjobabort; the destination keeps the .* copied until .*: the same command resumes the copy/,
+      );
+      assert.ok(fs.existsSync(`${tb!.b.imagesDir}/${images[0]}`), "the partial image is kept");
+    };
+    await cut("3s");
+    await waitFor(
+      "the partial copy to expire",
+      () => !fs.existsSync(`${tb!.b.imagesDir}/${images[0]}`),
+      20_000,
+    );
+    assert.deepEqual(partialsOn("b"), []);
+    await assertDestClean(tb!, "gone", images);
+
+    await cut("1h");
+    assert.match(ok(tb!, "b", ["partial", "list"]), /gone: vda .*; kept until/);
+    assert.match(ok(tb!, "b", ["partial", "discard", "gone"]), /removed the partial copy of 'gone'/);
+    assert.match(
+      nbdmig(tb!, "b", ["partial", "discard", "gone"]).stderr,
+      /no partial copy of 'gone' is kept on this host/,
+    );
+    await assertDestClean(tb!, "gone", images);
+    assert.match(ok(tb!, "a", ["dominfo", "gone"]), /State:\s+shut off/);
+  });
 });

@@ -191,7 +191,7 @@ export class Router {
 }
 
 /** Codes that say the thing named in the path does not exist here. */
-const NOT_FOUND = new Set(["E_NO_DOMAIN", "E_NO_MIGRATION"]);
+const NOT_FOUND = new Set(["E_NO_DOMAIN", "E_NO_MIGRATION", "E_NO_PARTIAL"]);
 
 export function errorToHttp(err: unknown): [number, Record<string, unknown>] {
   if (err instanceof NbdmigError) {

@@ -28,6 +28,10 @@ export class StateDir {
   get outgoingDir(): string {
     return path.join(this.migrationsDir, "outgoing");
   }
+  /** Partial copies kept by offline migrations with --keep-partial: `NAME.json` (see partials.ts). */
+  get partialsDir(): string {
+    return path.join(this.migrationsDir, "partial");
+  }
   /** This host's TLS certificates for the migration channels (see src/qemu/pki.ts). */
   get pkiDir(): string {
     return path.join(this.root, "pki");
@@ -64,6 +68,7 @@ export class StateDir {
       this.logDir,
       this.migrationsDir,
       this.outgoingDir,
+      this.partialsDir,
     ])
       fs.mkdirSync(d, { recursive: true, mode: 0o700 });
   }

@@ -27,7 +27,8 @@ import { addTlsCreds, CA_CERT, certFileName, checkPki, keyFileName, TLS_CREDS_ID
 import { bindFromPool, MIGRATION_PORTS, NBD_PORTS } from "./ports.js";
 import { NbdServer } from "../nbd/server/server.js";
 import { FileBackend } from "../nbd/server/backends/file.js";
-import { serveWithQemuNbd } from "../qemu/nbd-export.js";
+import { serveWithQemuNbd, stopQemuNbd } from "../qemu/nbd-export.js";
+import type { PartialCopies, PartialRecord } from "./partials.js";
 
 /** QEMU's id of the authorization object that admits only the migration's source. */
 const TLS_AUTHZ_ID = "nbdmig-authz";
@@ -42,6 +43,8 @@ export interface PrepareResult {
   graphics?: { type: string; port?: number; listen: string }[];
   /** What the operator should know about the destination (a differing firmware build, say). */
   notes?: string[];
+  /** Offline: per disk, the offset a partial copy kept here resumes at (what lies below is copied). */
+  resume?: Record<string, number>;
 }
 
 /** Without a heartbeat from the source for this long, a prepared migration cleans itself up. */
@@ -68,15 +71,20 @@ export class IncomingMigration {
   private entry?: DomainEntry;
   private watchdog?: NodeJS.Timeout;
   private cleaning?: Promise<void>;
+  /** The partial copy this migration left (see keepPartial). */
+  private kept?: PartialRecord;
   private finishOpts?: { suspend: boolean; persistent: boolean };
   /** Offline: what serves the created images to the source (stopped before Finish defines the domain). */
   private readonly serving: (() => Promise<void>)[] = [];
+  /** Offline: per disk, the offset below which the copy is done (the source's checkpoints). */
+  private readonly done: Record<string, number> = {};
 
   constructor(
     private readonly reg: DomainRegistry,
     private readonly log: Logger,
     readonly req: PrepareRequest,
     private readonly onDone: (m: IncomingMigration) => void,
+    private readonly partials: PartialCopies,
     /** The record of a migration a restarted agent continues (phase `held`). */
     restored?: IncomingRecord,
   ) {
@@ -131,9 +139,11 @@ export class IncomingMigration {
         );
       }
     }
+    const partial = this.matchPartial();
     const ownNvramDir = this.reg.nvramDir;
     for (const d of cookie.disks) {
       const what = d.target === NVRAM_TARGET ? "the UEFI variable store" : `disk ${d.target}`;
+      if (partial.held.has(d.target)) continue;
       if (fs.existsSync(d.source)) {
         throw new UsageError(
           `${d.source} (${what}) already exists here; nbdmig never overwrites an image: remove it on the destination first`,
@@ -159,6 +169,7 @@ export class IncomingMigration {
     }
     for (const d of cookie.disks) if (d.mode === "top") await this.checkChain(d);
     this.checkSpace();
+    partial.adopt();
     if (cookie.accel === "kvm" && !this.req.offline) {
       const kvm = await probeKvm();
       if (!kvm.usable)
@@ -166,6 +177,7 @@ export class IncomingMigration {
     }
 
     for (const d of cookie.disks) {
+      if (partial.resumed.has(d.target)) continue;
       this.created.push(d.source);
       this.saveRecord();
       if (d.target === NVRAM_TARGET) fs.mkdirSync(path.dirname(d.source), { recursive: true, mode: 0o700 });
@@ -341,7 +353,104 @@ export class IncomingMigration {
       { domain: this.name, id: this.id, exports, created: this.created },
       "offline migration prepared",
     );
-    return { id: this.id, nbd: { host, port: 0 }, exports, migrateUri: "", notes: this.notes };
+    return {
+      id: this.id,
+      nbd: { host, port: 0 },
+      exports,
+      migrateUri: "",
+      notes: this.notes,
+      resume: { ...this.done },
+    };
+  }
+
+  /**
+   * Offline: a partial copy of this domain kept here (`--keep-partial`) is taken over, disk by disk, where
+   * the image is the same one at the same path and its source has not changed since (its stamp); those
+   * disks resume at their last checkpoint. Returns the disks resumed, those whose image the partial copy
+   * holds (to be replaced), and `adopt`, called once Prepare's checks have passed: until then the partial
+   * copy stays as it was. `adopt` removes what does not match.
+   */
+  private matchPartial(): { resumed: Set<string>; held: Set<string>; adopt: () => void } {
+    const resumed = new Set<string>();
+    const held = new Set<string>();
+    const { cookie } = this.req;
+    const p = this.req.offline ? this.partials.load(cookie.name) : undefined;
+    if (!p) return { resumed, held, adopt: () => undefined };
+    if (p.uuid !== cookie.uuid) {
+      throw new DomainStateError(
+        "E_PARTIAL",
+        `a partial copy of another domain named '${cookie.name}' (uuid ${p.uuid}) is kept here until ${new Date(p.keptUntil).toISOString()}; run 'nbdmig partial discard ${cookie.name}' on the destination first`,
+      );
+    }
+    const keep: string[] = [];
+    const notes: string[] = [];
+    for (const d of cookie.disks) {
+      if (p.files.includes(d.source)) held.add(d.target);
+      const k = p.disks.find((x) => x.target === d.target);
+      if (!k) continue;
+      const same =
+        k.path === d.source &&
+        k.format === d.format &&
+        k.virtualSize === d.virtualSize &&
+        k.stamp !== undefined &&
+        k.stamp === d.stamp &&
+        fs.existsSync(k.path);
+      if (!same) {
+        notes.push(
+          `disk ${d.target}: the partial copy kept here does not match the source now; copied again`,
+        );
+        continue;
+      }
+      resumed.add(d.target);
+      keep.push(k.path);
+      this.done[d.target] = k.doneTo;
+      notes.push(
+        `disk ${d.target}: resuming the partial copy kept here at ${formatBytes(k.doneTo)} of ${formatBytes(d.virtualSize)}`,
+      );
+    }
+    const adopt = () => {
+      this.notes.push(...notes);
+      this.created.push(...keep);
+      // This migration's record owns the kept images before the partial copy's record goes.
+      this.saveRecord();
+      this.partials.discard(
+        { ...p, files: p.files.filter((f) => !keep.includes(f)) },
+        "taken over by a new attempt",
+      );
+    };
+    return { resumed, held, adopt };
+  }
+
+  /** Offline, with keepPartialMs: the source's checkpoint for one disk. */
+  checkpoint(target: string, doneTo: number): void {
+    requirePhase(this.machine, ["prepared"], "progress", "perform");
+    const d = this.req.cookie.disks.find((x) => x.target === target);
+    if (!this.req.offline || !d)
+      throw new UsageError(`no disk ${target} is copied offline by migration ${this.id}`, "E_BAD_BODY");
+    if (doneTo > d.virtualSize)
+      throw new UsageError(`disk ${target} has ${d.virtualSize} bytes, not ${doneTo}`, "E_BAD_BODY");
+    this.lastSeen = Date.now();
+    if (doneTo <= (this.done[target] ?? 0)) return;
+    this.done[target] = doneTo;
+    this.saveRecord();
+  }
+
+  /**
+   * Offline, with keepPartialMs, once copying had made progress: the images stay, recorded as a partial
+   * copy; the rest of what Prepare created goes. False when there is nothing to keep.
+   */
+  private keepPartial(reason: string): boolean {
+    const rec = partialOf(this.req, this.id, this.created, this.done, reason);
+    if (!rec) return false;
+    this.partials.save(rec);
+    this.log.warn(
+      { domain: this.name, id: this.id, until: new Date(rec.keptUntil).toISOString(), disks: rec.disks },
+      "keeping the partial copy for the same command to resume",
+    );
+    for (const f of this.created.filter((x) => !rec.files.includes(x))) fs.rmSync(f, { force: true });
+    this.created.length = 0;
+    this.kept = rec;
+    return true;
   }
 
   /** Stops what serves the images offline; our server and qemu-nbd both flush as they stop. */
@@ -413,8 +522,9 @@ export class IncomingMigration {
       const st = fs.statSync(dir);
       const fsInfo = fs.statfsSync(dir);
       const e = need.get(st.dev) ?? { dir, bytes: 0, avail: fsInfo.bavail * fsInfo.bsize };
-      // The allocated data plus a margin for image metadata.
-      e.bytes += Math.ceil(d.allocated * 1.02) + 16 * 1024 * 1024;
+      // The allocated data plus a margin for image metadata; a partial copy kept here holds some already.
+      const have = this.done[d.target] !== undefined ? fs.statSync(d.source).blocks * 512 : 0;
+      e.bytes += Math.max(0, Math.ceil(d.allocated * 1.02) - have) + 16 * 1024 * 1024;
       need.set(st.dev, e);
     }
     for (const e of need.values()) {
@@ -547,8 +657,9 @@ export class IncomingMigration {
     rec: IncomingRecord & { req: PrepareRequest; finish: { suspend: boolean; persistent: boolean } },
     entry: DomainEntry,
     onDone: (m: IncomingMigration) => void,
+    partials: PartialCopies,
   ): IncomingMigration {
-    const m = new IncomingMigration(reg, log, rec.req, onDone, rec);
+    const m = new IncomingMigration(reg, log, rec.req, onDone, partials, rec);
     m.entry = entry;
     m.saveRecord("held");
     entry.job = {
@@ -579,18 +690,26 @@ export class IncomingMigration {
     this.onDone(this);
   }
 
-  /** The source's cancel: refused while Finish runs, which may be resuming the guest here. */
-  cancel(): Promise<void> {
+  /**
+   * The source's cancel: refused while Finish runs, which may be resuming the guest here. `discard`: what
+   * was copied is not to be kept (a failed --verify).
+   */
+  async cancel(opts: { discard?: boolean } = {}): Promise<{ kept?: { bytes: number; until: number } }> {
     if (this.machine.is("finish", "resume"))
       throw new DomainStateError(
         "E_MIGRATION_PHASE",
         `the incoming migration of '${this.name}' is finishing (the guest may be resuming here); ask again`,
       );
-    return this.cleanup("cancelled by the source");
+    await this.cleanup("cancelled by the source", opts);
+    const k = this.kept;
+    return k ? { kept: { bytes: k.disks.reduce((s, d) => s + d.doneTo, 0), until: k.keptUntil } } : {};
   }
 
-  /** Removes what Prepare created. Safe to call more than once and from any phase before `running`. */
-  cleanup(reason: string): Promise<void> {
+  /**
+   * Removes what Prepare created (an offline copy with keepPartialMs keeps its images, see keepPartial).
+   * Safe to call more than once and from any phase before `running`.
+   */
+  cleanup(reason: string, opts: { discard?: boolean } = {}): Promise<void> {
     if (this.machine.is("resume", "running")) return Promise.resolve();
     this.cleaning ??= (async () => {
       this.machine.advance("cleanup");
@@ -609,6 +728,7 @@ export class IncomingMigration {
         e.job = undefined;
         this.reg.forgetTransient(e.name);
       }
+      if (!opts.discard) this.keepPartial(reason);
       for (const f of [...this.created, ...this.createdDirs]) {
         try {
           fs.rmSync(f, { force: true, recursive: this.createdDirs.includes(f) });
@@ -636,6 +756,7 @@ export class IncomingMigration {
       createdDirs: this.createdDirs,
       finish: this.finishOpts,
       req: this.req,
+      done: this.done,
     };
     writeFileAtomic(this.recordFile, JSON.stringify(rec));
   }
@@ -659,9 +780,47 @@ export class IncomingMigration {
       startedAt: this.startedAt,
       elapsedMs: Date.now() - this.startedAt,
       error: this.error,
-      disks: this.req.cookie.disks.map((d) => ({ target: d.target, total: d.virtualSize })),
+      disks: this.req.cookie.disks.map((d) => ({
+        target: d.target,
+        total: d.virtualSize,
+        // Offline with keepPartialMs: the copy's last checkpoint (what a cut-off attempt would keep).
+        doneTo: this.done[d.target],
+      })),
     };
   }
+}
+
+/**
+ * The partial copy an offline migration with keepPartialMs leaves: its disks whose copy had made progress
+ * (their images; the other images it created are removed). Undefined when there is nothing to keep.
+ */
+function partialOf(
+  req: PrepareRequest,
+  id: string,
+  created: string[],
+  done: Record<string, number>,
+  reason: string,
+): PartialRecord | undefined {
+  if (!req.offline || !req.keepPartialMs) return undefined;
+  const disks = req.cookie.disks
+    .filter((d) => (done[d.target] ?? 0) > 0 && created.includes(d.source))
+    .map((d) => ({
+      target: d.target,
+      path: d.source,
+      format: d.format,
+      virtualSize: d.virtualSize,
+      stamp: d.stamp,
+      doneTo: done[d.target]!,
+    }));
+  if (!disks.length) return undefined;
+  return {
+    name: req.cookie.name,
+    uuid: req.cookie.uuid,
+    keptUntil: Date.now() + req.keepPartialMs,
+    reason: `migration ${id}: ${reason}`,
+    disks,
+    files: disks.map((d) => d.path),
+  };
 }
 
 /** What a destination persists per incoming migration. Not strict: a newer agent may add fields. */
@@ -675,6 +834,8 @@ const IncomingRecordSchema = z.object({
   finish: z.object({ suspend: z.boolean(), persistent: z.boolean() }).optional(),
   /** The Prepare request, for a restarted agent that holds the migration (records of older agents lack it). */
   req: PrepareRequestSchema.optional(),
+  /** Offline: per disk, the offset below which the copy is done. */
+  done: z.record(z.string(), z.number()).default({}),
 });
 type IncomingRecord = z.infer<typeof IncomingRecordSchema>;
 
@@ -691,19 +852,14 @@ export async function recoverIncoming(
   reg: DomainRegistry,
   log: Logger,
   onDone: (m: IncomingMigration) => void,
+  partials: PartialCopies,
 ): Promise<IncomingMigration[]> {
   const held: IncomingMigration[] = [];
   // qemu-nbd processes serving an offline migration's images outlive the agent that started them.
   for (const f of fs.readdirSync(reg.state.migrationsDir).filter((x) => /^qemu-nbd-.*\.pid$/.test(x))) {
     const file = path.join(reg.state.migrationsDir, f);
-    const pid = Number(fs.readFileSync(file, "utf8").trim());
-    try {
-      if (fs.readFileSync(`/proc/${pid}/cmdline`, "utf8").startsWith("qemu-nbd"))
-        process.kill(pid, "SIGKILL");
-    } catch {
-      /* gone already */
-    }
-    fs.rmSync(file, { force: true });
+    // qemu-nbd flushes the image as it exits on SIGTERM (a partial copy may be kept).
+    await stopQemuNbd(Number(fs.readFileSync(file, "utf8").trim()), file);
   }
   for (const f of fs.readdirSync(reg.state.migrationsDir).filter((x) => x.endsWith(".json"))) {
     const file = path.join(reg.state.migrationsDir, f);
@@ -750,7 +906,7 @@ export async function recoverIncoming(
           // As Finish would have: no export left on the images, and every disk flushed.
           await run.qmp.execute("nbd-server-stop").catch(() => undefined);
           await run.qmp.execute("stop");
-          held.push(IncomingMigration.held(reg, log, { ...rec, req, finish }, e, onDone));
+          held.push(IncomingMigration.held(reg, log, { ...rec, req, finish }, e, onDone, partials));
           log.warn(
             { domain: rec.name, id: rec.id },
             "holding an incoming guest whose Finish an agent restart interrupted, paused until the source says resume",
@@ -769,7 +925,16 @@ export async function recoverIncoming(
       await reg.kill(e);
       reg.forgetTransient(rec.name);
     }
-    for (const img of rec.created) fs.rmSync(img, { force: true });
+    // An offline copy with --keep-partial keeps what its checkpoints say is done.
+    const partial = req && partialOf(req, rec.id, rec.created, rec.done, "the destination's agent restarted");
+    if (partial) {
+      partials.save(partial);
+      log.warn(
+        { domain: rec.name, disks: partial.disks },
+        "keeping the partial copy of an interrupted offline migration",
+      );
+    }
+    for (const img of rec.created.filter((f) => !partial?.files.includes(f))) fs.rmSync(img, { force: true });
     for (const dir of rec.createdDirs) fs.rmSync(dir, { force: true, recursive: true });
     fs.rmSync(file, { force: true });
   }

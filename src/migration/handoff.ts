@@ -94,20 +94,30 @@ export function persistPhases(
  * A rollback tells the destination to remove what it prepared; when it cannot be reached, its watchdog
  * does that on its own (so this only logs).
  */
+/**
+ * Tells the destination to remove what Prepare created (`discard`: even a partial copy it would keep).
+ * Returns what it keeps of an offline copy with keepPartialMs, if anything; unreachable, its watchdog
+ * cleans up.
+ */
 export async function cancelOnDestination(
   peer: AgentClient,
   id: string,
   log: Logger,
   domain: string,
-): Promise<void> {
-  await peer
-    .call("POST", `/v1/migrations/${id}/cancel`, {}, 5000)
-    .catch((e: unknown) =>
-      log.warn(
-        { domain, err: errorMessage(e) },
-        "cannot reach the destination to clean up; its watchdog will",
-      ),
+  discard = false,
+): Promise<{ bytes: number; until: number } | undefined> {
+  try {
+    const r = await peer.call<{ kept?: { bytes: number; until: number } }>(
+      "POST",
+      `/v1/migrations/${id}/cancel`,
+      discard ? { discard } : {},
+      5000,
     );
+    return r.kept;
+  } catch (e) {
+    log.warn({ domain, err: errorMessage(e) }, "cannot reach the destination to clean up; its watchdog will");
+    return undefined;
+  }
 }
 
 export type Verdict = "runs" | "never" | "unknown";

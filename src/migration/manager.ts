@@ -12,8 +12,11 @@ import { IncomingMigration, recoverIncoming, type PrepareRequest } from "./desti
 import { recoverMirrors } from "./mirror.js";
 import { OutgoingMigration, type MigrateRequest } from "./source.js";
 import { OfflineMigration, offlineHint } from "./offline.js";
+import { PartialCopies } from "./partials.js";
 import {
+  CancelRequestSchema,
   FinishRequestSchema,
+  ProgressRequestSchema,
   MigrateRequestSchema,
   PrepareRequestSchema,
   RecoverRequestSchema,
@@ -34,6 +37,8 @@ export class MigrationManager {
   private readonly records: OutgoingRecords;
   /** Outgoing migrations continued from their records (after a restart, or for `--recover`). */
   private readonly handoffs = new Map<string, SourceHandoff>();
+  /** Partial copies offline migrations kept here (--keep-partial). */
+  readonly partials: PartialCopies;
 
   constructor(
     private readonly reg: DomainRegistry,
@@ -41,11 +46,14 @@ export class MigrationManager {
     private readonly opts: ManagerOptions,
   ) {
     this.records = new OutgoingRecords(reg.state.outgoingDir);
+    this.partials = new PartialCopies(reg.state.partialsDir, log);
   }
 
   /** Continues or cleans up after migrations that were in progress when this agent last stopped. */
   async recover(): Promise<void> {
-    for (const m of await recoverIncoming(this.reg, this.log, this.incomingDone)) this.incoming.set(m.id, m);
+    for (const m of await recoverIncoming(this.reg, this.log, this.incomingDone, this.partials))
+      this.incoming.set(m.id, m);
+    this.partials.schedule();
     const continued = new Set<string>();
     for (const rec of this.records.all(this.log)) {
       const h = this.handoffFor(rec);
@@ -173,7 +181,7 @@ export class MigrationManager {
           "E_NO_STORAGE_PATH",
         );
     }
-    const m = new IncomingMigration(this.reg, this.log, req, this.incomingDone);
+    const m = new IncomingMigration(this.reg, this.log, req, this.incomingDone, this.partials);
     this.incoming.set(m.id, m);
     const prepared = await m.prepare();
     return { prepared };
@@ -190,6 +198,23 @@ export class MigrationManager {
     const m = this.incoming.get(id);
     if (!m) throw new NbdmigError("E_NO_MIGRATION", `no incoming migration ${id} on this host`);
     return m;
+  }
+
+  /** `nbdmig partial discard NAME`: valid while no migration of NAME runs here. */
+  discardPartial(name: string): Record<string, unknown> {
+    const p = this.partials.load(name);
+    if (!p)
+      throw new NbdmigError(
+        "E_NO_PARTIAL",
+        `no partial copy of '${name}' is kept on this host (see 'nbdmig partial list')`,
+      );
+    if (this.reg.has(name) && this.reg.get(name).job)
+      throw new DomainStateError(
+        "E_DOMAIN_BUSY",
+        `a migration of '${name}' is in progress here; wait for it to end`,
+      );
+    this.partials.discard(p, "discarded by the operator");
+    return { removed: p.files };
   }
 
   jobInfo(name: string): Record<string, unknown> {
@@ -237,8 +262,13 @@ export function migrationRoutes(router: Router, mm: MigrationManager): Router {
       await mm.incomingById(r.params.id!).resume();
       return {};
     })
-    .add("POST", "/v1/migrations/:id/cancel", async (r) => {
-      await mm.incomingById(r.params.id!).cancel();
+    .add("POST", "/v1/migrations/:id/cancel", CancelRequestSchema, (r) =>
+      mm.incomingById(r.params.id!).cancel(r.body),
+    )
+    .add("POST", "/v1/migrations/:id/progress", ProgressRequestSchema, (r) => {
+      mm.incomingById(r.params.id!).checkpoint(r.body.target, r.body.doneTo);
       return {};
-    });
+    })
+    .add("GET", "/v1/partials", () => ({ partials: mm.partials.all() }))
+    .add("DELETE", "/v1/partials/:name", (r) => mm.discardPartial(r.params.name!));
 }

@@ -27,6 +27,7 @@ import { formatBytes } from "../util/format.js";
 import { imageInfo } from "../qemu/img.js";
 import { serveWithQemuNbd, type QemuNbdExport } from "../qemu/nbd-export.js";
 import { sha256File } from "../util/hash.js";
+import { fileStamp } from "./partials.js";
 import { cancelOnDestination } from "./handoff.js";
 import { selectDisks, type CookieDisk, type MigrationCookie } from "./cookie.js";
 import type { PrepareResult } from "./destination.js";
@@ -53,6 +54,8 @@ interface DiskProgress {
   dataBytes?: number;
   startedAt?: number;
   doneAt?: number;
+  /** A resumed partial copy: the offset this attempt started at. */
+  resumedFrom?: number;
   /** With --verify: what the comparison of both sides read, and skipped as zero on both. */
   verified?: { comparedBytes: number; skippedBytes: number };
 }
@@ -99,6 +102,8 @@ export class OfflineMigration {
         `domain '${name}' is running: migrate it live (without --offline), or shut it down first`,
       );
     reg.refuseIfBusy(entry);
+    if (req.keepPartialMs && req.copyStorage === "none")
+      throw new UsageError("--keep-partial keeps copied disks: it goes with --copy-storage-all");
     if (req.verify && req.copyStorage !== "all")
       throw new UsageError("--verify compares copied disks: it goes with --copy-storage-all");
     if (req.copyStorage === "inc")
@@ -124,6 +129,7 @@ export class OfflineMigration {
         virtualSize: info.virtualSize,
         allocated: info.actualSize,
         mode: "full",
+        stamp: fileStamp(d.source!),
       });
     }
     const notes: string[] = [];
@@ -141,6 +147,7 @@ export class OfflineMigration {
           virtualSize: info.virtualSize,
           allocated: info.virtualSize,
           mode: "full",
+          stamp: fileStamp(nvram.path),
         });
         notes.push(`UEFI variable store ${nvram.path}: copied like a disk`);
       }
@@ -232,6 +239,7 @@ export class OfflineMigration {
       disksPort: this.req.disksPort,
       tls: this.tls,
       offline: true,
+      keepPartialMs: this.req.keepPartialMs,
     });
     this.notes.push(...(this.prepared.notes ?? []));
     this.watch = new DestinationWatch(this.peer, this.prepared.id, (why) =>
@@ -260,12 +268,27 @@ export class OfflineMigration {
       }
       let dst = this.prepared!.exports[d.target]!;
       if (this.tls) dst += `?tls-certificates=${encodeURIComponent(this.reg.state.pkiDir)}`;
+      const from = this.prepared!.resume?.[d.target] ?? 0;
+      if (from > 0) p.resumedFrom = p.copied = from;
+      const id = this.prepared!.id;
       const r = await copy(src, dst, {
         connections: CONNECTIONS,
-        destinationIsZero: true,
+        // A fresh image reads as zeros; a partial one may hold writes past its checkpoint.
+        destinationIsZero: from === 0,
+        destinationMapped: from > 0,
+        from,
         flush: true,
         signal: this.stop.signal,
         progress: (done) => (p.copied = done),
+        checkpoint: this.req.keepPartialMs
+          ? {
+              everyMs: 500,
+              commit: (doneTo) =>
+                this.peer
+                  .call("POST", `/v1/migrations/${id}/progress`, { target: d.target, doneTo }, 5000)
+                  .then(() => undefined),
+            }
+          : undefined,
       });
       p.copied = r.size;
       p.dataBytes = r.dataBytes;
@@ -304,7 +327,21 @@ export class OfflineMigration {
     this.failure = asMigrationError(err, this.machine.phase);
     this.machine.advance("rollback");
     this.log.warn({ domain: this.name, err: this.failure.message }, "offline migration failed");
-    if (this.prepared) await cancelOnDestination(this.peer, this.prepared.id, this.log, this.name);
+    if (this.prepared) {
+      // What a failed --verify found on the destination is wrong: never kept.
+      const discard = this.failure.code === "E_VERIFY";
+      const kept = await cancelOnDestination(this.peer, this.prepared.id, this.log, this.name, discard);
+      if (kept)
+        this.failure = new MigrationError(
+          this.failure.phase,
+          `${this.failure.message}; the destination keeps the ${formatBytes(kept.bytes)} copied until ${new Date(kept.until).toISOString()}: the same command resumes the copy`,
+          this.failure.code,
+        );
+      else if (this.req.keepPartialMs && !discard)
+        this.notes.push(
+          "--keep-partial: the destination keeps what its last checkpoint recorded, unless nothing was copied yet",
+        );
+    }
     this.machine.advance(this.failure.code === "E_ABORTED" ? "cancelled" : "failed");
   }
 
@@ -337,6 +374,7 @@ export class OfflineMigration {
         ready: d.doneAt !== undefined,
         rateBps: Math.round(d.doneAt ? 0 : rate(d)),
         dataBytes: d.dataBytes,
+        resumedFrom: d.resumedFrom,
         verified: d.verified,
       })),
       disk: {

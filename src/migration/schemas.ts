@@ -13,6 +13,8 @@ const port = z.number().int().min(1).max(65535);
 const filePath = z.string().min(1).max(4096).startsWith("/", "must be an absolute path");
 const sha256 = z.string().regex(/^[0-9a-f]{64}$/, "must be a SHA-256 in hex");
 const imageFormat = z.enum(["raw", "qcow2"]);
+/** The longest a partial copy may be kept: a week. */
+export const MAX_KEEP_PARTIAL_MS = 7 * 24 * 3600 * 1000;
 /** A disk target (vda, sdb, hdc...) or the UEFI variable store's pseudo-target `nvram`. */
 export const diskTarget = z.string().regex(/^[A-Za-z0-9_-]{1,32}$/, "must be a disk target such as vda");
 
@@ -30,6 +32,8 @@ export const CookieDiskSchema = z.strictObject({
     .strictObject({ file: z.string().min(1).max(4096), format: z.string().min(1).max(32) })
     .optional(),
   /** For "top": the chain below the top image, which the destination must already hold. */
+  /** The source image's identity (size, mtime, inode), for resuming a partial copy of it (offline). */
+  stamp: z.string().min(1).max(200).optional(),
   chain: z
     .array(
       z.strictObject({
@@ -81,10 +85,18 @@ export const PrepareRequestSchema = z.strictObject({
   tlsIdentity: z.string().min(1).max(1024).optional(),
   /** A shut-off domain: no QEMU here; the created images are served over NBD for the source's copy engine. */
   offline: z.boolean().default(false),
+  /** Offline: keep what was copied this long when the attempt fails, for the same command to resume. */
+  keepPartialMs: z.number().int().positive().max(MAX_KEEP_PARTIAL_MS).optional(),
 });
 export type PrepareRequest = z.infer<typeof PrepareRequestSchema>;
 /** A Prepare body as the source writes it (defaults not yet applied). */
 export type PrepareRequestInput = z.input<typeof PrepareRequestSchema>;
+
+/** POST /v1/migrations/ID/progress (offline, with keepPartialMs): a disk's copy is done below `doneTo`. */
+export const ProgressRequestSchema = z.strictObject({ target: diskTarget, doneTo: bytes });
+
+/** POST /v1/migrations/ID/cancel: `discard` removes what was copied even with keepPartialMs (it is wrong). */
+export const CancelRequestSchema = z.strictObject({ discard: z.boolean().default(false) });
 
 /** POST /v1/migrations/ID/finish. */
 export const FinishRequestSchema = z.strictObject({ suspend: z.boolean(), persistent: z.boolean() });
@@ -117,6 +129,8 @@ export const MigrateRequestSchema = z.strictObject({
   offline: z.boolean().default(false),
   /** With offline: compare every copied disk on both sides before Finish; a difference fails the migration. */
   verify: z.boolean().default(false),
+  /** With offline: a failed copy leaves what it copied on the destination this long, to be resumed. */
+  keepPartialMs: z.number().int().positive().max(MAX_KEEP_PARTIAL_MS).optional(),
 });
 export type MigrateRequest = z.infer<typeof MigrateRequestSchema>;
 

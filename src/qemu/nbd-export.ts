@@ -82,18 +82,30 @@ export async function serveWithQemuNbd(o: QemuNbdOptions): Promise<QemuNbdExport
       : `${scheme}://${o.at.host.includes(":") ? `[${o.at.host}]` : o.at.host}:${o.at.port}/${encodeURIComponent(o.name)}`;
   return {
     uri,
-    close: async () => {
-      try {
-        process.kill(pid, "SIGTERM");
-      } catch {
-        fs.rmSync(pidFile, { force: true });
-        return;
-      }
-      // qemu-nbd flushes the image and removes its pid file as it exits.
-      for (let i = 0; i < 100 && fs.existsSync(`/proc/${pid}`); i++)
-        await new Promise((r) => setTimeout(r, 50));
-      if (fs.existsSync(`/proc/${pid}`)) process.kill(pid, "SIGKILL");
-      fs.rmSync(pidFile, { force: true });
-    },
+    close: () => stopQemuNbd(pid, pidFile),
   };
+}
+
+/**
+ * A qemu-nbd of ours still running. Forked, it is not our child: once it has exited it stays a zombie until
+ * init reaps it, which some inits do only every second or two, so a zombie counts as gone.
+ */
+export function isQemuNbdRunning(pid: number): boolean {
+  try {
+    const stat = fs.readFileSync(`/proc/${pid}/stat`, "utf8");
+    if (stat.slice(stat.lastIndexOf(")") + 2).startsWith("Z")) return false;
+    return fs.readFileSync(`/proc/${pid}/cmdline`, "utf8").startsWith("qemu-nbd");
+  } catch {
+    return false;
+  }
+}
+
+/** SIGTERM (qemu-nbd flushes the image and removes its pid file as it exits), SIGKILL after 5 s. */
+export async function stopQemuNbd(pid: number, pidFile: string): Promise<void> {
+  if (isQemuNbdRunning(pid)) {
+    process.kill(pid, "SIGTERM");
+    for (let i = 0; i < 100 && isQemuNbdRunning(pid); i++) await new Promise((r) => setTimeout(r, 50));
+    if (isQemuNbdRunning(pid)) process.kill(pid, "SIGKILL");
+  }
+  fs.rmSync(pidFile, { force: true });
 }

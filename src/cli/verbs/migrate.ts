@@ -5,6 +5,7 @@ import type { Command } from "commander";
 import { readToken } from "../../agent/client.js";
 import { MigrationError, UsageError, type MigrationPhase } from "../../errors.js";
 import { CONVERGE_MODES } from "../../migration/converge.js";
+import { MAX_KEEP_PARTIAL_MS } from "../../migration/schemas.js";
 import { formatBytes, formatDuration, keyValues } from "../../util/format.js";
 import { agentFrom, enc, out } from "../context.js";
 
@@ -165,6 +166,14 @@ export function register(program: Command): void {
       "with --offline: compare every copied disk on both sides before the domain is defined there",
     )
     .option(
+      "--keep-partial",
+      "with --offline: a copy cut off (link down, an agent killed, an abort) stays on the destination for 24h and the same command resumes it",
+    )
+    .option(
+      "--keep-partial-for <duration>",
+      "--keep-partial, for this long instead (e.g. 30m, 12h, 2d; at most 7d)",
+    )
+    .option(
       "--copy-storage-all",
       "copy every local disk (not shareable, read-only or source-less ones) over NBD",
     )
@@ -250,6 +259,13 @@ export function register(program: Command): void {
         throw new UsageError(
           "--verify goes with --offline --copy-storage-all (a live migration's disks keep changing until the switchover)",
         );
+      const keep =
+        o.keepPartialFor !== undefined ? String(o.keepPartialFor) : o.keepPartial ? "24h" : undefined;
+      if (keep !== undefined && !(o.offline && (o.copyStorageAll || o.copyStorageInc)))
+        throw new UsageError(
+          "--keep-partial goes with --offline --copy-storage-all (a live migration's copy is redone by the mirror)",
+        );
+      const keepPartialMs = keep === undefined ? undefined : parseKeepDuration(keep);
       if (o.verifyBacking && !o.copyStorageInc)
         throw new UsageError("--verify-backing goes with --copy-storage-inc");
       if (o.timeoutSuspend && !o.timeout) throw new UsageError("--timeout-suspend goes with --timeout SEC");
@@ -278,6 +294,7 @@ export function register(program: Command): void {
         live: !o.offlinePause && !o.offline,
         offline: o.offline === true,
         verify: o.verify === true,
+        keepPartialMs,
         copyStorage: o.copyStorageAll ? "all" : o.copyStorageInc ? "inc" : "none",
         verifyBacking: o.verifyBacking === true,
         storageConverge: converge,
@@ -355,6 +372,40 @@ export function register(program: Command): void {
     .action(async (name: string, _o, cmd: Command) => {
       await agentFrom(cmd).call("POST", `/v1/domains/${enc(name)}/job/abort`);
     });
+
+  const partial = program
+    .command("partial")
+    .description("partial copies kept on this host by offline migrations with --keep-partial");
+  partial
+    .command("list")
+    .description("the partial copies kept here: domain, disks and how far each got, until when")
+    .option("--json", "as JSON")
+    .action(async (o: { json?: boolean }, cmd: Command) => {
+      const r = await agentFrom(cmd).call<{ partials: PartialInfo[] }>("GET", "/v1/partials");
+      if (o.json) return out(JSON.stringify(r.partials, null, 2));
+      if (!r.partials.length) return out("no partial copy is kept on this host");
+      for (const p of r.partials) {
+        const disks = p.disks
+          .map((d) => `${d.target} ${formatBytes(d.doneTo)}/${formatBytes(d.virtualSize)}`)
+          .join(", ");
+        out(`${p.name}: ${disks}; kept until ${new Date(p.keptUntil).toISOString()} (${p.reason})`);
+      }
+    });
+  partial
+    .command("discard")
+    .description("remove a partial copy kept here (its images) instead of resuming it")
+    .argument("<domain>")
+    .action(async (name: string, _o, cmd: Command) => {
+      const r = await agentFrom(cmd).call<{ removed: string[] }>("DELETE", `/v1/partials/${enc(name)}`);
+      out(`removed the partial copy of '${name}': ${r.removed.join(", ")}`);
+    });
+}
+
+interface PartialInfo {
+  name: string;
+  keptUntil: number;
+  reason: string;
+  disks: { target: string; doneTo: number; virtualSize: number }[];
 }
 
 function convergeText(j: JobInfo): string {
@@ -429,4 +480,16 @@ export function renderJob(j: JobInfo, active: boolean): string {
   if (active) rows.push(["Expected finish", eta(j)]);
   if (j.error) rows.push(["Error", j.error]);
   return keyValues(rows);
+}
+
+/** `--keep-partial-for`'s duration: a number with s, m, h or d, up to a week. */
+function parseKeepDuration(text: string): number {
+  const m = /^(\d+(?:\.\d+)?)([smhd])$/.exec(text.trim());
+  const unit = { s: 1000, m: 60_000, h: 3_600_000, d: 86_400_000 };
+  const ms = m ? Math.round(Number(m[1]) * unit[m[2] as keyof typeof unit]) : NaN;
+  if (!(ms >= 1000 && ms <= MAX_KEEP_PARTIAL_MS))
+    throw new UsageError(
+      `--keep-partial-for takes a duration from 1s to 7d such as 30m, 12h or 2d, not '${text}'`,
+    );
+  return ms;
 }

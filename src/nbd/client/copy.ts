@@ -171,6 +171,19 @@ export interface CopyOptions {
   /** The destination already reads as zeros: holes need no zero requests. */
   destinationIsZero?: boolean;
   /**
+   * The destination is zero except where its block status says otherwise (a partial copy being resumed,
+   * with writes past the resume point that may have landed): holes are zeroed only where it holds data.
+   */
+  destinationMapped?: boolean;
+  /** Copy from this offset on (a resumed copy: what lies before it is on the destination already). */
+  from?: number;
+  /**
+   * Every `everyMs`, the offset below which everything is written to the destination (all those writes
+   * answered and then flushed), handed to `commit` when it has moved on; once more at the end with the
+   * size. What `commit` throws fails the copy.
+   */
+  checkpoint?: { everyMs: number; commit: (doneTo: number) => Promise<void> };
+  /**
    * Flush the destination at the end, as `nbdcopy --flush` does. Without it the data may still sit in the
    * destination's cache when the copy returns (nbdcopy's default too).
    */
@@ -185,7 +198,7 @@ export interface CopyOptions {
 
 export interface CopyResult {
   size: number;
-  /** Bytes read from the source and written as data. */
+  /** Bytes read from the source and written as data (from `from` on). */
   dataBytes: number;
   /** Bytes sent as zero requests (or skipped on a zero destination). */
   zeroBytes: number;
@@ -253,7 +266,7 @@ const MAX_ZERO = 128 * 1024 * 1024;
 class WorkList {
   private items: Work[] = [];
   private head = 0;
-  private pos = 0;
+  private pos: number;
   private lookup?: Promise<void>;
   private failed?: Error;
   private lane = 0;
@@ -264,7 +277,15 @@ class WorkList {
     private readonly size: number,
     private readonly reqSize: number,
     private readonly lowWater: number,
-  ) {}
+    from: number,
+  ) {
+    this.pos = from;
+  }
+
+  /** Where the next piece handed out starts (the size once all are). */
+  get nextOffset(): number {
+    return this.head < this.items.length ? this.items[this.head]!.offset : this.pos;
+  }
 
   async next(): Promise<Work | undefined> {
     for (;;) {
@@ -323,18 +344,24 @@ class WorkList {
 async function run(source: Endpoint, dest: Endpoint, opts: CopyOptions): Promise<CopyResult> {
   const t0 = Date.now();
   const size = source.size;
+  const from = Math.min(opts.from ?? 0, size);
   const reqSize = opts.requestSize ?? 256 * 1024;
   const workers = Math.max(source.lanes, dest.lanes) * (opts.requests ?? 16);
-  const work = new WorkList(source, size, reqSize, workers);
-  let done = 0;
+  const work = new WorkList(source, size, reqSize, workers, from);
+  let done = from;
   let dataBytes = 0;
   let zeroBytes = 0;
+  /** Offsets of the pieces taken and not yet answered (pieces are handed out in order). */
+  const inFlight = new Set<number>();
+  const committer = opts.checkpoint ? new Committer(dest, opts.checkpoint, from) : undefined;
   const advance = (n: number) => {
     done += n;
     opts.progress?.(done, size);
   };
   const zero = async (lane: number, offset: number, length: number) => {
-    if (!opts.destinationIsZero) await dest.zero(lane, offset, length);
+    if (opts.destinationMapped) {
+      for (const [at, n] of await dataRanges(dest, lane, offset, length)) await dest.zero(lane, at, n);
+    } else if (!opts.destinationIsZero) await dest.zero(lane, offset, length);
     zeroBytes += length;
     advance(length);
   };
@@ -344,21 +371,31 @@ async function run(source: Endpoint, dest: Endpoint, opts: CopyOptions): Promise
     const own = alignedBuffer(reqSize);
     for (let w = await work.next(); w; w = await work.next()) {
       opts.signal?.throwIfAborted();
-      if (w.zero) {
-        await zero(lane, w.offset, w.length);
-        continue;
-      }
-      const buf = await source.read(lane, w.offset, w.length, own);
-      if (isZero(buf)) await zero(lane, w.offset, w.length);
+      committer?.throwIfFailed();
+      inFlight.add(w.offset);
+      if (w.zero) await zero(lane, w.offset, w.length);
       else {
-        await dest.write(lane, buf, w.offset);
-        dataBytes += w.length;
-        advance(w.length);
+        const buf = await source.read(lane, w.offset, w.length, own);
+        if (isZero(buf)) await zero(lane, w.offset, w.length);
+        else {
+          await dest.write(lane, buf, w.offset);
+          dataBytes += w.length;
+          advance(w.length);
+        }
       }
+      inFlight.delete(w.offset);
     }
   };
-  await Promise.all(Array.from({ length: workers }, (_, i) => worker(i)));
-  if (opts.flush) await dest.flush();
+  committer?.start(() => (inFlight.size ? Math.min(...inFlight) : work.nextOffset));
+  try {
+    await Promise.all(Array.from({ length: workers }, (_, i) => worker(i)));
+  } catch (err) {
+    await committer?.stop().catch(() => undefined);
+    throw err;
+  }
+  await committer?.stop();
+  if (opts.flush || committer) await dest.flush();
+  await committer?.commit(size);
   const result: CopyResult = { size, dataBytes, zeroBytes, elapsedMs: Date.now() - t0 };
   if (opts.verify) {
     const [a, b] = await Promise.all([hash(source, size), hash(dest, size)]);
@@ -367,6 +404,78 @@ async function run(source: Endpoint, dest: Endpoint, opts: CopyOptions): Promise
     result.sha256 = a;
   }
   return result;
+}
+
+/** The parts of [offset, offset+length) that `e` does not report as zero (all of it when it cannot tell). */
+async function dataRanges(
+  e: Endpoint,
+  lane: number,
+  offset: number,
+  length: number,
+): Promise<[number, number][]> {
+  const ext = await e.extents(lane, offset, length);
+  if (!ext) return [[offset, length]];
+  const out: [number, number][] = [];
+  let at = offset;
+  for (const x of ext) {
+    const n = Math.min(x.length, offset + length - at);
+    if (n <= 0) break;
+    if (!(x.flags & STATE_ZERO)) out.push([at, n]);
+    at += n;
+  }
+  if (at < offset + length) out.push([at, offset + length - at]);
+  return out;
+}
+
+/**
+ * Checkpoints of a copy: every `everyMs`, the offset below which every piece has been answered is flushed
+ * on the destination and then committed, one checkpoint at a time. A failed commit stops the workers.
+ */
+class Committer {
+  private timer?: NodeJS.Timeout;
+  private busy: Promise<void> = Promise.resolve();
+  private failed?: unknown;
+  private committed: number;
+
+  constructor(
+    private readonly dest: Endpoint,
+    private readonly cp: NonNullable<CopyOptions["checkpoint"]>,
+    from: number,
+  ) {
+    this.committed = from;
+  }
+
+  start(watermark: () => number): void {
+    this.timer = setInterval(() => {
+      // The offset is taken before the flush: a flush covers the writes answered before it was sent.
+      const w = watermark();
+      if (w <= this.committed) return;
+      this.busy = this.busy.then(async () => {
+        if (this.failed !== undefined || w <= this.committed) return;
+        try {
+          await this.dest.flush();
+          await this.commit(w);
+        } catch (err) {
+          this.failed = err;
+        }
+      });
+    }, this.cp.everyMs);
+  }
+
+  throwIfFailed(): void {
+    if (this.failed !== undefined) throw this.failed;
+  }
+
+  async stop(): Promise<void> {
+    clearInterval(this.timer);
+    await this.busy;
+    this.throwIfFailed();
+  }
+
+  async commit(w: number): Promise<void> {
+    await this.cp.commit(w);
+    this.committed = w;
+  }
 }
 
 async function hash(e: Endpoint, size: number): Promise<string> {
