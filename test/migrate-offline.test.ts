@@ -251,7 +251,8 @@ describe("offline migration of a shut-off domain with its disks", { timeout: 900
     assert.equal(kept.length, 1, JSON.stringify(kept));
     const doneTo = kept[0]!.disks.find((d) => d.target === "vda")!.doneTo;
     t.diagnostic(`kept on the destination: vda up to ${(doneTo / MiB).toFixed(1)} MiB`);
-    assert.ok(doneTo >= 16 * MiB && doneTo <= 64 * MiB, `vda kept up to ${doneTo}`);
+    // At least what the test waited for; a slow kill may let the checkpoints reach the end of vda's data.
+    assert.ok(doneTo >= 16 * MiB && doneTo <= 1024 * MiB, `vda kept up to ${doneTo}`);
     assert.match(nbdmig(tb!, "b", ["dominfo", "cut"]).stderr, /not found on this host/);
 
     tb!.setRate(undefined);
@@ -262,7 +263,7 @@ describe("offline migration of a shut-off domain with its disks", { timeout: 900
     t.diagnostic(`second attempt: vda resumed at ${vda.resumedFrom}, sent ${vda.dataBytes} bytes as data`);
     assert.equal(vda.resumedFrom, doneTo);
     // The 64 MiB of data lie at the start of vda: what lies past the checkpoint is what travels again.
-    assert.ok(vda.dataBytes! <= 64 * MiB - doneTo + MiB, `vda sent ${vda.dataBytes} bytes`);
+    assert.ok(vda.dataBytes! <= Math.max(0, 64 * MiB - doneTo) + MiB, `vda sent ${vda.dataBytes} bytes`);
     for (const img of images)
       assert.equal(
         compare(`${tb!.a.imagesDir}/${img}`, `${tb!.b.imagesDir}/${img}`),
