@@ -6,6 +6,7 @@ import { execFileSync } from "node:child_process";
 import fs from "node:fs";
 import path from "node:path";
 import { createImage, imageInfo } from "../src/qemu/img.js";
+import { qemuNbdArgs, type QemuNbdOptions } from "../src/qemu/nbd-export.js";
 import { HOST_ROOT, type Testbed } from "../src/testbed/testbed.js";
 
 export function nbdmig(
@@ -51,25 +52,14 @@ function qemuNbdInHost(
   o: { file: string; format: string; readonly: boolean; at: { socket: string } | { port: number } },
 ): { uri: string; stop: () => void } {
   const pidFile = `${HOST_ROOT}/peer-qemu-nbd-${path.basename(o.file)}.pid`;
+  const at = "socket" in o.at ? o.at : { host: tb[host].addr, port: o.at.port };
   inHost(tb, host, [
     "qemu-nbd",
-    "--fork",
-    "--pid-file",
-    pidFile,
-    "--persistent",
-    "--shared",
-    "8",
-    "--export-name",
-    "peer",
-    "--cache",
-    "writeback",
-    "--format",
-    o.format,
-    ...(o.readonly ? ["--read-only"] : ["--discard", "unmap"]),
-    ...("socket" in o.at
-      ? ["--socket", o.at.socket]
-      : ["--bind", tb[host].addr, "--port", String(o.at.port)]),
-    o.file,
+    ...qemuNbdArgs(
+      // The bench's images are raw or qcow2 (what imageInfo reports is any format's name).
+      { file: o.file, format: o.format as QemuNbdOptions["format"], name: "peer", readonly: o.readonly, at },
+      pidFile,
+    ),
   ]);
   const pid = Number(fs.readFileSync(tb[host].hostPath(pidFile), "utf8"));
   return {

@@ -436,21 +436,20 @@ export class IncomingMigration {
   }
 
   /**
-   * Offline, with keepPartialMs, once copying had made progress: the images stay, recorded as a partial
-   * copy; the rest of what Prepare created goes. False when there is nothing to keep.
+   * Offline, with keepPartialMs, once copying had made progress: the images copied to stay, recorded as a
+   * partial copy, and are no longer this migration's to remove; cleanup removes the rest it created.
    */
-  private keepPartial(reason: string): boolean {
+  private keepPartial(reason: string): void {
     const rec = partialOf(this.req, this.id, this.created, this.done, reason);
-    if (!rec) return false;
+    if (!rec) return;
     this.partials.save(rec);
     this.log.warn(
       { domain: this.name, id: this.id, until: new Date(rec.keptUntil).toISOString(), disks: rec.disks },
       "keeping the partial copy for the same command to resume",
     );
-    for (const f of this.created.filter((x) => !rec.files.includes(x))) fs.rmSync(f, { force: true });
-    this.created.length = 0;
+    const rest = this.created.filter((x) => !rec.files.includes(x));
+    this.created.splice(0, this.created.length, ...rest);
     this.kept = rec;
-    return true;
   }
 
   /** Stops what serves the images offline; our server and qemu-nbd both flush as they stop. */

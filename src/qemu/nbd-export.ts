@@ -35,14 +35,15 @@ export interface QemuNbdOptions {
   runDir: string;
 }
 
-/** Starts qemu-nbd for one image; throws with its stderr when it cannot start (e.g. the port is taken). */
-export async function serveWithQemuNbd(o: QemuNbdOptions): Promise<QemuNbdExport> {
-  fs.mkdirSync(o.runDir, { recursive: true });
-  const pidFile = path.join(o.runDir, `qemu-nbd-${o.name}-${process.pid}-${Date.now()}.pid`);
+/**
+ * qemu-nbd's arguments for one image: forked with a pid file, 8 clients (so that it offers multi-conn),
+ * writeback cache, discard on a writable export.
+ */
+export function qemuNbdArgs(o: Omit<QemuNbdOptions, "runDir">, pidFile: string): string[] {
   const image = o.topOnly
     ? `json:${JSON.stringify({ driver: o.format, backing: null, file: { driver: "file", filename: o.file } })}`
     : o.file;
-  const args = [
+  return [
     "--fork",
     "--pid-file",
     pidFile,
@@ -66,6 +67,13 @@ export async function serveWithQemuNbd(o: QemuNbdOptions): Promise<QemuNbdExport
       : []),
     image,
   ];
+}
+
+/** Starts qemu-nbd for one image; throws with its stderr when it cannot start (e.g. the port is taken). */
+export async function serveWithQemuNbd(o: QemuNbdOptions): Promise<QemuNbdExport> {
+  fs.mkdirSync(o.runDir, { recursive: true });
+  const pidFile = path.join(o.runDir, `qemu-nbd-${o.name}-${process.pid}-${Date.now()}.pid`);
+  const args = qemuNbdArgs(o, pidFile);
   try {
     await run(qemuNbdBinary(), args);
   } catch (err) {
