@@ -45,6 +45,22 @@ describe("nbdmig CLI usage errors (no agent needed)", () => {
       /--recover takes 'source' or 'destination', not 'both'/,
     ],
     ["tls-host without names", ["tls-host", "--ca", "/nonexistent"], /missing required argument 'names'/],
+    [
+      "--verify on a running guest's changing disks",
+      [
+        "-c",
+        "nbdmig://127.0.0.1:1",
+        "--token-file",
+        "/etc/hostname",
+        "migrate",
+        "--live",
+        "--copy-storage-all",
+        "--verify",
+        "vm",
+        "nbdmig://127.0.0.2:7800",
+      ],
+      /--verify compares copied disks once neither side writes them: .* with --offline or --suspend/,
+    ],
   ];
   for (const [what, args, re] of usage) {
     it(`exits 2 for ${what}`, () => {

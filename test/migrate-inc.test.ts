@@ -9,6 +9,7 @@ import { available, need, testGuest } from "./helpers/env.js";
 import {
   assertDestClean,
   assertSourceIntact,
+  chainFixture,
   compare,
   destroyAll,
   IMG,
@@ -36,53 +37,7 @@ describe("live migration with --copy-storage-inc", { timeout: 900_000 }, () => {
   // A failed test must not leave its guest on the destination for the next one.
   afterEach(async () => tb && destroyAll(tb, ["b"]));
 
-  /** Runs a command inside a host, where /var/lib/nbdmig paths (and so backing files) resolve. */
-  const inHost = (h: "a" | "b", argv: string[]) =>
-    execFileSync(tb![h].execPrefix()[0]!, [...tb![h].execPrefix().slice(1), ...argv], { encoding: "utf8" });
-  const qemuIo = (file: string, cmd: string) => inHost("a", ["qemu-io", "-f", "qcow2", "-c", cmd, file]);
-  /**
-   * Guest-visible comparison of a's image with b's, run inside b: a's overlay is read through its
-   * root-namespace path and its backing resolves to b's base, a byte-identical copy (checked by sha256).
-   */
-  const compareAB = (name: string) => {
-    try {
-      return inHost("b", [
-        "qemu-img",
-        "compare",
-        "-U",
-        `${tb!.a.imagesDir}/${name}`,
-        `${IMG}/${name}`,
-      ]).trim();
-    } catch (err) {
-      const e = err as { stdout?: string; stderr?: string };
-      return `DIFFERENT: ${e.stdout ?? ""}${e.stderr ?? String(err)}`;
-    }
-  };
-  /** A qcow2 base with `dataMiB` of random data, byte-identical on both hosts (as an operator would copy it). */
-  const base = (name: string, dataMiB: number, backing?: string) => {
-    const a = `${IMG}/${name}`;
-    inHost("a", [
-      "qemu-img",
-      "create",
-      "-q",
-      "-f",
-      "qcow2",
-      ...(backing ? ["-b", backing, "-F", "qcow2"] : []),
-      a,
-      "1G",
-    ]);
-    if (dataMiB) {
-      execFileSync("sh", ["-c", `head -c ${dataMiB}M /dev/urandom > ${tb!.dir}/r.bin`]);
-      qemuIo(a, `write -s ${tb!.dir}/r.bin ${backing ? 600 : 0}M ${dataMiB}M`);
-    }
-    fs.copyFileSync(`${tb!.a.imagesDir}/${name}`, `${tb!.b.imagesDir}/${name}`);
-    return a;
-  };
-  const overlay = (name: string, backing: string) => {
-    const f = `${IMG}/${name}`;
-    inHost("a", ["qemu-img", "create", "-q", "-f", "qcow2", "-b", backing, "-F", "qcow2", f]);
-    return f;
-  };
+  const { inHost, qemuIo, compareAB, base, overlay } = chainFixture(() => tb!);
 
   it("copies only the overlay of a two-level chain, with writes before and during the migration", async (t) => {
     if (!need(t, MIGRATION_TOOLS, true)) return;
@@ -102,6 +57,7 @@ describe("live migration with --copy-storage-inc", { timeout: 900_000 }, () => {
       "--live",
       "--copy-storage-inc",
       "--suspend",
+      "--verify",
       "--verbose",
       "inc2",
       tb!.b.uri,
@@ -114,6 +70,7 @@ describe("live migration with --copy-storage-inc", { timeout: 900_000 }, () => {
     const sent = tb!.linkTxBytes() - tx0;
     const destTop = `${tb!.b.imagesDir}/two-top.qcow2`;
     assert.equal(compareAB("two-top.qcow2"), "Images are identical.");
+    assert.match(r.stderr, /disk vda verified: equal on both sides/, "--verify compared the guest's view");
     const out = inHost("b", [
       "qemu-io",
       "-U",

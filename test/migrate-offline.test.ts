@@ -9,9 +9,12 @@ import assert from "node:assert/strict";
 import fs from "node:fs";
 import { after, afterEach, before, describe, it } from "node:test";
 import { Testbed } from "../src/testbed/testbed.js";
+import { imageInfo } from "../src/qemu/img.js";
+import { sha256File } from "../src/util/hash.js";
 import { available, need, testGuest } from "./helpers/env.js";
 import {
   assertDestClean,
+  chainFixture,
   compare,
   defineGuest,
   destroyAll,
@@ -215,6 +218,68 @@ describe("offline migration of a shut-off domain with its disks", { timeout: 900
         compare(`${tb!.a.imagesDir}/${img}`, `${tb!.b.imagesDir}/${img}`),
         "Images are identical.",
       );
+  });
+
+  const { inHost, qemuIo, compareAB, base, overlay } = chainFixture(() => tb!);
+
+  it("--copy-storage-inc: only the top image travels (zeros over the base's data too), over a base on both hosts that is never written; a missing base is refused", async (t) => {
+    if (!need(t, MIGRATION_TOOLS, true)) return;
+    const b0 = base("oinc-base.qcow2", 128);
+    const top = overlay("oinc-top.qcow2", b0);
+    qemuIo(top, "write -P 0x33 200M 8M");
+    qemuIo(top, "write -z 16M 4M"); // a zero cluster over the base's data
+    qemuIo(top, "write -P 0 40M 1M"); // zeros written as data, over the base's data
+    defineGuest(tb!, { name: "oinc", disks: [{ target: "vda", source: top }] }, guest);
+    const destBase = `${tb!.b.imagesDir}/oinc-base.qcow2`;
+    const baseSha = await sha256File(destBase);
+
+    fs.renameSync(destBase, `${destBase}.saved`);
+    const args = ["--offline", "--copy-storage-inc", "--verify", "--verbose", "oinc", tb!.b.uri];
+    let r = nbdmig(tb!, "a", ["migrate", ...args]);
+    assert.equal(r.status, 1, r.stderr);
+    assert.match(
+      r.stderr,
+      /disk vda: backing file \/var\/lib\/nbdmig\/images\/oinc-base\.qcow2 does not exist here; copy it there first, or use --copy-storage-all/,
+    );
+    await assertDestClean(tb!, "oinc", ["oinc-top.qcow2"]);
+    fs.renameSync(`${destBase}.saved`, destBase);
+
+    r = nbdmig(tb!, "a", ["migrate", ...args]);
+    assert.equal(r.status, 0, r.stderr);
+    assert.match(
+      r.stderr,
+      /disk vda: copying only the top image; 1 backing file\(s\) must be on the destination/,
+    );
+    assert.equal(compareAB("oinc-top.qcow2"), "Images are identical.");
+    const out = inHost("b", [
+      "qemu-io",
+      "-r",
+      "-f",
+      "qcow2",
+      "-c",
+      "read -P 0 16M 4M",
+      "-c",
+      "read -P 0 40M 1M",
+      "-c",
+      "read -P 0x33 200M 8M",
+      `${IMG}/oinc-top.qcow2`,
+    ]);
+    assert.doesNotMatch(out, /Pattern verification failed/);
+    assert.equal((await imageInfo(`${tb!.b.imagesDir}/oinc-top.qcow2`)).backingFilename, b0);
+    assert.equal(await sha256File(destBase), baseSha, "the destination's base was never written");
+    const job = JSON.parse(ok(tb!, "a", ["domjobinfo", "oinc", "--completed", "--json"])) as {
+      disks: { target: string; mode: string; dataBytes: number; belowTop: number; verified?: object }[];
+    };
+    const vda = job.disks[0]!;
+    t.diagnostic(
+      `vda: ${(vda.dataBytes / MiB).toFixed(1)} MiB sent as data, ${(vda.belowTop / MiB).toFixed(0)} MiB left to the base`,
+    );
+    assert.equal(vda.mode, "top");
+    assert.ok(vda.verified, "verified");
+    // The overlay's 8 MiB of data, not the base's 128: its zeros travel as zero requests.
+    assert.ok(vda.dataBytes >= 8 * MiB && vda.dataBytes <= 9 * MiB, `sent ${vda.dataBytes} bytes`);
+    assert.ok(vda.belowTop >= 1024 * MiB - 16 * MiB, `left to the base: ${vda.belowTop} bytes`);
+    assert.match(ok(tb!, "b", ["dominfo", "oinc"]), /State:\s+shut off[\s\S]*Persistent:\s+yes/);
   });
 
   type PartialJob = {

@@ -8,10 +8,12 @@ import { imageInfo } from "../src/qemu/img.js";
 import { available, cliPath, need, testGuest } from "./helpers/env.js";
 import {
   assertDestClean,
+  assertSourceIntact,
   compare,
   guestWritten,
   IMG,
   makeImage,
+  migrateInBackground,
   MIGRATION_TOOLS,
   nbdmig,
   ok,
@@ -73,6 +75,7 @@ describe("live migration with --copy-storage-all", { timeout: 900_000 }, () => {
       "--live",
       "--copy-storage-all",
       "--suspend",
+      "--verify",
       "--verbose",
       "mig1",
       tb!.b.uri,
@@ -118,9 +121,13 @@ describe("live migration with --copy-storage-all", { timeout: 900_000 }, () => {
     assert.match(jobA, /Disk vda:\s+1\.0 GiB \/ 1\.0 GiB \(ready\)/);
     const jobJson = JSON.parse(ok(tb!, "a", ["domjobinfo", "mig1", "--completed", "--json"])) as {
       status: string;
-      disks: { target: string }[];
+      notes: string[];
+      disks: { target: string; verified?: { comparedBytes: number } }[];
     };
     assert.equal(jobJson.status, "completed");
+    // --verify compared both paused copies after the stream, the guest's last writes included.
+    for (const d of jobJson.disks) assert.ok(d.verified, `disk ${d.target} verified`);
+    for (const n of jobJson.notes.filter((x) => x.includes("verified"))) t.diagnostic(n);
     assert.deepEqual(
       jobJson.disks.map((d) => d.target),
       ["vda", "vdb"],
@@ -368,5 +375,52 @@ describe("live migration with --copy-storage-all", { timeout: 900_000 }, () => {
     assert.match(ok(tb!, "b", ["dominfo", "sel"]), /Persistent:\s+yes/);
     assert.doesNotMatch(ok(tb!, "a", ["list", "--all"]), /sel/);
     ok(tb!, "b", ["destroy", "sel"]);
+  });
+
+  it("--verify with --suspend: a block changed on the destination after the switchover fails the migration; the guest runs on in the source", async (t) => {
+    if (!need(t, MIGRATION_TOOLS, true)) return;
+    // The source's agent waits before comparing until the test has changed the destination's disk.
+    const hold = "source:before-verify";
+    const layout = ["--disk-layout", "blockdev"];
+    await tb!.a.killAgent("SIGTERM");
+    await tb!.a.startAgent(layout, { NBDMIG_FAILPOINTS: `${hold}=wait:/var/lib/nbdmig` });
+    try {
+      makeImage(tb!, "a", { name: "vfy.raw", format: "raw", size: "256M", fillMiB: 8 });
+      const pid = await startGuest(
+        tb!,
+        { name: "vfy", disks: [{ target: "vda", source: `${IMG}/vfy.raw`, format: "raw" }] },
+        guest,
+      );
+      const run = migrateInBackground(tb!, [
+        "--live",
+        "--copy-storage-all",
+        "--suspend",
+        "--verify",
+        "vfy",
+        tb!.b.uri,
+      ]);
+      await waitFor(
+        "the source to reach --verify",
+        () => fs.existsSync(`${tb!.a.dir}/${hold}.reached`),
+        120_000,
+      );
+      // 4 KiB of garbage at 100 MiB, a hole on the source, straight into the destination's raw image.
+      const fd = fs.openSync(`${tb!.b.imagesDir}/vfy.raw`, "r+");
+      fs.writeSync(fd, Buffer.alloc(4096, 0x5a), 0, 4096, 100 * 1024 * 1024);
+      fs.closeSync(fd);
+      fs.writeFileSync(`${tb!.a.dir}/${hold}.go`, "");
+      const res = await run.done;
+      assert.equal(res.status, 1, res.stderr);
+      assert.match(
+        res.stderr,
+        /verify: disk vda differs on the destination from the source at offset 104857600 \(the 1 MiB block there\); the destination's copy is removed and the guest stays here/,
+      );
+      await assertSourceIntact(tb!, "vfy", pid, false);
+      await assertDestClean(tb!, "vfy", ["vfy.raw"]);
+      ok(tb!, "a", ["destroy", "vfy"]);
+    } finally {
+      await tb!.a.killAgent("SIGTERM");
+      await tb!.a.startAgent(layout);
+    }
   });
 });

@@ -10,7 +10,7 @@ import net from "node:net";
 import path from "node:path";
 import { after, before, describe, it } from "node:test";
 import { NbdClient } from "../src/nbd/client/client.js";
-import { copy } from "../src/nbd/client/copy.js";
+import { copy, mergeTopExtents } from "../src/nbd/client/copy.js";
 import { parseNbdUri } from "../src/nbd/client/uri.js";
 import { MemoryBackend } from "../src/nbd/server/backends/memory.js";
 import { PassThrough } from "../src/nbd/server/backend.js";
@@ -71,6 +71,14 @@ async function freePort(): Promise<number> {
   const p = (s.address() as net.AddressInfo).port;
   await new Promise((r) => s.close(r));
   return p;
+}
+
+/** SIGTERM, and the exit. */
+async function stopProcess(p: ChildProcess): Promise<void> {
+  if (p.exitCode !== null || p.signalCode !== null) return;
+  const exited = new Promise((r) => p.once("exit", r));
+  p.kill("SIGTERM");
+  await exited;
 }
 
 /** Starts a server process and waits until its port accepts connections. */
@@ -304,6 +312,68 @@ describe("our NBD client against qemu-nbd and nbdkit", { timeout: 300_000 }, () 
     const nul = await copy(src, "null:");
     assert.equal(nul.size, 64 * MiB);
     await assert.rejects(copy(src, "null:", { verify: true }), /null: cannot be read/);
+  });
+
+  it("copies only a backing chain's top image (topOnly, through qemu:allocation-depth), zeros over the base included", async (t) => {
+    if (!need(t, TOOLS)) return;
+    // The base: data in its first 8 MiB; both sides have it. The overlay: 2 MiB of data, 1 MiB written as
+    // zeros and a zero cluster, both over the base's data.
+    const base = path.join(dir, "chain-base.qcow2");
+    await run("qemu-img", ["create", "-q", "-f", "qcow2", base, "64M"]);
+    await run("qemu-io", ["-f", "qcow2", "-c", "write -P 0x11 0 8M", base]);
+    const overlay = (f: string) =>
+      run("qemu-img", ["create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", f]);
+    const top = path.join(dir, "chain-top.qcow2");
+    const dst = path.join(dir, "chain-dst.qcow2");
+    await overlay(top);
+    await overlay(dst);
+    for (const c of ["write -P 0x22 32M 2M", "write -P 0 1M 1M", "write -z 4M 64k"])
+      await run("qemu-io", ["-f", "qcow2", "-c", c, top]);
+    const s = await serve("qemu-nbd", (p) => ["-A", "-r", ...qemuNbd("qcow2", top)(p)]);
+    const d = await serve("qemu-nbd", qemuNbd("qcow2", dst));
+    procs.push(s.proc, d.proc);
+    try {
+      await assert.rejects(copy(`${servers["nbdkit memory"]}/d`, `${d.uri}/d`, { topOnly: true }), {
+        message: /no qemu:allocation-depth\): serve it with qemu-nbd --allocation-depth/,
+      });
+      const r = await copy(`${s.uri}/d`, `${d.uri}/d`, {
+        topOnly: true,
+        destinationIsZero: true,
+        flush: true,
+      });
+      t.diagnostic(`data ${r.dataBytes}, zero ${r.zeroBytes}, below the top ${r.belowTopBytes}`);
+      assert.equal(r.dataBytes, 2 * MiB, "only the overlay's data travels");
+      assert.equal(r.zeroBytes, MiB + 64 * 1024, "its zeros as zero requests, despite destinationIsZero");
+      assert.equal(r.belowTopBytes, 64 * MiB - 3 * MiB - 64 * 1024);
+    } finally {
+      // qemu-nbd holds the images' locks until it exits.
+      await Promise.all([s.proc, d.proc].map(stopProcess));
+    }
+    await run("qemu-img", ["compare", top, dst]);
+    const info = JSON.parse(await run("qemu-img", ["info", "--output=json", dst])) as Record<string, number>;
+    assert.ok(
+      info["actual-size"]! < 8 * MiB,
+      `the destination's overlay stays small: ${info["actual-size"]}`,
+    );
+  });
+
+  it("lines up two meta contexts' extents cut at different offsets", () => {
+    const merged = mergeTopExtents(
+      [
+        { length: 3, flags: 0 },
+        { length: 5, flags: STATE_HOLE | STATE_ZERO },
+      ],
+      [
+        { length: 2, flags: 1 },
+        { length: 1, flags: 2 },
+        { length: 4, flags: 1 },
+      ],
+    );
+    assert.deepEqual(merged, [
+      { length: 2, flags: 0, inTop: true },
+      { length: 1, flags: 0, inTop: false },
+      { length: 4, flags: STATE_HOLE | STATE_ZERO, inTop: true },
+    ]);
   });
 
   it("refuses a lying server: data outside the read, reads left uncovered, unknown cookies", async () => {

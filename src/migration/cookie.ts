@@ -4,6 +4,9 @@
  */
 import { UsageError } from "../errors.js";
 import { isMigratableDisk, type DiskDef, type DomainDef } from "../domain/model.js";
+import { backingChain } from "../qemu/img.js";
+import { sha256File } from "../util/hash.js";
+import type { CookieDisk } from "./schemas.js";
 
 export type { CookieDisk, MigrationCookie, StoragePath } from "./schemas.js";
 
@@ -27,6 +30,35 @@ export function selectDisks(def: DomainDef, migrateDisks?: string[]): DiskDef[] 
     out.push(d);
   }
   return out;
+}
+
+/**
+ * --copy-storage-inc: a disk whose image has a backing chain moves as its top image only ("top" mode),
+ * the destination needing the same chain at the same paths (with `verifyBacking`, of the same content by
+ * sha256); a disk without one is copied whole.
+ */
+export async function copyTopOnly(disk: CookieDisk, verifyBacking: boolean, notes: string[]): Promise<void> {
+  const chain = await backingChain(disk.source);
+  const top = chain[0]!;
+  if (!(chain.length > 1 && top.backingFilename && top.backingFormat)) {
+    notes.push(`disk ${disk.target}: no backing chain, copied whole`);
+    return;
+  }
+  disk.mode = "top";
+  disk.allocated = top.actualSize;
+  disk.backing = { file: top.backingFilename, format: top.backingFormat };
+  disk.chain = [];
+  for (const c of chain.slice(1)) {
+    disk.chain.push({
+      path: c.filename,
+      format: c.format,
+      virtualSize: c.virtualSize,
+      sha256: verifyBacking ? await sha256File(c.filename) : undefined,
+    });
+  }
+  notes.push(
+    `disk ${disk.target}: copying only the top image; ${chain.length - 1} backing file(s) must be on the destination`,
+  );
 }
 
 /** What a destination's facts lack for these interfaces and this machine type (Begin's early refusal). */

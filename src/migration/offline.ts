@@ -13,7 +13,6 @@
  * what it created.
  */
 import fs from "node:fs";
-import path from "node:path";
 import type { Logger } from "pino";
 import type { AgentClient } from "../agent/client.js";
 import { parseAgentUri } from "../agent/client.js";
@@ -21,15 +20,13 @@ import type { DomainEntry, DomainRegistry } from "../agent/domains.js";
 import { DomainStateError, errorMessage, MigrationError, NbdmigError, UsageError } from "../errors.js";
 import { NVRAM_TARGET } from "../domain/qemu-args.js";
 import { domainToXml } from "../domain/xml.js";
-import { compareImages, copy } from "../nbd/client/copy.js";
-import { holdpoint } from "../util/failpoint.js";
+import { copy } from "../nbd/client/copy.js";
 import { formatBytes } from "../util/format.js";
 import { imageInfo } from "../qemu/img.js";
-import { serveWithQemuNbd, type QemuNbdExport } from "../qemu/nbd-export.js";
 import { sha256File } from "../util/hash.js";
 import { fileStamp } from "./partials.js";
 import { cancelOnDestination } from "./handoff.js";
-import { selectDisks, type CookieDisk, type MigrationCookie } from "./cookie.js";
+import { copyTopOnly, selectDisks, type CookieDisk, type MigrationCookie } from "./cookie.js";
 import type { PrepareResult } from "./destination.js";
 import {
   asMigrationError,
@@ -42,22 +39,26 @@ import {
 } from "./phases.js";
 import type { MigrateRequest } from "./schemas.js";
 import { checkDestination, DestinationWatch, prepareOnDestination } from "./source.js";
+import { openSourceImage, verifyDisk, type SourceImage, type Verified } from "./verify.js";
 
 /** NBD connections per disk, as nbdcopy's default. */
 const CONNECTIONS = 4;
 
 interface DiskProgress {
   target: string;
+  mode: CookieDisk["mode"];
   copied: number;
   total: number;
   /** Bytes sent as data (what crossed the link), once the disk is done. */
   dataBytes?: number;
   startedAt?: number;
   doneAt?: number;
+  /** --copy-storage-inc: bytes the top image does not hold, left to the destination's backing chain. */
+  belowTop?: number;
   /** A resumed partial copy: the offset this attempt started at. */
   resumedFrom?: number;
   /** With --verify: what the comparison of both sides read, and skipped as zero on both. */
-  verified?: { comparedBytes: number; skippedBytes: number };
+  verified?: Verified;
 }
 
 export class OfflineMigration {
@@ -83,7 +84,12 @@ export class OfflineMigration {
     private readonly tls: boolean,
     readonly notes: string[],
   ) {
-    this.disks = cookie.disks.map((d) => ({ target: d.target, copied: 0, total: d.virtualSize }));
+    this.disks = cookie.disks.map((d) => ({
+      target: d.target,
+      mode: d.mode,
+      copied: 0,
+      total: d.virtualSize,
+    }));
   }
 
   /** Begin: the domain is shut off here and the destination can take it; throws before anything is made. */
@@ -103,12 +109,12 @@ export class OfflineMigration {
       );
     reg.refuseIfBusy(entry);
     if (req.keepPartialMs && req.copyStorage === "none")
-      throw new UsageError("--keep-partial keeps copied disks: it goes with --copy-storage-all");
-    if (req.verify && req.copyStorage !== "all")
-      throw new UsageError("--verify compares copied disks: it goes with --copy-storage-all");
-    if (req.copyStorage === "inc")
       throw new UsageError(
-        "--offline with --copy-storage-inc is not supported yet: copy the whole disks with --copy-storage-all",
+        "--keep-partial keeps copied disks: it goes with --copy-storage-all or --copy-storage-inc",
+      );
+    if (req.verify && req.copyStorage === "none")
+      throw new UsageError(
+        "--verify compares copied disks: it goes with --copy-storage-all or --copy-storage-inc",
       );
     const def = entry.def;
     if (def.tpm && req.copyStorage !== "none")
@@ -116,13 +122,14 @@ export class OfflineMigration {
         `domain '${name}' has a TPM, whose state offline migration does not move yet: start it and migrate it live (the TPM's state travels in the migration stream)`,
       );
     const cookieDisks: CookieDisk[] = [];
+    const notes: string[] = [];
     for (const d of req.copyStorage === "none" ? [] : selectDisks(def, req.migrateDisks)) {
       if (d.format !== "raw" && d.format !== "qcow2")
         throw new UsageError(`disk ${d.target}: format ${d.format} cannot be copied (raw and qcow2 can)`);
       const info = await imageInfo(d.source!, d.format).catch((err: unknown) => {
         throw new UsageError(`disk ${d.target}: cannot read ${d.source}: ${errorMessage(err)}`);
       });
-      cookieDisks.push({
+      const disk: CookieDisk = {
         target: d.target,
         source: d.source!,
         format: d.format,
@@ -130,9 +137,10 @@ export class OfflineMigration {
         allocated: info.actualSize,
         mode: "full",
         stamp: fileStamp(d.source!),
-      });
+      };
+      if (req.copyStorage === "inc") await copyTopOnly(disk, req.verifyBacking ?? false, notes);
+      cookieDisks.push(disk);
     }
-    const notes: string[] = [];
     const loader = def.os.firmware.loader;
     const nvram = loader?.type === "pflash" ? def.os.firmware.nvram : undefined;
     let nvramInfo: MigrationCookie["nvram"];
@@ -248,24 +256,18 @@ export class OfflineMigration {
     this.stop.signal.throwIfAborted();
   }
 
-  /** One disk: read as a file (raw) or through qemu-nbd (qcow2), written to the destination's export. */
+  /**
+   * One disk: read as a file (raw) or through qemu-nbd (qcow2), written to the destination's export. A
+   * "top" disk (--copy-storage-inc) sends only what its top image holds, which qemu-nbd's
+   * qemu:allocation-depth tells; the destination's overlay reads the rest from its own backing chain.
+   */
   private async copyDisk(d: CookieDisk): Promise<void> {
     const p = this.disks.find((x) => x.target === d.target)!;
     p.startedAt = Date.now();
-    let reader: QemuNbdExport | undefined;
+    let reader: SourceImage | undefined;
     try {
-      let src = d.source;
-      if (d.format === "qcow2") {
-        reader = await serveWithQemuNbd({
-          file: d.source,
-          format: "qcow2",
-          name: d.target,
-          at: { socket: path.join(this.reg.state.outgoingDir, `${this.name}-${d.target}.sock`) },
-          readonly: true,
-          runDir: this.reg.state.outgoingDir,
-        });
-        src = reader.uri;
-      }
+      reader = await openSourceImage(d, this.reg.state.outgoingDir, this.name);
+      const src = reader.uri;
       let dst = this.prepared!.exports[d.target]!;
       if (this.tls) dst += `?tls-certificates=${encodeURIComponent(this.reg.state.pkiDir)}`;
       const from = this.prepared!.resume?.[d.target] ?? 0;
@@ -277,12 +279,15 @@ export class OfflineMigration {
         destinationIsZero: from === 0,
         destinationMapped: from > 0,
         from,
+        topOnly: d.mode === "top",
         flush: true,
         signal: this.stop.signal,
         progress: (done) => (p.copied = done),
         checkpoint: this.req.keepPartialMs
           ? {
+              // A fast link copies a sparse disk's data in well under a second: bytes count too.
               everyMs: 500,
+              everyBytes: 32 * 1024 * 1024,
               commit: (doneTo) =>
                 this.peer
                   .call("POST", `/v1/migrations/${id}/progress`, { target: d.target, doneTo }, 5000)
@@ -292,8 +297,14 @@ export class OfflineMigration {
       });
       p.copied = r.size;
       p.dataBytes = r.dataBytes;
+      if (d.mode === "top") p.belowTop = r.belowTopBytes;
       p.doneAt = Date.now();
-      if (this.req.verify) await this.verifyDisk(d, src, dst, p);
+      if (this.req.verify)
+        p.verified = await verifyDisk(d.target, src, dst, {
+          signal: this.stop.signal,
+          outcome: "the copy is not kept",
+          notes: this.notes,
+        });
     } catch (err) {
       if (this.stop.signal.aborted) throw this.stop.signal.reason;
       if (err instanceof MigrationError) throw err;
@@ -301,25 +312,6 @@ export class OfflineMigration {
     } finally {
       await reader?.close();
     }
-  }
-
-  /**
-   * --verify: the destination's image, read back over NBD, equals the source's, block by block (what both
-   * sides report as zero is not read). A difference fails the migration.
-   */
-  private async verifyDisk(d: CookieDisk, src: string, dst: string, p: DiskProgress): Promise<void> {
-    await holdpoint("source:before-verify");
-    const c = await compareImages(src, dst, { signal: this.stop.signal });
-    if (c.mismatchAt !== undefined)
-      throw new MigrationError(
-        "perform",
-        `verify: disk ${d.target} differs on the destination from the source at offset ${c.mismatchAt} (the 1 MiB block there); the copy is not kept`,
-        "E_VERIFY",
-      );
-    p.verified = { comparedBytes: c.comparedBytes, skippedBytes: c.skippedBytes };
-    this.notes.push(
-      `disk ${d.target} verified: equal on both sides (${formatBytes(c.comparedBytes)} compared, ${formatBytes(c.skippedBytes)} zero on both)`,
-    );
   }
 
   /** Nothing changed here: the destination is told to remove what it created (else its watchdog does). */
@@ -370,7 +362,8 @@ export class OfflineMigration {
         target: d.target,
         copied: d.copied,
         total: d.total,
-        mode: "full",
+        mode: d.mode,
+        belowTop: d.belowTop,
         ready: d.doneAt !== undefined,
         rateBps: Math.round(d.doneAt ? 0 : rate(d)),
         dataBytes: d.dataBytes,

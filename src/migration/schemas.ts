@@ -127,7 +127,10 @@ export const MigrateRequestSchema = z.strictObject({
   tls: z.boolean().optional(),
   /** virsh --offline: a shut-off domain, its disks copied by nbdmig's copy engine, defined on the destination. */
   offline: z.boolean().default(false),
-  /** With offline: compare every copied disk on both sides before Finish; a difference fails the migration. */
+  /**
+   * With offline, or live with suspend: compare every copied disk on both sides before Finish; a
+   * difference fails the migration.
+   */
   verify: z.boolean().default(false),
   /** With offline: a failed copy leaves what it copied on the destination this long, to be resumed. */
   keepPartialMs: z.number().int().positive().max(MAX_KEEP_PARTIAL_MS).optional(),

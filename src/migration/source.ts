@@ -18,9 +18,9 @@ import { formatNode, NVRAM_TARGET } from "../domain/qemu-args.js";
 import type { QmpClient, QmpEvent } from "../qemu/qmp.js";
 import type { MigrationStats } from "../qemu/qmp-schema.js";
 import { probeQemuFeatures, type QemuFeatures } from "../qemu/features.js";
-import { backingChain } from "../qemu/img.js";
 import { sha256File } from "../util/hash.js";
 import {
+  copyTopOnly,
   destinationLacks,
   selectDisks,
   type CookieDisk,
@@ -28,6 +28,7 @@ import {
   type StoragePath,
 } from "./cookie.js";
 import type { PrepareResult } from "./destination.js";
+import { openSourceImage, verifyDisk, type Verified } from "./verify.js";
 import type { MigrateRequest, PrepareRequestInput } from "./schemas.js";
 import { Mirrors } from "./mirror.js";
 import { StorageConverger } from "./converge.js";
@@ -280,6 +281,8 @@ export class OutgoingMigration {
    */
   private readonly stop = new AbortController();
   private suspendedByTimeout = false;
+  /** --verify: what the comparison of each disk read, and skipped as zero on both sides. */
+  private readonly verified: Record<string, Verified> = {};
   private readonly progress: Progress = { memoryRateBps: 0 };
   /** What the operator should know about this job (which disks are copied how). */
   readonly notes: string[];
@@ -332,9 +335,9 @@ export class OutgoingMigration {
     onDone: (m: OutgoingMigration) => void,
   ): Promise<OutgoingMigration> {
     parseAgentUri(req.dest); // a malformed DEST_URI is refused first
-    if (req.verify)
+    if (req.verify && !(req.suspend && req.copyStorage !== "none"))
       throw new UsageError(
-        "--verify goes with --offline --copy-storage-all: a live migration's disks keep changing until the switchover",
+        "--verify on a live migration needs --suspend and --copy-storage-all or -inc: the disks keep changing until the switchover, and only copies that both stay paused after it can be compared (or migrate it shut off, with --offline)",
       );
     if (req.bandwidthMiB !== undefined && !(Number.isInteger(req.bandwidthMiB) && req.bandwidthMiB > 0)) {
       throw new UsageError(`--bandwidth takes a positive whole number of MiB/s, not '${req.bandwidthMiB}'`);
@@ -378,29 +381,7 @@ export class OutgoingMigration {
         allocated: b.inserted.image["actual-size"] ?? b.inserted.image["virtual-size"],
         mode: "full",
       };
-      if (req.copyStorage === "inc") {
-        const chain = await backingChain(d.source!);
-        const top = chain[0]!;
-        if (chain.length > 1 && top.backingFilename && top.backingFormat) {
-          disk.mode = "top";
-          disk.allocated = top.actualSize;
-          disk.backing = { file: top.backingFilename, format: top.backingFormat };
-          disk.chain = [];
-          for (const c of chain.slice(1)) {
-            disk.chain.push({
-              path: c.filename,
-              format: c.format,
-              virtualSize: c.virtualSize,
-              sha256: req.verifyBacking ? await sha256File(c.filename) : undefined,
-            });
-          }
-          notes.push(
-            `disk ${d.target}: copying only the top image; ${chain.length - 1} backing file(s) must be on the destination`,
-          );
-        } else {
-          notes.push(`disk ${d.target}: no backing chain, copied whole`);
-        }
-      }
+      if (req.copyStorage === "inc") await copyTopOnly(disk, req.verifyBacking ?? false, notes);
       cookieDisks.push(disk);
     }
     const def = run.def;
@@ -446,6 +427,10 @@ export class OutgoingMigration {
             `--storage-converge ${req.storageConverge} applies to NBD mirrors; in the stream, storage converges with memory (auto-converge, --timeout)`,
           );
         if (req.disksPort !== undefined) notes.push("--disks-port is not used: no NBD connection is made");
+        if (req.verify)
+          throw new UsageError(
+            `--verify reads the destination's disks over NBD, which it cannot serve (${host.storage.nbdWhyNot}): migrate without --verify`,
+          );
       }
     }
     if (nvram)
@@ -505,6 +490,7 @@ export class OutgoingMigration {
       if (this.cookie.storagePath === "nbd") await this.mirror();
       else await this.setupMigration();
       await this.migrateMemory();
+      if (this.req.verify) await this.verifyDisks();
       await this.finishRemote();
       failpoint("source:finished");
       await this.confirm();
@@ -692,6 +678,35 @@ export class OutgoingMigration {
       { domain: this.name, downtimeMs: info.downtime, totalMs: info["total-time"] },
       "migration stream completed",
     );
+  }
+
+  /**
+   * --verify (with --suspend): the stream has completed, so both copies are paused and the source's images
+   * hold the guest's final state (QEMU has flushed them and let go of their locks). Each is compared with
+   * the destination's copy, read through the destination QEMU's NBD export, which stays until Finish. A
+   * difference rolls back: the destination's copy never runs and is removed; the guest stays here, running
+   * again if it ran before.
+   */
+  private async verifyDisks(): Promise<void> {
+    const p = this.prepared!;
+    const host = p.nbd.host.includes(":") ? `[${p.nbd.host}]` : p.nbd.host;
+    const tls = this.tls ? `?tls-certificates=${encodeURIComponent(this.reg.state.pkiDir)}` : "";
+    for (const d of this.cookie.disks) {
+      const dst = `${this.tls ? "nbds" : "nbd"}://${host}:${p.nbd.port}/${p.exports[d.target]}${tls}`;
+      const src = await openSourceImage(d, this.reg.state.outgoingDir, this.name);
+      try {
+        this.verified[d.target] = await verifyDisk(d.target, src.uri, dst, {
+          signal: this.stop.signal,
+          outcome: "the destination's copy is removed and the guest stays here",
+          notes: this.notes,
+        });
+      } catch (err) {
+        if (err instanceof MigrationError) throw err;
+        throw new MigrationError("perform", `verify: disk ${d.target}: ${errorMessage(err)}`, "E_VERIFY_IO");
+      } finally {
+        await src.close();
+      }
+    }
   }
 
   /** Connected SPICE clients follow the guest to the destination's display (seamless migration). */
@@ -914,6 +929,7 @@ export class OutgoingMigration {
       total: j.len,
       ready: j.ready,
       rateBps: Math.round(j.rateBps),
+      verified: this.verified[j.target],
     }));
     const { streamDisk: sd, memory: m, readyAt, downtimeMs } = this.progress;
     const diskTotal = sd ? sd.total : disks.reduce((s, d) => s + d.total, 0);

@@ -29,6 +29,8 @@ export interface QemuNbdOptions {
   readonly: boolean;
   /** Only the image itself, without its backing chain (what `--copy-storage-inc` copies). */
   topOnly?: boolean;
+  /** Offer qemu:allocation-depth (which layer of the backing chain holds each block). */
+  allocationDepth?: boolean;
   /** TLS with this host's certificates (a tls-creds-x509 directory); clients must present one. */
   tlsDir?: string;
   /** A directory for the pid file. */
@@ -56,6 +58,7 @@ export function qemuNbdArgs(o: Omit<QemuNbdOptions, "runDir">, pidFile: string):
     "writeback",
     ...(o.topOnly ? [] : ["--format", o.format]),
     ...(o.readonly ? ["--read-only"] : ["--discard", "unmap"]),
+    ...(o.allocationDepth ? ["--allocation-depth"] : []),
     ...("socket" in o.at ? ["--socket", o.at.socket] : ["--bind", o.at.host, "--port", String(o.at.port)]),
     ...(o.tlsDir
       ? [

@@ -246,3 +246,61 @@ export async function qemuStatus(tb: Testbed, host: "a" | "b", name: string): Pr
     return "gone";
   }
 }
+
+/**
+ * Backing chains for the `--copy-storage-inc` tests, made inside the hosts (where /var/lib/nbdmig paths,
+ * and so backing files, resolve). `tb` is read at each call, since it is set up in `before`.
+ */
+export function chainFixture(tb: () => Testbed) {
+  /** Runs a command inside a host. */
+  const inHost = (h: "a" | "b", argv: string[]) =>
+    execFileSync(tb()[h].execPrefix()[0]!, [...tb()[h].execPrefix().slice(1), ...argv], {
+      encoding: "utf8",
+    });
+  const qemuIo = (file: string, cmd: string) => inHost("a", ["qemu-io", "-f", "qcow2", "-c", cmd, file]);
+  /**
+   * Guest-visible comparison of a's image with b's, run inside b: a's overlay is read through its
+   * root-namespace path and its backing resolves to b's base, a byte-identical copy (checked by sha256).
+   */
+  const compareAB = (name: string) => {
+    try {
+      return inHost("b", [
+        "qemu-img",
+        "compare",
+        "-U",
+        `${tb().a.imagesDir}/${name}`,
+        `${IMG}/${name}`,
+      ]).trim();
+    } catch (err) {
+      const e = err as { stdout?: string; stderr?: string };
+      return `DIFFERENT: ${e.stdout ?? ""}${e.stderr ?? String(err)}`;
+    }
+  };
+  /** A 1 GiB qcow2 base with `dataMiB` of random data, byte-identical on both hosts (as an operator copies it). */
+  const base = (name: string, dataMiB: number, backing?: string) => {
+    const a = `${IMG}/${name}`;
+    inHost("a", [
+      "qemu-img",
+      "create",
+      "-q",
+      "-f",
+      "qcow2",
+      ...(backing ? ["-b", backing, "-F", "qcow2"] : []),
+      a,
+      "1G",
+    ]);
+    if (dataMiB) {
+      execFileSync("sh", ["-c", `head -c ${dataMiB}M /dev/urandom > ${tb().dir}/r.bin`]);
+      qemuIo(a, `write -s ${tb().dir}/r.bin ${backing ? 600 : 0}M ${dataMiB}M`);
+    }
+    fs.copyFileSync(`${tb().a.imagesDir}/${name}`, `${tb().b.imagesDir}/${name}`);
+    return a;
+  };
+  /** An empty qcow2 overlay on host a over `backing` (a host path). */
+  const overlay = (name: string, backing: string) => {
+    const f = `${IMG}/${name}`;
+    inHost("a", ["qemu-img", "create", "-q", "-f", "qcow2", "-b", backing, "-F", "qcow2", f]);
+    return f;
+  };
+  return { inHost, qemuIo, compareAB, base, overlay };
+}

@@ -159,11 +159,11 @@ export function register(program: Command): void {
     .option("--offline-pause", "pause the guest for the whole migration (virsh without --live)")
     .option(
       "--offline",
-      "migrate a shut-off domain: its disks are copied by nbdmig's copy engine (with --copy-storage-all) and it is defined on the destination",
+      "migrate a shut-off domain: its disks are copied by nbdmig's copy engine (with --copy-storage-all or -inc) and it is defined on the destination",
     )
     .option(
       "--verify",
-      "with --offline: compare every copied disk on both sides before the domain is defined there",
+      "compare every copied disk on both sides: with --offline before the domain is defined there, with --suspend before Finish (a difference fails the migration)",
     )
     .option(
       "--keep-partial",
@@ -255,15 +255,15 @@ export function register(program: Command): void {
       if (o.migrateDisks && !o.copyStorageAll && !o.copyStorageInc) {
         throw new UsageError("--migrate-disks needs --copy-storage-all or --copy-storage-inc");
       }
-      if (o.verify && !(o.offline && o.copyStorageAll))
+      if (o.verify && !((o.offline || o.suspend) && (o.copyStorageAll || o.copyStorageInc)))
         throw new UsageError(
-          "--verify goes with --offline --copy-storage-all (a live migration's disks keep changing until the switchover)",
+          "--verify compares copied disks once neither side writes them: it goes with --copy-storage-all or --copy-storage-inc, and with --offline or --suspend (a running guest's disks keep changing)",
         );
       const keep =
         o.keepPartialFor !== undefined ? String(o.keepPartialFor) : o.keepPartial ? "24h" : undefined;
       if (keep !== undefined && !(o.offline && (o.copyStorageAll || o.copyStorageInc)))
         throw new UsageError(
-          "--keep-partial goes with --offline --copy-storage-all (a live migration's copy is redone by the mirror)",
+          "--keep-partial goes with --offline --copy-storage-all or --copy-storage-inc (a live migration's copy is redone by the mirror)",
         );
       const keepPartialMs = keep === undefined ? undefined : parseKeepDuration(keep);
       if (o.verifyBacking && !o.copyStorageInc)
@@ -328,6 +328,10 @@ export function register(program: Command): void {
         view?.stop();
         process.off("SIGINT", onSigint);
       }
+      // What the job found on the way (--verify's result per disk, say), after the progress view.
+      if (o.verbose || o.verify)
+        for (const n of (job.notes ?? []).filter((x) => !(started.notes ?? []).includes(x)))
+          process.stderr.write(`${n}\n`);
       if (job.status !== "completed") {
         throw new MigrationError(
           job.errorPhase ?? "perform",

@@ -83,7 +83,8 @@ interface Pending {
   data?: Buffer;
   filled: number;
   covered?: [number, number][];
-  extents?: Extent[];
+  /** A BLOCK_STATUS reply's extents, by meta context id. */
+  extents?: Map<number, Extent[]>;
   error?: NbdRequestError;
   resolve: (v: unknown) => void;
   reject: (e: Error) => void;
@@ -470,7 +471,7 @@ export class NbdClient {
         p.data!.fill(0, h.offset - p.offset, h.offset - p.offset + h.length);
       } else if (r.type === Chunk.BLOCK_STATUS) {
         const bs = decodeBlockStatus(r.payload);
-        if (bs.contextId === this.contexts.get(BASE_ALLOCATION)) p.extents = bs.extents;
+        (p.extents ??= new Map()).set(bs.contextId, bs.extents);
       } else if (isErrorChunk(r.type)) {
         const e = decodeErrorChunk(r.type, r.payload);
         p.error ??= new NbdRequestError(
@@ -487,7 +488,9 @@ export class NbdClient {
     this.waiters.shift()?.();
     if (p.error) p.reject(p.error);
     else
-      p.resolve(p.type === Cmd.READ ? p.data : p.type === Cmd.BLOCK_STATUS ? (p.extents ?? []) : undefined);
+      p.resolve(
+        p.type === Cmd.READ ? p.data : p.type === Cmd.BLOCK_STATUS ? (p.extents ?? new Map()) : undefined,
+      );
   }
 
   /** Reads into `opts.into` (at least `length` bytes; its first `length` are returned) or a new buffer. */
@@ -517,10 +520,28 @@ export class NbdClient {
     await this.request(Cmd.CACHE, 0, offset, length);
   }
   /** base:allocation extents from offset; needs structured replies and the context. */
-  blockStatus(offset: number, length: number, opts: { reqOne?: boolean } = {}): Promise<Extent[]> {
-    if (!this.canBlockStatus)
-      return Promise.reject(new NbdProtocolError("the server offers no base:allocation"));
-    return this.request(Cmd.BLOCK_STATUS, opts.reqOne ? CF.REQ_ONE : 0, offset, length) as Promise<Extent[]>;
+  async blockStatus(offset: number, length: number, opts: { reqOne?: boolean } = {}): Promise<Extent[]> {
+    return (await this.blockStatusOf([BASE_ALLOCATION], offset, length, opts))[0]!;
+  }
+
+  /**
+   * Extents of several selected meta contexts from one request (e.g. base:allocation and
+   * qemu:allocation-depth), in the order asked; each list starts at `offset` and may cover less than the
+   * others.
+   */
+  async blockStatusOf(
+    names: string[],
+    offset: number,
+    length: number,
+    opts: { reqOne?: boolean } = {},
+  ): Promise<Extent[][]> {
+    const missing = names.find((n) => !this.contexts.has(n));
+    if (missing !== undefined) throw new NbdProtocolError(`the server offers no ${missing}`);
+    const byId = (await this.request(Cmd.BLOCK_STATUS, opts.reqOne ? CF.REQ_ONE : 0, offset, length)) as Map<
+      number,
+      Extent[]
+    >;
+    return names.map((n) => byId.get(this.contexts.get(n)!) ?? []);
   }
 
   /** Waits for replies in flight, sends NBD_CMD_DISC and closes. */

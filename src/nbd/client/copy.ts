@@ -9,7 +9,7 @@ import { createHash } from "node:crypto";
 import fs from "node:fs";
 import { UsageError } from "../../errors.js";
 import type { Extent } from "../protocol/codec.js";
-import { STATE_ZERO, TF } from "../protocol/constants.js";
+import { ALLOCATION_DEPTH, BASE_ALLOCATION, STATE_ZERO, TF } from "../protocol/constants.js";
 import { FileBackend } from "../server/backends/file.js";
 import { alignedBuffer } from "../aligned.js";
 import { isZero, writeZeros } from "../zeros.js";
@@ -28,8 +28,41 @@ export interface Endpoint {
   zero(lane: number, offset: number, length: number): Promise<void>;
   /** Allocation of a range, or undefined when the endpoint cannot tell. */
   extents(lane: number, offset: number, length: number): Promise<Extent[] | undefined>;
+  /**
+   * Allocation of a range together with whether the top image of the endpoint's backing chain holds it;
+   * only an NBD endpoint that offers qemu:allocation-depth can tell.
+   */
+  topExtents?(lane: number, offset: number, length: number): Promise<TopExtent[]>;
   flush(): Promise<void>;
   close(): Promise<void>;
+}
+
+/** A base:allocation extent, and whether the top image holds it (qemu:allocation-depth 1). */
+export interface TopExtent extends Extent {
+  inTop: boolean;
+}
+
+/**
+ * Both contexts' extents side by side: each answer starts at the same offset but may be cut elsewhere, so
+ * the result is cut wherever either is, and ends where the shorter one does.
+ */
+export function mergeTopExtents(alloc: Extent[], depth: Extent[]): TopExtent[] {
+  const out: TopExtent[] = [];
+  let [i, j, usedA, usedD] = [0, 0, 0, 0];
+  while (i < alloc.length && j < depth.length) {
+    const a = alloc[i]!;
+    const d = depth[j]!;
+    const n = Math.min(a.length - usedA, d.length - usedD);
+    const inTop = d.flags === 1;
+    const last = out.at(-1);
+    if (last && last.flags === a.flags && last.inTop === inTop) last.length += n;
+    else if (n > 0) out.push({ length: n, flags: a.flags, inTop });
+    usedA += n;
+    usedD += n;
+    if (usedA === a.length) [i, usedA] = [i + 1, 0];
+    if (usedD === d.length) [j, usedD] = [j + 1, 0];
+  }
+  return out;
 }
 
 class NbdEndpoint implements Endpoint {
@@ -42,6 +75,9 @@ class NbdEndpoint implements Endpoint {
   }
   get lanes(): number {
     return this.conns.length;
+  }
+  get offersDepth(): boolean {
+    return this.conns.every((c) => c.contexts.has(ALLOCATION_DEPTH));
   }
   private c(lane: number): NbdClient {
     return this.conns[lane % this.conns.length]!;
@@ -60,6 +96,14 @@ class NbdEndpoint implements Endpoint {
   async extents(lane: number, offset: number, length: number): Promise<Extent[] | undefined> {
     const c = this.c(lane);
     return c.canBlockStatus ? c.blockStatus(offset, length) : undefined;
+  }
+  async topExtents(lane: number, offset: number, length: number): Promise<TopExtent[]> {
+    const [alloc, depth] = await this.c(lane).blockStatusOf(
+      [BASE_ALLOCATION, ALLOCATION_DEPTH],
+      offset,
+      length,
+    );
+    return mergeTopExtents(alloc!, depth!);
   }
   async flush(): Promise<void> {
     // Several connections exist only with multi-conn, where one flush covers what every connection wrote.
@@ -178,11 +222,18 @@ export interface CopyOptions {
   /** Copy from this offset on (a resumed copy: what lies before it is on the destination already). */
   from?: number;
   /**
-   * Every `everyMs`, the offset below which everything is written to the destination (all those writes
-   * answered and then flushed), handed to `commit` when it has moved on; once more at the end with the
-   * size. What `commit` throws fails the copy.
+   * Copy only what the source's top image holds (`--copy-storage-inc`; the source must offer
+   * qemu:allocation-depth, as `qemu-nbd -A` does): the rest comes from the destination's own copy of the
+   * backing chain, so it is neither sent nor zeroed. Zeros inside the top image hide what the backing
+   * holds: they are always written, as zero requests.
    */
-  checkpoint?: { everyMs: number; commit: (doneTo: number) => Promise<void> };
+  topOnly?: boolean;
+  /**
+   * Every `everyMs`, and after every `everyBytes` written as data, the offset below which everything is
+   * written to the destination (all those writes answered and then flushed), handed to `commit` when it
+   * has moved on; once more at the end with the size. What `commit` throws fails the copy.
+   */
+  checkpoint?: { everyMs: number; everyBytes?: number; commit: (doneTo: number) => Promise<void> };
   /**
    * Flush the destination at the end, as `nbdcopy --flush` does. Without it the data may still sit in the
    * destination's cache when the copy returns (nbdcopy's default too).
@@ -202,6 +253,8 @@ export interface CopyResult {
   dataBytes: number;
   /** Bytes sent as zero requests (or skipped on a zero destination). */
   zeroBytes: number;
+  /** With `topOnly`: bytes the top image does not hold, left to the destination's backing chain. */
+  belowTopBytes: number;
   elapsedMs: number;
   sha256?: string;
 }
@@ -222,8 +275,11 @@ export async function copy(src: string, dst: string, opts: CopyOptions = {}): Pr
   // Both ends open at once, unless a destination file to create needs the source's size first.
   const dstOpts = { connections, client: opts.client };
   const together = isNbdUri(dst) || isNull(dst);
+  const srcClient = opts.topOnly
+    ? { ...opts.client, metaContexts: [BASE_ALLOCATION, ALLOCATION_DEPTH] }
+    : opts.client;
   const [s, d] = await Promise.allSettled([
-    openEndpoint(src, "source", { connections, client: opts.client }),
+    openEndpoint(src, "source", { connections, client: srcClient }),
     together ? openEndpoint(dst, "destination", dstOpts) : undefined,
   ]);
   if (s.status === "rejected" || d.status === "rejected") {
@@ -238,6 +294,10 @@ export async function copy(src: string, dst: string, opts: CopyOptions = {}): Pr
     if (dest instanceof NullEndpoint) dest.size = source.size;
     if (dest.size < source.size)
       throw new UsageError(`${dst} (${dest.size} bytes) is smaller than ${src} (${source.size} bytes)`);
+    if (opts.topOnly && !(source instanceof NbdEndpoint && source.offersDepth))
+      throw new UsageError(
+        `${src} does not tell which blocks its top image holds (no ${ALLOCATION_DEPTH}): serve it with qemu-nbd --allocation-depth`,
+      );
     return await run(source, dest, opts);
   } finally {
     await source.close();
@@ -245,9 +305,12 @@ export async function copy(src: string, dst: string, opts: CopyOptions = {}): Pr
   }
 }
 
-/** One piece of work: a request-sized piece of data to read and write, or a run of zeros. */
+/**
+ * One piece of work: a request-sized piece of data to read and write, a run of zeros, or (with topOnly) a
+ * run the top image does not hold.
+ */
 interface Work {
-  zero: boolean;
+  kind: "data" | "zero" | "below";
   offset: number;
   length: number;
 }
@@ -278,6 +341,7 @@ class WorkList {
     private readonly reqSize: number,
     private readonly lowWater: number,
     from: number,
+    private readonly topOnly: boolean,
   ) {
     this.pos = from;
   }
@@ -307,37 +371,45 @@ class WorkList {
   private async map(): Promise<void> {
     const start = this.pos;
     const len = Math.min(this.range, this.size - start);
-    const ext = (await this.source.extents(this.lane++, start, len)) ?? [];
+    const lane = this.lane++;
+    const ext: (Extent & { inTop?: boolean })[] = this.topOnly
+      ? await this.source.topExtents!(lane, start, len)
+      : ((await this.source.extents(lane, start, len)) ?? []);
     if (this.head > 4096) [this.items, this.head] = [this.items.slice(this.head), 0];
     let at = start;
     for (const e of ext) {
       const n = Math.min(e.length, start + len - at);
       if (n <= 0) break;
-      this.push((e.flags & STATE_ZERO) !== 0, at, n);
+      this.push(e.inTop === false ? "below" : e.flags & STATE_ZERO ? "zero" : "data", at, n);
       at += n;
     }
     // A server that answers less than asked (or nothing) leaves the rest to be read as data.
     if (at === start) {
-      this.push(false, at, len);
+      this.push("data", at, len);
       at += len;
     }
     this.pos = at;
     let data = 0;
     for (let i = this.head; i < this.items.length && data < this.lowWater; i++)
-      if (!this.items[i]!.zero) data++;
+      if (this.items[i]!.kind === "data") data++;
     if (data < this.lowWater) this.range = Math.min(this.range * 2, RANGE_MAX);
   }
 
-  private push(zero: boolean, offset: number, length: number): void {
-    const step = zero ? MAX_ZERO : this.reqSize;
-    // A hole that continues across a lookup's end joins the last run, if no worker has taken it yet.
+  private push(kind: Work["kind"], offset: number, length: number): void {
+    const step = kind === "data" ? this.reqSize : MAX_ZERO;
+    // A run that continues across a lookup's end joins the last one, if no worker has taken it yet.
     const last = this.head < this.items.length ? this.items.at(-1) : undefined;
-    if (zero && last?.zero && last.offset + last.length === offset && last.length + length <= step) {
+    if (
+      kind !== "data" &&
+      last?.kind === kind &&
+      last.offset + last.length === offset &&
+      last.length + length <= step
+    ) {
       last.length += length;
       return;
     }
     for (let at = offset; at < offset + length; at += step)
-      this.items.push({ zero, offset: at, length: Math.min(step, offset + length - at) });
+      this.items.push({ kind, offset: at, length: Math.min(step, offset + length - at) });
   }
 }
 
@@ -347,10 +419,11 @@ async function run(source: Endpoint, dest: Endpoint, opts: CopyOptions): Promise
   const from = Math.min(opts.from ?? 0, size);
   const reqSize = opts.requestSize ?? 256 * 1024;
   const workers = Math.max(source.lanes, dest.lanes) * (opts.requests ?? 16);
-  const work = new WorkList(source, size, reqSize, workers, from);
+  const work = new WorkList(source, size, reqSize, workers, from, opts.topOnly ?? false);
   let done = from;
   let dataBytes = 0;
   let zeroBytes = 0;
+  let belowTopBytes = 0;
   /** Offsets of the pieces taken and not yet answered (pieces are handed out in order). */
   const inFlight = new Set<number>();
   const committer = opts.checkpoint ? new Committer(dest, opts.checkpoint, from) : undefined;
@@ -358,10 +431,12 @@ async function run(source: Endpoint, dest: Endpoint, opts: CopyOptions): Promise
     done += n;
     opts.progress?.(done, size);
   };
+  // Under a top image, the destination reads what its backing holds: zeros there are never "already" zero.
+  const assumeZero = opts.destinationIsZero && !opts.topOnly;
   const zero = async (lane: number, offset: number, length: number) => {
     if (opts.destinationMapped) {
       for (const [at, n] of await dataRanges(dest, lane, offset, length)) await dest.zero(lane, at, n);
-    } else if (!opts.destinationIsZero) await dest.zero(lane, offset, length);
+    } else if (!assumeZero) await dest.zero(lane, offset, length);
     zeroBytes += length;
     advance(length);
   };
@@ -370,10 +445,14 @@ async function run(source: Endpoint, dest: Endpoint, opts: CopyOptions): Promise
   const worker = async (lane: number) => {
     const own = alignedBuffer(reqSize);
     for (let w = await work.next(); w; w = await work.next()) {
+      let sent = 0;
       opts.signal?.throwIfAborted();
       committer?.throwIfFailed();
       inFlight.add(w.offset);
-      if (w.zero) await zero(lane, w.offset, w.length);
+      if (w.kind === "below") {
+        belowTopBytes += w.length;
+        advance(w.length);
+      } else if (w.kind === "zero") await zero(lane, w.offset, w.length);
       else {
         const buf = await source.read(lane, w.offset, w.length, own);
         if (isZero(buf)) await zero(lane, w.offset, w.length);
@@ -381,9 +460,11 @@ async function run(source: Endpoint, dest: Endpoint, opts: CopyOptions): Promise
           await dest.write(lane, buf, w.offset);
           dataBytes += w.length;
           advance(w.length);
+          sent = w.length;
         }
       }
       inFlight.delete(w.offset);
+      if (sent) committer?.wrote(sent);
     }
   };
   committer?.start(() => (inFlight.size ? Math.min(...inFlight) : work.nextOffset));
@@ -396,7 +477,7 @@ async function run(source: Endpoint, dest: Endpoint, opts: CopyOptions): Promise
   await committer?.stop();
   if (opts.flush || committer) await dest.flush();
   await committer?.commit(size);
-  const result: CopyResult = { size, dataBytes, zeroBytes, elapsedMs: Date.now() - t0 };
+  const result: CopyResult = { size, dataBytes, zeroBytes, belowTopBytes, elapsedMs: Date.now() - t0 };
   if (opts.verify) {
     const [a, b] = await Promise.all([hash(source, size), hash(dest, size)]);
     if (a !== b)
@@ -428,14 +509,17 @@ async function dataRanges(
 }
 
 /**
- * Checkpoints of a copy: every `everyMs`, the offset below which every piece has been answered is flushed
- * on the destination and then committed, one checkpoint at a time. A failed commit stops the workers.
+ * Checkpoints of a copy: every `everyMs` (and `everyBytes` of data), the offset below which every piece has
+ * been answered is flushed on the destination and then committed, one checkpoint at a time. A failed
+ * commit stops the workers.
  */
 class Committer {
   private timer?: NodeJS.Timeout;
   private busy: Promise<void> = Promise.resolve();
   private failed?: unknown;
   private committed: number;
+  private sinceTick = 0;
+  private watermark: () => number = () => 0;
 
   constructor(
     private readonly dest: Endpoint,
@@ -446,20 +530,31 @@ class Committer {
   }
 
   start(watermark: () => number): void {
-    this.timer = setInterval(() => {
-      // The offset is taken before the flush: a flush covers the writes answered before it was sent.
-      const w = watermark();
-      if (w <= this.committed) return;
-      this.busy = this.busy.then(async () => {
-        if (this.failed !== undefined || w <= this.committed) return;
-        try {
-          await this.dest.flush();
-          await this.commit(w);
-        } catch (err) {
-          this.failed = err;
-        }
-      });
-    }, this.cp.everyMs);
+    this.watermark = watermark;
+    this.timer = setInterval(() => this.tick(), this.cp.everyMs);
+  }
+
+  /** Data written: every `everyBytes` of it a checkpoint is due, whatever the time. */
+  wrote(n: number): void {
+    if (!this.cp.everyBytes) return;
+    this.sinceTick += n;
+    if (this.sinceTick >= this.cp.everyBytes) this.tick();
+  }
+
+  private tick(): void {
+    this.sinceTick = 0;
+    // The offset is taken before the flush: a flush covers the writes answered before it was sent.
+    const w = this.watermark();
+    if (w <= this.committed) return;
+    this.busy = this.busy.then(async () => {
+      if (this.failed !== undefined || w <= this.committed) return;
+      try {
+        await this.dest.flush();
+        await this.commit(w);
+      } catch (err) {
+        this.failed = err;
+      }
+    });
   }
 
   throwIfFailed(): void {

@@ -117,6 +117,11 @@ export const ERRNO_NAMES: Record<number, string> = Object.fromEntries(
 export const BASE_ALLOCATION = "base:allocation";
 export const STATE_HOLE = 1 << 0;
 export const STATE_ZERO = 1 << 1;
+/**
+ * QEMU's `qemu:allocation-depth` meta context (qemu-nbd -A): an extent's value is the layer of the backing
+ * chain that holds it, 1 for the top image, 2 for its backing file and so on; 0 where no layer does.
+ */
+export const ALLOCATION_DEPTH = "qemu:allocation-depth";
 
 /** Limits: the spec's recommended maximum payload and the lengths we accept in handshake messages. */
 export const MAX_STRING = 4096;
