@@ -8,6 +8,7 @@
 import assert from "node:assert/strict";
 import fs from "node:fs";
 import { after, afterEach, before, describe, it } from "node:test";
+import { NbdmigError } from "../src/errors.js";
 import { Testbed } from "../src/testbed/testbed.js";
 import { imageInfo } from "../src/qemu/img.js";
 import { sha256File } from "../src/util/hash.js";
@@ -204,7 +205,26 @@ describe("offline migration of a shut-off domain with its disks", { timeout: 900
     // Meanwhile neither side can start it.
     assert.match(nbdmig(tb!, "a", ["start", "slow"]).stderr, /has an offline migration job in progress/);
     assert.match(nbdmig(tb!, "b", ["start", "slow"]).stderr, /has an incoming migration job in progress/);
+    // A long poll of the job is answered when the job ends, not when its wait is up.
+    const asked = Date.now();
+    const ended = tb!.a
+      .client()
+      .call<{ active: boolean; job: { status: string } }>(
+        "GET",
+        "/v1/domains/slow/job?waitMs=10000",
+        undefined,
+        30_000,
+      )
+      .then((r) => ({ ...r, afterMs: Date.now() - asked }));
     ok(tb!, "a", ["domjobabort", "slow"]);
+    const answer = await ended;
+    assert.equal(answer.active, false);
+    assert.equal(answer.job.status, "cancelled");
+    assert.ok(answer.afterMs < 9_500, `answered after ${answer.afterMs} ms, at the job's end`);
+    await assert.rejects(
+      tb!.a.client().call("GET", "/v1/domains/slow/job?waitMs=soon"),
+      (e: unknown) => e instanceof NbdmigError && e.code === "E_BAD_QUERY" && /0 to 10000/.test(e.message),
+    );
     const res = await run.done;
     assert.equal(res.status, 1);
     assert.match(res.stderr, /cancelled by domjobabort/);

@@ -34,6 +34,8 @@ export class MigrationManager {
   readonly incoming = new Map<string, IncomingMigration>();
   /** The last finished job per domain (domjobinfo --completed, and the CLI's final answer). */
   readonly finished = new Map<string, Record<string, unknown>>();
+  /** Callers of waitJobInfo waiting for a domain's job to end. */
+  private readonly endWaiters = new Map<string, Set<() => void>>();
   private readonly records: OutgoingRecords;
   /** Outgoing migrations continued from their records (after a restart, or for `--recover`). */
   private readonly handoffs = new Map<string, SourceHandoff>();
@@ -96,7 +98,7 @@ export class MigrationManager {
       return undefined;
     }
     const h = new SourceHandoff(this.reg, this.log, this.records, rec, e, this.opts.token, (done) =>
-      this.finished.set(done.name, done.describe()),
+      this.ended(done.name, done.describe()),
     );
     this.handoffs.set(rec.name, h);
     return h;
@@ -129,7 +131,7 @@ export class MigrationManager {
       );
     // One decision at a time per domain.
     const message = await e.lock.run(() => h.decide(req.keep, req.force));
-    this.finished.set(name, h.describe());
+    this.ended(name, h.describe());
     this.handoffs.delete(name);
     return { message };
   }
@@ -142,7 +144,7 @@ export class MigrationManager {
     if (req.offline)
       return entry.lock.run(async () => {
         const m = await OfflineMigration.begin(this.reg, name, req, this.opts.token, this.log, (done) =>
-          this.finished.set(done.name, done.describe()),
+          this.ended(done.name, done.describe()),
         );
         this.finished.delete(name);
         m.start();
@@ -158,7 +160,7 @@ export class MigrationManager {
         this.log,
         this.records,
         (done) => {
-          this.finished.set(done.name, done.describe());
+          this.ended(done.name, done.describe());
         },
       );
       this.finished.delete(name);
@@ -189,7 +191,7 @@ export class MigrationManager {
 
   /** An incoming migration has ended either way. */
   private readonly incomingDone = (done: IncomingMigration): void => {
-    this.finished.set(done.name, done.describe());
+    this.ended(done.name, done.describe());
     // Keep the record a while so the source's heartbeat sees how it ended.
     setTimeout(() => this.incoming.delete(done.id), 60_000).unref();
   };
@@ -215,6 +217,35 @@ export class MigrationManager {
       );
     this.partials.discard(p, "discarded by the operator");
     return { removed: p.files };
+  }
+
+  /** A job has ended: it is what `domjobinfo --completed` shows, and whoever waits for it is answered. */
+  private ended(name: string, job: Record<string, unknown>): void {
+    this.finished.set(name, job);
+    for (const wake of this.endWaiters.get(name) ?? []) wake();
+    this.endWaiters.delete(name);
+  }
+
+  /**
+   * The domain's job; with `waitMs`, answered once the active job ends or after that long, whichever is
+   * first (the CLI's progress loop: it learns of the end at once, without polling faster).
+   */
+  async waitJobInfo(name: string, waitMs: number): Promise<Record<string, unknown>> {
+    const e = this.reg.has(name) ? this.reg.get(name) : undefined;
+    if (waitMs > 0 && e?.job) {
+      await new Promise<void>((resolve) => {
+        const waiters = this.endWaiters.get(name) ?? new Set<() => void>();
+        this.endWaiters.set(name, waiters);
+        const wake = () => {
+          clearTimeout(timer);
+          waiters.delete(wake);
+          resolve();
+        };
+        const timer = setTimeout(wake, waitMs);
+        waiters.add(wake);
+      });
+    }
+    return this.jobInfo(name);
   }
 
   jobInfo(name: string): Record<string, unknown> {
@@ -243,7 +274,7 @@ export function migrationRoutes(router: Router, mm: MigrationManager): Router {
     .add("POST", "/v1/domains/:name/migrate/recover", RecoverRequestSchema, (r) =>
       mm.recoverChoice(r.params.name!, r.body),
     )
-    .add("GET", "/v1/domains/:name/job", (r) => mm.jobInfo(r.params.name!))
+    .add("GET", "/v1/domains/:name/job", (r) => mm.waitJobInfo(r.params.name!, waitMs(r.query)))
     .add("POST", "/v1/domains/:name/job/abort", async (r) => {
       await mm.abort(r.params.name!);
       return {};
@@ -272,3 +303,18 @@ export function migrationRoutes(router: Router, mm: MigrationManager): Router {
     .add("GET", "/v1/partials", () => ({ partials: mm.partials.all() }))
     .add("DELETE", "/v1/partials/:name", (r) => mm.discardPartial(r.params.name!));
 }
+
+/** `?waitMs=N` on GET .../job: how long to wait for the active job to end (0 to 10000 ms). */
+function waitMs(q: URLSearchParams): number {
+  const v = q.get("waitMs");
+  if (v === null) return 0;
+  const n = Number(v);
+  if (!Number.isInteger(n) || n < 0 || n > MAX_JOB_WAIT_MS)
+    throw new UsageError(
+      `waitMs takes a whole number of milliseconds from 0 to ${MAX_JOB_WAIT_MS}, not '${v}'`,
+      "E_BAD_QUERY",
+    );
+  return n;
+}
+
+const MAX_JOB_WAIT_MS = 10_000;

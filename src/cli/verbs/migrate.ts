@@ -1,5 +1,4 @@
 /** migrate, domjobinfo, domjobabort: the migration verbs, shaped after virsh's. */
-import { setTimeout as sleep } from "node:timers/promises";
 import cliProgress from "cli-progress";
 import type { Command } from "commander";
 import { readToken } from "../../agent/client.js";
@@ -315,14 +314,14 @@ export function register(program: Command): void {
       process.on("SIGINT", onSigint);
       try {
         for (;;) {
+          // Answered at the job's end, or after half a second for the progress display.
           const r = await agent.call<{ active: boolean; job: JobInfo | null }>(
             "GET",
-            `/v1/domains/${enc(name)}/job`,
+            `/v1/domains/${enc(name)}/job?waitMs=500`,
           );
           if (r.job) job = r.job;
           view?.update(job);
           if (!r.active && r.job && r.job.status !== "active") break;
-          await sleep(500);
         }
       } finally {
         view?.stop();
