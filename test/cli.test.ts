@@ -4,6 +4,8 @@ import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { after, before, describe, it } from "node:test";
+import { Command } from "commander";
+import { COMMANDS, modulesFor, VERB_MODULES } from "../src/cli/loader.js";
 import { Testbed } from "../src/testbed/testbed.js";
 import { available, cli, cliPath, need, testGuest } from "./helpers/env.js";
 import { guestXml } from "./helpers/guest-xml.js";
@@ -112,6 +114,30 @@ describe("nbdmig CLI usage errors (no agent needed)", () => {
     const v = cli(["--version"]);
     assert.equal(v.status, 0);
     assert.match(v.stdout, /^\d+\.\d+\.\d+/);
+  });
+
+  it("loads only the verb's module, and knows which module registers each verb", async () => {
+    const seen = new Map<string, string>();
+    for (const [name, load] of Object.entries(VERB_MODULES)) {
+      const program = new Command();
+      (await load()).register(program);
+      for (const c of program.commands) seen.set(c.name(), name);
+    }
+    assert.deepEqual(
+      Object.fromEntries([...seen].sort()),
+      Object.fromEntries(Object.entries(COMMANDS).sort()),
+    );
+    assert.deepEqual(modulesFor("domjobinfo"), ["migrate"]);
+    assert.deepEqual(
+      modulesFor("frobnicate"),
+      Object.keys(VERB_MODULES),
+      "an unknown verb loads all (suggestions)",
+    );
+    assert.deepEqual(modulesFor("constructor"), Object.keys(VERB_MODULES));
+    // A verb's help still shows its options, and the top-level help every verb.
+    assert.match(cli(["migrate", "--help"]).stdout, /--copy-storage-all/);
+    const help = cli(["--help"]).stdout;
+    for (const verb of Object.keys(COMMANDS)) assert.match(help, new RegExp(`^  ${verb}\\b`, "m"), verb);
   });
 });
 

@@ -4,23 +4,12 @@ import os from "node:os";
 import { Command, CommanderError } from "commander";
 import { AgentError, MigrationError, NbdmigError, UsageError } from "../errors.js";
 import { VERSION } from "../version.js";
+import { modulesFor, VERB_MODULES } from "./loader.js";
 
 // File I/O runs on libuv's thread pool, created at the first asynchronous file operation (none happens
 // while modules load). Two threads per core: on 2 cores, 16 threads served 1 GiB of reads ~15 % slower
 // than 4 (more context switches for the same page-cache copies); below 4, writes queue behind flushes.
 process.env.UV_THREADPOOL_SIZE ??= String(Math.max(4, 2 * os.availableParallelism()));
-
-/** Each verb module registers its commands; loaded only when needed (see below). */
-const VERBS = {
-  daemon: () => import("./verbs/daemon.js"),
-  define: () => import("./verbs/define.js"),
-  lifecycle: () => import("./verbs/lifecycle.js"),
-  info: () => import("./verbs/info.js"),
-  migrate: () => import("./verbs/migrate.js"),
-  monitor: () => import("./verbs/monitor.js"),
-  nbd: () => import("./verbs/nbd.js"),
-  tls: () => import("./verbs/tls.js"),
-};
 
 const program = new Command();
 program
@@ -33,10 +22,10 @@ program
   .configureOutput({ writeErr: (s) => process.stderr.write(s) })
   .showSuggestionAfterError(true);
 
-// `nbdmig nbd ...` is a tool of its own (as nbdkit, nbdinfo and nbdcopy are) and often timed: it loads only
-// its module, not the agent and migration code, which saves about 0.1 s of start-up per run.
-const loaders = firstWord(process.argv.slice(2)) === "nbd" ? [VERBS.nbd] : Object.values(VERBS);
-for (const m of await Promise.all(loaders.map((load) => load()))) m.register(program);
+// Only the verb's own module: every run pays for what it loads (`nbdmig nbd copy` is often timed, and
+// `nbdmig migrate` counts in the migration's time).
+const modules = modulesFor(firstWord(process.argv.slice(2)));
+for (const m of await Promise.all(modules.map((name) => VERB_MODULES[name]()))) m.register(program);
 for (const c of program.commands) c.exitOverride();
 
 try {

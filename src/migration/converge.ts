@@ -23,9 +23,7 @@ import { errorMessage } from "../errors.js";
 import { blockOf } from "../qemu/qmp-util.js";
 import type { QmpClient } from "../qemu/qmp.js";
 import type { MirrorState } from "./mirror.js";
-
-export const CONVERGE_MODES = ["auto", "throttle", "sync", "none"] as const;
-export type ConvergeMode = (typeof CONVERGE_MODES)[number];
+import type { ConvergeMode } from "./options.js";
 
 const MIN_CAP = 1024 * 1024;
 /**

@@ -5,7 +5,7 @@
  */
 import { z } from "zod";
 import { UUID_RE } from "../domain/xml.js";
-import { CONVERGE_MODES } from "./converge.js";
+import { CONVERGE_MODES, MAX_KEEP_PARTIAL_MS } from "./options.js";
 
 /** Byte counts and sizes: whole, not negative, exact in a double. */
 const bytes = z.number().int().nonnegative().max(Number.MAX_SAFE_INTEGER);
@@ -13,8 +13,6 @@ const port = z.number().int().min(1).max(65535);
 const filePath = z.string().min(1).max(4096).startsWith("/", "must be an absolute path");
 const sha256 = z.string().regex(/^[0-9a-f]{64}$/, "must be a SHA-256 in hex");
 const imageFormat = z.enum(["raw", "qcow2"]);
-/** The longest a partial copy may be kept: a week. */
-export const MAX_KEEP_PARTIAL_MS = 7 * 24 * 3600 * 1000;
 /** A disk target (vda, sdb, hdc...) or the UEFI variable store's pseudo-target `nvram`. */
 export const diskTarget = z.string().regex(/^[A-Za-z0-9_-]{1,32}$/, "must be a disk target such as vda");
 

@@ -3,8 +3,7 @@ import cliProgress from "cli-progress";
 import type { Command } from "commander";
 import { readToken } from "../../agent/client.js";
 import { MigrationError, UsageError, type MigrationPhase } from "../../errors.js";
-import { CONVERGE_MODES } from "../../migration/converge.js";
-import { MAX_KEEP_PARTIAL_MS } from "../../migration/schemas.js";
+import { CONVERGE_MODES, MAX_KEEP_PARTIAL_MS } from "../../migration/options.js";
 import { formatBytes, formatDuration, keyValues } from "../../util/format.js";
 import { agentFrom, enc, out } from "../context.js";
 
