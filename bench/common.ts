@@ -82,12 +82,15 @@ function qemuNbdInHost(
  * qemu-nbd on host b serving a fresh image created as nbdmig's destination creates one (same format and
  * size), both qemu-nbd started as nbdmig starts its own, so that nbdcopy gets its default 4 connections
  * (multi-conn on both ends). Answers the copy's seconds and the bytes host a sent over the migration link.
+ * With `tool: "nbdmig"`, `nbdmig nbd copy` (the copy engine an offline migration uses, with the options it
+ * uses) runs instead, between the same two qemu-nbd: the engine alone, without the migration around it;
+ * `engineSeconds` is then the copy as the engine timed it, without the CLI's start-up.
  */
 export async function nbdcopyBetweenHosts(
   tb: Testbed,
   source: string,
-  opts: { flush?: boolean } = {},
-): Promise<{ seconds: number; wireBytes: number }> {
+  opts: { flush?: boolean; tool?: "nbdcopy" | "nbdmig" } = {},
+): Promise<{ seconds: number; wireBytes: number; engineSeconds?: number }> {
   const info = await imageInfo(source);
   const name = `peer-${path.basename(source)}`;
   const dest = path.join(tb.b.imagesDir, name);
@@ -107,11 +110,24 @@ export async function nbdcopyBetweenHosts(
   });
   try {
     execFileSync("sync");
+    const flush = opts.flush ? ["--flush"] : [];
     const tx0 = tb.linkTxBytes();
     const t0 = process.hrtime.bigint();
-    inHost(tb, "a", ["nbdcopy", ...(opts.flush ? ["--flush"] : []), src.uri, dst.uri]);
+    let engineSeconds: number | undefined;
+    if (opts.tool === "nbdmig") {
+      const out = nbdmigOk(tb, "a", [
+        "nbd",
+        "copy",
+        ...flush,
+        "--destination-is-zero",
+        "--json",
+        src.uri,
+        dst.uri,
+      ]);
+      engineSeconds = (JSON.parse(out) as { elapsedMs: number }).elapsedMs / 1000;
+    } else inHost(tb, "a", ["nbdcopy", ...flush, src.uri, dst.uri]);
     const seconds = Number(process.hrtime.bigint() - t0) / 1e9;
-    return { seconds, wireBytes: tb.linkTxBytes() - tx0 };
+    return { seconds, wireBytes: tb.linkTxBytes() - tx0, engineSeconds };
   } finally {
     src.stop();
     dst.stop();

@@ -88,6 +88,8 @@ interface Sample {
   wireBytes: number;
   /** nbdmig only: the job's perform:copy phase, the rest being Begin, Prepare, Finish and the CLI. */
   copySeconds?: number;
+  /** The engine alone (`nbdmig nbd copy`): the copy as it timed it, without the CLI's start-up. */
+  engineSeconds?: number;
   dataBytes?: number;
 }
 
@@ -171,9 +173,12 @@ function nbdmigOnce(tb: Testbed, c: DiskCase): Sample {
   };
 }
 
-async function nbdcopyOnce(tb: Testbed, c: DiskCase): Promise<Sample> {
-  return nbdcopyBetweenHosts(tb, path.join(tb.a.imagesDir, c.image), { flush: true });
+async function nbdcopyOnce(tb: Testbed, c: DiskCase, tool: "nbdcopy" | "nbdmig"): Promise<Sample> {
+  return nbdcopyBetweenHosts(tb, path.join(tb.a.imagesDir, c.image), { flush: true, tool });
 }
+
+/** The three ways a disk is copied in one round: the migration, nbdcopy, and our engine between the same peers. */
+const TOOLS = ["nbdmig", "nbdcopy", "engine"] as const;
 
 /**
  * A copy with --keep-partial aborted once half of the data has crossed the link, then the same command
@@ -252,16 +257,21 @@ export async function offlineBench(runs: number): Promise<OfflineResult> {
       tb.setRate(rate);
       const ours = new Map<DiskCase, Sample[]>(cases.map((c) => [c, []]));
       const peer = new Map<DiskCase, Sample[]>(cases.map((c) => [c, []]));
+      const engine = new Map<DiskCase, Sample[]>(cases.map((c) => [c, []]));
       for (let i = 0; i < runs; i++)
         for (const c of cases) {
           process.stderr.write(`offline bench: ${link}, ${c.label}, run ${i + 1}/${runs}\n`);
-          // Who goes first alternates, so that neither always finds the page cache as the other left it.
-          for (const tool of i % 2 ? ["nbdcopy", "nbdmig"] : ["nbdmig", "nbdcopy"]) {
-            const s = tool === "nbdmig" ? nbdmigOnce(tb, c) : await nbdcopyOnce(tb, c);
+          // Who goes first rotates, so that none always finds the page cache as another left it.
+          for (let k = 0; k < TOOLS.length; k++) {
+            const tool = TOOLS[(i + k) % TOOLS.length]!;
+            const s =
+              tool === "nbdmig"
+                ? nbdmigOnce(tb, c)
+                : await nbdcopyOnce(tb, c, tool === "engine" ? "nbdmig" : "nbdcopy");
             process.stderr.write(
-              `  ${tool}: ${s.seconds.toFixed(2)} s, ${(s.wireBytes / MiB).toFixed(1)} MiB on the wire\n`,
+              `  ${tool}: ${s.seconds.toFixed(2)} s${s.copySeconds ? ` (copy phase ${s.copySeconds.toFixed(2)} s)` : ""}${s.engineSeconds ? ` (copy ${s.engineSeconds.toFixed(2)} s)` : ""}, ${(s.wireBytes / MiB).toFixed(1)} MiB on the wire\n`,
             );
-            (tool === "nbdmig" ? ours : peer).get(c)!.push(s);
+            (tool === "nbdmig" ? ours : tool === "engine" ? engine : peer).get(c)!.push(s);
           }
         }
       for (const c of cases) {
@@ -282,8 +292,10 @@ export async function offlineBench(runs: number): Promise<OfflineResult> {
         const copyS = median(ours.get(c)!.map((s) => s.copySeconds ?? 0));
         a.note = `wire <= 1.05x data: ${met(a.wireRatio! <= 1.05)}; copy phase ${copyS.toFixed(2)} s`;
         const b = row("nbdcopy --flush", peer.get(c)!);
+        const e = row("nbdmig nbd copy --flush (engine alone, same peers)", engine.get(c)!);
+        e.note = `its own timing, without the CLI's start-up: ${median(engine.get(c)!.map((s) => s.engineSeconds ?? 0)).toFixed(2)} s; ${(b.seconds! / e.seconds!).toFixed(2)}x nbdcopy's speed`;
         const speed = b.seconds! / a.seconds!;
-        rows.push(a, b, {
+        rows.push(a, b, e, {
           disk: c.label,
           link,
           tool: "speed nbdmig / nbdcopy",
