@@ -88,6 +88,8 @@ interface Sample {
   wireBytes: number;
   /** nbdmig only: the job's perform:copy phase, the rest being Begin, Prepare, Finish and the CLI. */
   copySeconds?: number;
+  /** nbdmig only: where the command's time went (printed while the benchmark runs). */
+  breakdown?: string;
   /** The engine alone (`nbdmig nbd copy`): the copy as it timed it, without the CLI's start-up. */
   engineSeconds?: number;
   dataBytes?: number;
@@ -164,8 +166,12 @@ function nbdmigOnce(tb: Testbed, c: DiskCase): Sample {
   const wireBytes = tb.linkTxBytes() - tx0;
   const job = completedJob(tb, c.domain);
   clearDestination(tb, c);
-  const copyMs = (job.phaseTimes["finish"] ?? NaN) - (job.phaseTimes["perform:copy"] ?? NaN);
+  const at = (phase: string) => job.phaseTimes[phase] ?? NaN;
+  const copyMs = at("finish") - at("perform:copy");
+  const s = (ms: number) => `${(ms / 1000).toFixed(2)} s`;
+  const breakdown = `CLI and Begin ${s(seconds * 1000 - job.elapsedMs)}, Prepare ${s(at("perform:copy") - at("prepare"))}, copy ${s(copyMs)}, Finish ${s(job.elapsedMs - at("finish"))}`;
   return {
+    breakdown,
     seconds,
     wireBytes,
     copySeconds: Number.isFinite(copyMs) ? copyMs / 1000 : undefined,
@@ -269,7 +275,7 @@ export async function offlineBench(runs: number): Promise<OfflineResult> {
                 ? nbdmigOnce(tb, c)
                 : await nbdcopyOnce(tb, c, tool === "engine" ? "nbdmig" : "nbdcopy");
             process.stderr.write(
-              `  ${tool}: ${s.seconds.toFixed(2)} s${s.copySeconds ? ` (copy phase ${s.copySeconds.toFixed(2)} s)` : ""}${s.engineSeconds ? ` (copy ${s.engineSeconds.toFixed(2)} s)` : ""}, ${(s.wireBytes / MiB).toFixed(1)} MiB on the wire\n`,
+              `  ${tool}: ${s.seconds.toFixed(2)} s${s.copySeconds ? ` (copy phase ${s.copySeconds.toFixed(2)} s)` : ""}${s.engineSeconds ? ` (copy ${s.engineSeconds.toFixed(2)} s)` : ""}, ${(s.wireBytes / MiB).toFixed(1)} MiB on the wire${s.breakdown ? `; ${s.breakdown}` : ""}\n`,
             );
             (tool === "nbdmig" ? ours : tool === "engine" ? engine : peer).get(c)!.push(s);
           }

@@ -4,6 +4,7 @@
  * and says when its build differs, and a TPM's state (a PCR the guest extended) moves with the guest.
  */
 import assert from "node:assert/strict";
+import { createHash } from "node:crypto";
 import fs from "node:fs";
 import path from "node:path";
 import { after, afterEach, before, describe, it } from "node:test";
@@ -12,6 +13,7 @@ import { sha256File } from "../src/util/hash.js";
 import { available, need, testGuest } from "./helpers/env.js";
 import {
   assertDestClean,
+  defineGuest,
   destroyAll,
   IMG,
   makeImage,
@@ -211,5 +213,80 @@ describe("UEFI and TPM guests across a migration", { timeout: 900_000 }, () => {
     // The TPM keeps working on the destination.
     assert.notEqual(await get(`http://${addr}/cgi-bin/extend`), pcr);
     ok(tb!, "b", ["destroy", "tpm"]);
+  });
+  it("offline: a shut-off domain's TPM state moves as it is (and one that never ran gets its TPM made there)", async (t) => {
+    if (!need(t, TOOLS, true)) return;
+    makeImage(tb!, "a", { name: "otpm.qcow2", size: "64M" });
+    await startGuest(
+      tb!,
+      { name: "otpm", tpm: "tpm-crb", disks: [{ target: "vda", source: `${IMG}/otpm.qcow2` }] },
+      guest,
+    );
+    assert.match(tb!.a.consoleLog("otpm"), /nbdmig-guest: tpm=present/);
+    ok(tb!, "a", ["destroy", "otpm"]);
+    const uuid = /<uuid>([^<]+)<\/uuid>/.exec(ok(tb!, "a", ["dumpxml", "otpm"]))![1]!;
+    const tpmDir = `/var/lib/nbdmig/swtpm/${uuid}`;
+    const files = (host: "a" | "b") => {
+      const dir = tb![host].hostPath(tpmDir);
+      return Object.fromEntries(
+        fs
+          .readdirSync(dir)
+          .filter((f) => f !== ".lock")
+          .map((f) => [
+            f,
+            createHash("sha256")
+              .update(fs.readFileSync(path.join(dir, f)))
+              .digest("hex"),
+          ]),
+      );
+    };
+    const before = files("a");
+    assert.ok(
+      Object.keys(before).some((f) => f.endsWith(".permall")),
+      "swtpm_setup manufactured it",
+    );
+
+    const r = nbdmig(tb!, "a", [
+      "migrate",
+      "--offline",
+      "--copy-storage-all",
+      "--undefinesource",
+      "--verbose",
+      "otpm",
+      tb!.b.uri,
+    ]);
+    assert.equal(r.status, 0, r.stderr);
+    assert.match(r.stderr, /TPM state: .*tpm2-00\.permall.* copied/);
+    assert.deepEqual(files("b"), before, "the same state files, byte for byte");
+    for (const f of Object.keys(before))
+      assert.equal(fs.statSync(path.join(tb!.b.hostPath(tpmDir), f)).mode & 0o777, 0o600, f);
+    assert.ok(!fs.existsSync(tb!.a.hostPath(tpmDir)), "the source's copy went with its definition");
+    ok(tb!, "b", ["start", "otpm"]);
+    await waitFor("the guest to boot on the destination", () =>
+      /nbdmig-guest: ready/.test(tb!.b.consoleLog("otpm")),
+    );
+    assert.match(tb!.b.consoleLog("otpm"), /nbdmig-guest: tpm=present/);
+    ok(tb!, "b", ["destroy", "otpm"]);
+
+    // A TPM that never ran has no state: nothing moves, and the destination makes one at the first start.
+    makeImage(tb!, "a", { name: "ntpm.qcow2", size: "64M" });
+    defineGuest(
+      tb!,
+      { name: "ntpm", tpm: "tpm-crb", disks: [{ target: "vda", source: `${IMG}/ntpm.qcow2` }] },
+      guest,
+    );
+    const fresh = nbdmig(tb!, "a", [
+      "migrate",
+      "--offline",
+      "--copy-storage-all",
+      "--verbose",
+      "ntpm",
+      tb!.b.uri,
+    ]);
+    assert.equal(fresh.status, 0, fresh.stderr);
+    assert.match(fresh.stderr, /TPM state: none yet/);
+    ok(tb!, "b", ["start", "ntpm"]);
+    await waitFor("the new TPM", () => /nbdmig-guest: tpm=present/.test(tb!.b.consoleLog("ntpm")));
+    ok(tb!, "b", ["destroy", "ntpm"]);
   });
 });

@@ -29,6 +29,7 @@ import { NbdServer } from "../nbd/server/server.js";
 import { FileBackend } from "../nbd/server/backends/file.js";
 import { serveWithQemuNbd, stopQemuNbd } from "../qemu/nbd-export.js";
 import type { PartialCopies, PartialRecord } from "./partials.js";
+import { writeTpmState } from "./tpm-state.js";
 
 /** QEMU's id of the authorization object that admits only the migration's source. */
 const TLS_AUTHZ_ID = "nbdmig-authz";
@@ -162,6 +163,10 @@ export class IncomingMigration {
     // The server end: this host's certificate must name the address the source connects to.
     if (this.req.tls) checkPki(this.reg.state.pkiDir, "server", [this.req.listenHost]);
     const tpmDir = def.tpm ? this.reg.tpmStateDir(def.uuid) : undefined;
+    if (cookie.tpmState && (!tpmDir || !this.req.offline))
+      throw new UsageError(
+        "refused: the source sent TPM state for a domain without a TPM, or for a live migration (whose stream carries it); the source's nbdmig is at fault",
+      );
     if (tpmDir && fs.existsSync(tpmDir)) {
       throw new UsageError(
         `TPM state ${tpmDir} already exists here (left by an earlier stay of this domain?); remove it on the destination first`,
@@ -196,10 +201,12 @@ export class IncomingMigration {
       await createImage(nvram.path, nvram.format, nvram.virtualSize);
     }
     if (tpmDir) {
-      // A fresh state directory: the source's TPM state arrives in the migration stream.
+      // A fresh state directory: the source's TPM state arrives in the migration stream, or (offline) in
+      // the cookie.
       this.createdDirs.push(tpmDir);
       this.saveRecord();
       fs.mkdirSync(tpmDir, { recursive: true, mode: 0o700 });
+      if (cookie.tpmState) writeTpmState(tpmDir, cookie.tpmState);
     }
     this.entry = this.reg.addTransient(def);
     this.entry.job = {

@@ -26,6 +26,7 @@ import { imageInfo } from "../qemu/img.js";
 import { sha256File } from "../util/hash.js";
 import { fileStamp } from "./partials.js";
 import { cancelOnDestination } from "./handoff.js";
+import { readTpmState } from "./tpm-state.js";
 import { copyTopOnly, selectDisks, type CookieDisk, type MigrationCookie } from "./cookie.js";
 import type { PrepareResult } from "./destination.js";
 import {
@@ -117,10 +118,6 @@ export class OfflineMigration {
         "--verify compares copied disks: it goes with --copy-storage-all or --copy-storage-inc",
       );
     const def = entry.def;
-    if (def.tpm && req.copyStorage !== "none")
-      throw new UsageError(
-        `domain '${name}' has a TPM, whose state offline migration does not move yet: start it and migrate it live (the TPM's state travels in the migration stream)`,
-      );
     const cookieDisks: CookieDisk[] = [];
     const notes: string[] = [];
     for (const d of req.copyStorage === "none" ? [] : selectDisks(def, req.migrateDisks)) {
@@ -160,6 +157,15 @@ export class OfflineMigration {
         notes.push(`UEFI variable store ${nvram.path}: copied like a disk`);
       }
     }
+    // The TPM's state lives on this host whatever the storage: it moves even without --copy-storage-*, or
+    // the destination would make a new TPM (new keys: what the guest sealed would be lost).
+    const tpmState = def.tpm ? readTpmState(reg.tpmStateDir(def.uuid), name) : undefined;
+    if (def.tpm)
+      notes.push(
+        tpmState
+          ? `TPM state: ${tpmState.files.map((f) => f.name).join(", ")} copied`
+          : "TPM state: none yet (the TPM never ran); it is made at the first start on the destination",
+      );
     const { peer, tls } = await checkDestination(reg, def, req, ownToken, notes);
     const firmware =
       loader?.type === "pflash"
@@ -173,6 +179,7 @@ export class OfflineMigration {
       storagePath: cookieDisks.length ? "nbd" : "none",
       ...(nvramInfo ? { nvram: nvramInfo } : {}),
       ...(firmware ? { firmware } : {}),
+      ...(tpmState ? { tpmState } : {}),
     };
     const m = new OfflineMigration(reg, entry, req, log, onDone, cookie, peer, tls, notes);
     entry.job = { kind: "offline migration", describe: () => m.describe(), abort: () => m.abort() };

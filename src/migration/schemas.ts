@@ -29,9 +29,9 @@ export const CookieDiskSchema = z.strictObject({
   backing: z
     .strictObject({ file: z.string().min(1).max(4096), format: z.string().min(1).max(32) })
     .optional(),
-  /** For "top": the chain below the top image, which the destination must already hold. */
   /** The source image's identity (size, mtime, inode), for resuming a partial copy of it (offline). */
   stamp: z.string().min(1).max(200).optional(),
+  /** For "top": the chain below the top image, which the destination must already hold. */
   chain: z
     .array(
       z.strictObject({
@@ -49,6 +49,27 @@ export type CookieDisk = z.infer<typeof CookieDiskSchema>;
 /** How the disks travel: NBD mirrors, inside the migration stream (QEMU block migration), or not at all. */
 export const StoragePathSchema = z.enum(["nbd", "stream", "none"]);
 export type StoragePath = z.infer<typeof StoragePathSchema>;
+
+/** The most files, and the largest file, a TPM state directory may hold (swtpm writes two of some KiB). */
+export const MAX_TPM_FILES = 8;
+export const MAX_TPM_FILE_BYTES = 512 * 1024;
+
+/** A shut-off domain's TPM state, moved by an offline migration (see tpm-state.ts). */
+export const TpmStateSchema = z.strictObject({
+  files: z
+    .array(
+      z.strictObject({
+        name: z.string().regex(/^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/, "must be a plain file name"),
+        base64: z
+          .string()
+          .max(Math.ceil(MAX_TPM_FILE_BYTES / 3) * 4)
+          .regex(/^[A-Za-z0-9+/]*={0,2}$/, "must be base64"),
+      }),
+    )
+    .min(1)
+    .max(MAX_TPM_FILES),
+});
+export type TpmState = z.infer<typeof TpmStateSchema>;
 
 /** What Begin tells the destination about the domain (libvirt's migration cookie). */
 export const MigrationCookieSchema = z.strictObject({
@@ -68,6 +89,8 @@ export const MigrationCookieSchema = z.strictObject({
   nvram: z.strictObject({ path: filePath, format: imageFormat, virtualSize: bytes }).optional(),
   /** The UEFI code the source runs, so the destination can tell whether its copy is the same. */
   firmware: z.strictObject({ path: filePath, size: bytes, sha256 }).optional(),
+  /** Offline only: the TPM's state, which a live migration carries in its stream instead. */
+  tpmState: TpmStateSchema.optional(),
 });
 export type MigrationCookie = z.infer<typeof MigrationCookieSchema>;
 
