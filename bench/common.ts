@@ -6,7 +6,7 @@ import { execFileSync } from "node:child_process";
 import fs from "node:fs";
 import path from "node:path";
 import { createImage, imageInfo } from "../src/qemu/img.js";
-import { qemuNbdArgs, type QemuNbdOptions } from "../src/qemu/nbd-export.js";
+import { qemuNbdArgs, stopQemuNbd, type QemuNbdOptions } from "../src/qemu/nbd-export.js";
 import { HOST_ROOT, type Testbed } from "../src/testbed/testbed.js";
 
 export function nbdmig(
@@ -50,7 +50,7 @@ function qemuNbdInHost(
   tb: Testbed,
   host: "a" | "b",
   o: { file: string; format: string; readonly: boolean; at: { socket: string } | { port: number } },
-): { uri: string; stop: () => void } {
+): { uri: string; stop: () => Promise<void> } {
   const pidFile = `${HOST_ROOT}/peer-qemu-nbd-${path.basename(o.file)}.pid`;
   const at = "socket" in o.at ? o.at : { host: tb[host].addr, port: o.at.port };
   inHost(tb, host, [
@@ -67,13 +67,8 @@ function qemuNbdInHost(
       "socket" in o.at
         ? `nbd+unix:///peer?socket=${o.at.socket}`
         : `nbd://${tb[host].addr}:${o.at.port}/peer`,
-    stop: () => {
-      try {
-        process.kill(pid);
-      } catch {
-        // Already gone.
-      }
-    },
+    // Until it has exited: the next round's qemu-nbd binds the same port.
+    stop: () => stopQemuNbd(pid, tb[host].hostPath(pidFile)),
   };
 }
 
@@ -129,8 +124,7 @@ export async function nbdcopyBetweenHosts(
     const seconds = Number(process.hrtime.bigint() - t0) / 1e9;
     return { seconds, wireBytes: tb.linkTxBytes() - tx0, engineSeconds };
   } finally {
-    src.stop();
-    dst.stop();
+    await Promise.all([src.stop(), dst.stop()]);
     fs.rmSync(dest, { force: true });
   }
 }
