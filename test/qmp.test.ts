@@ -3,6 +3,7 @@ import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { describe, it } from "node:test";
+import { completedMigrationInfo } from "../src/qemu/qmp-util.js";
 import { QmpError } from "../src/errors.js";
 import { launchQemu } from "../src/qemu/launcher.js";
 import { need } from "./helpers/env.js";
@@ -169,5 +170,25 @@ describe("QMP client against real QEMU", () => {
     } finally {
       fs.rmSync(dir, { recursive: true, force: true });
     }
+  });
+});
+
+describe("query-migrate after completion (no QEMU needed)", () => {
+  it("asks again while QEMU 7.2 still reads 0 for the times, and never reports a false 0 downtime", async () => {
+    const answers = [
+      { status: "completed", "total-time": 0, downtime: 0 },
+      { status: "completed", "total-time": 0, downtime: 0 },
+      { status: "completed", "total-time": 2140, downtime: 118 },
+    ];
+    let asked = 0;
+    const info = await completedMigrationInfo(async () => answers[Math.min(asked++, answers.length - 1)]!);
+    assert.equal(asked, 3);
+    assert.equal(info.downtime, 118);
+    const never = await completedMigrationInfo(
+      async () => ({ status: "completed", "total-time": 0, downtime: 0 }),
+      30,
+    );
+    assert.equal(never.downtime, undefined, "unknown, not 0");
+    assert.equal(never.status, "completed");
   });
 });

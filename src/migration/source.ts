@@ -17,6 +17,7 @@ import type { DomainDef } from "../domain/model.js";
 import { formatNode, NVRAM_TARGET } from "../domain/qemu-args.js";
 import type { QmpClient, QmpEvent } from "../qemu/qmp.js";
 import type { MigrationStats } from "../qemu/qmp-schema.js";
+import { completedMigrationInfo } from "../qemu/qmp-util.js";
 import { probeQemuFeatures, type QemuFeatures } from "../qemu/features.js";
 import { sha256File } from "../util/hash.js";
 import {
@@ -671,7 +672,7 @@ export class OutgoingMigration {
       await this.qmp.execute("migrate-continue", { state: "pre-switchover" });
     }, ["completed", "failed", "cancelled"]);
     if (status !== "completed") throw await this.migrationFailure(status);
-    const info = await this.qmp.execute("query-migrate");
+    const info = await completedMigrationInfo(() => this.qmp.execute("query-migrate"));
     this.progress.memory = info.ram ?? this.progress.memory;
     this.progress.downtimeMs = info.downtime;
     this.log.info(
