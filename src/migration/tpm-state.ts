@@ -40,8 +40,7 @@ export function readTpmState(dir: string, domain: string): TpmState | undefined 
 }
 
 /** Writes the state into `dir` (made empty by the caller), each file readable by its owner only, synced. */
-export function writeTpmState(dir: string, state: TpmState): number {
-  let bytes = 0;
+export function writeTpmState(dir: string, state: TpmState): void {
   for (const f of state.files) {
     const data = Buffer.from(f.base64, "base64");
     const fd = fs.openSync(path.join(dir, f.name), "wx", 0o600);
@@ -51,7 +50,5 @@ export function writeTpmState(dir: string, state: TpmState): number {
     } finally {
       fs.closeSync(fd);
     }
-    bytes += data.length;
   }
-  return bytes;
 }
