@@ -228,11 +228,14 @@ export class MigrationManager {
 
   /**
    * The domain's job; with `waitMs`, answered once the active job ends or after that long, whichever is
-   * first (the CLI's progress loop: it learns of the end at once, without polling faster).
+   * first (the CLI's progress loop: it learns of the end at once, without polling faster). A job that has
+   * let go of its domain but not yet ended (a source clears it before stopping its QEMU in Confirm, and
+   * reports after) has no finished record yet: its end is waited for too, or the CLI would ask again and
+   * again without pause until it comes.
    */
   async waitJobInfo(name: string, waitMs: number): Promise<Record<string, unknown>> {
     const e = this.reg.has(name) ? this.reg.get(name) : undefined;
-    if (waitMs > 0 && e?.job) {
+    if (waitMs > 0 && (e?.job || !this.finished.has(name))) {
       await new Promise<void>((resolve) => {
         const waiters = this.endWaiters.get(name) ?? new Set<() => void>();
         this.endWaiters.set(name, waiters);
