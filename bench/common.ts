@@ -1,10 +1,11 @@
 /**
  * What the benchmarks share: the CLI and commands inside a test host, the reference image, nbdcopy between
- * the hosts, a median.
+ * the hosts, a median, the reference VM, CPU time of a process.
  */
 import { execFileSync } from "node:child_process";
 import fs from "node:fs";
 import path from "node:path";
+import { setTimeout as sleep } from "node:timers/promises";
 import { createImage, imageInfo } from "../src/qemu/img.js";
 import { qemuNbdArgs, stopQemuNbd, type QemuNbdOptions } from "../src/qemu/nbd-export.js";
 import { HOST_ROOT, type Testbed } from "../src/testbed/testbed.js";
@@ -139,4 +140,68 @@ export function dataExtents(file: string): { start: number; length: number }[] {
     data: boolean;
   }[];
   return map.filter((e) => e.data).map(({ start, length }) => ({ start, length }));
+}
+
+/** CPU seconds (user + system) a process has used so far; 0 once it has gone. */
+export function cpuSeconds(pid: number): number {
+  try {
+    const stat = fs.readFileSync(`/proc/${pid}/stat`, "utf8");
+    // Fields after the command name, which is in parentheses and may hold spaces: utime, stime are 14, 15.
+    const f = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+    return (Number(f[11]) + Number(f[12])) / CLK_TCK;
+  } catch {
+    return 0;
+  }
+}
+
+/** Linux's USER_HZ, what /proc/PID/stat counts in (100 on every architecture Debian builds). */
+const CLK_TCK = Number(execFileSync("getconf", ["CLK_TCK"], { encoding: "utf8" }).trim()) || 100;
+
+/**
+ * Samples a process's CPU time every `everyMs` until stopped, so that a process which exits meanwhile (a
+ * source QEMU in Confirm) still has its last reading.
+ */
+export function cpuSampler(pid: number, everyMs = 50): { stop(): number } {
+  const first = cpuSeconds(pid);
+  let last = first;
+  const timer = setInterval(() => {
+    const v = cpuSeconds(pid);
+    if (v > 0) last = v;
+  }, everyMs);
+  return {
+    stop() {
+      clearInterval(timer);
+      const v = cpuSeconds(pid);
+      return (v > 0 ? v : last) - first;
+    },
+  };
+}
+
+/** The reference VM's images on host a (the shared disk on both) and its definition. */
+export function referenceVm(tb: Testbed, name: string, addr: string, guestDir: string): string {
+  referenceImage(tb, "a", `${name}.qcow2`);
+  for (const h of ["a", "b"] as const)
+    execFileSync("qemu-img", [
+      "create",
+      "-q",
+      "-f",
+      "raw",
+      path.join(tb[h].imagesDir, `${name}-shared.raw`),
+      "64M",
+    ]);
+  return `<domain type='kvm'><name>${name}</name><memory unit='MiB'>256</memory><vcpu>1</vcpu>
+<os><type arch='x86_64' machine='q35'>hvm</type><kernel>${guestDir}/vmlinuz</kernel><initrd>${guestDir}/initrd.img</initrd>
+<cmdline>console=ttyS0 quiet nbdmig.rate=20 nbdmig.span=2048 nbdmig.ip=${addr}/24</cmdline></os>
+<features><acpi/><apic/></features>
+<devices>
+<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='/var/lib/nbdmig/images/${name}.qcow2'/><target dev='vda' bus='virtio'/></disk>
+<disk type='file' device='disk'><driver name='qemu' type='raw' cache='none'/><source file='/var/lib/nbdmig/images/${name}-shared.raw'/><target dev='vdb' bus='virtio'/><shareable/></disk>
+<interface type='bridge'><source bridge='br0'/><model type='virtio'/></interface>
+<serial type='pty'/></devices></domain>`;
+}
+
+/** Until the guest writes (its third report on the console) and answers the client. */
+export async function guestServes(tb: Testbed, addr: string, console: () => string): Promise<void> {
+  for (let k = 0; k < 120 && !/nbdmig-guest: t=3 /.test(console()); k++) await sleep(500);
+  for (let k = 0; k < 60 && (await tb.clientGet(`http://${addr}/`)).status !== 200; k++) await sleep(500);
 }

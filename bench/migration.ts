@@ -12,7 +12,18 @@ import path from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
 import { fileURLToPath } from "node:url";
 import { guestAddress, longestGap, Testbed } from "../src/testbed/testbed.js";
-import { inHost, median, nbdcopyBetweenHosts, nbdmigOk, referenceImage } from "./common.js";
+import {
+  cpuSampler,
+  cpuSeconds,
+  guestServes,
+  inHost,
+  median,
+  nbdcopyBetweenHosts,
+  nbdmigOk,
+  referenceImage,
+  referenceVm,
+} from "./common.js";
+import { floorOnce, type Phases } from "./floor.js";
 
 const repo = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..");
 const MiB = 1024 * 1024;
@@ -30,51 +41,89 @@ export interface MigrationRow {
   wireMiB: number;
   rateMiBs: number;
   note?: string;
+  /** Seconds: Begin + Prepare, mirror to READY, RAM to completed, Finish, Confirm. */
+  phases?: Phases;
+  /** CPU seconds of the source QEMU during the migration and of the destination QEMU up to its end. */
+  srcCpuS?: number;
+  dstCpuS?: number;
+  /** The floor compares the two disks at the switchover. */
+  identical?: boolean;
 }
+
+/** The CLI inside a host without blocking this process (CPU samplers keep running meanwhile). */
+function cliAsync(tb: Testbed, host: "a" | "b", args: string[]): Promise<void> {
+  const argv = tb[host].cliArgv(args);
+  return new Promise((resolve, reject) => {
+    const child = spawn(argv[0]!, argv.slice(1), { stdio: ["ignore", "ignore", "pipe"] });
+    let err = "";
+    child.stderr.on("data", (c: Buffer) => (err += c.toString()));
+    child.on("error", reject);
+    child.on("exit", (code) =>
+      code === 0 ? resolve() : reject(new Error(`nbdmig ${args.join(" ")} failed: ${err}`)),
+    );
+  });
+}
+
+type Variant = "plain" | "tls" | "floor";
 
 async function migrateOnce(
   tb: Testbed,
   link: string,
   i: number,
   guestDir: string,
-  tls: boolean,
+  variant: Variant,
 ): Promise<MigrationRow> {
   const name = `ref${i}`;
   // A fresh address per run: the client's ARP cache still knows the previous guest's MAC.
   const addr = guestAddress(10 + (i % 90));
-  referenceImage(tb, "a", `${name}.qcow2`);
-  for (const h of ["a", "b"] as const)
-    execFileSync("qemu-img", [
-      "create",
-      "-q",
-      "-f",
-      "raw",
-      path.join(tb[h].imagesDir, `${name}-shared.raw`),
-      "64M",
-    ]);
-  fs.writeFileSync(
-    path.join(tb.a.dir, `${name}.xml`),
-    `<domain type='kvm'><name>${name}</name><memory unit='MiB'>256</memory><vcpu>1</vcpu>
-<os><type arch='x86_64' machine='q35'>hvm</type><kernel>${guestDir}/vmlinuz</kernel><initrd>${guestDir}/initrd.img</initrd>
-<cmdline>console=ttyS0 quiet nbdmig.rate=20 nbdmig.span=2048 nbdmig.ip=${addr}/24</cmdline></os>
-<features><acpi/><apic/></features>
-<devices>
-<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='/var/lib/nbdmig/images/${name}.qcow2'/><target dev='vda' bus='virtio'/></disk>
-<disk type='file' device='disk'><driver name='qemu' type='raw' cache='none'/><source file='/var/lib/nbdmig/images/${name}-shared.raw'/><target dev='vdb' bus='virtio'/><shareable/></disk>
-<interface type='bridge'><source bridge='br0'/><model type='virtio'/></interface>
-<serial type='pty'/></devices></domain>`,
-  );
+  const xml = referenceVm(tb, name, addr, guestDir);
+  const cleanUp = () => {
+    for (const h of ["a", "b"] as const)
+      for (const f of [`${name}.qcow2`, `${name}-shared.raw`])
+        fs.rmSync(path.join(tb[h].imagesDir, f), { force: true });
+  };
+  if (variant === "floor") {
+    try {
+      const r = await floorOnce(tb, xml, String(i), (console) => guestServes(tb, addr, console));
+      return {
+        link,
+        what: "floor: the bare QMP sequence",
+        totalS: r.totalS,
+        readyS: r.readyS,
+        downtimeMs: r.downtimeMs,
+        wireMiB: r.wireBytes / MiB,
+        rateMiBs: 2048 / r.readyS,
+        phases: r.phases,
+        srcCpuS: r.srcCpuS,
+        dstCpuS: r.dstCpuS,
+        identical: r.identical,
+      };
+    } finally {
+      cleanUp();
+    }
+  }
+  const tls = variant === "tls";
+  fs.writeFileSync(path.join(tb.a.dir, `${name}.xml`), xml);
   nbdmigOk(tb, "a", ["define", `/var/lib/nbdmig/${name}.xml`]);
   nbdmigOk(tb, "a", ["start", name]);
-  for (let k = 0; k < 120 && !/nbdmig-guest: t=3 /.test(nbdmigOk(tb, "a", ["console", name])); k++)
-    await sleep(500);
-  for (let k = 0; k < 60 && (await tb.clientGet(`http://${addr}/`)).status !== 200; k++) await sleep(500);
+  await guestServes(tb, addr, () => tb.a.consoleLog(name));
   execFileSync("sync");
+  const [srcPid] = tb.a.qemuPids();
   const poll = tb.startPoller(`http://${addr}/`, 50);
   await sleep(500);
+  const srcCpu = cpuSampler(srcPid!);
   const t0 = Date.now();
   const tx0 = tb.linkTxBytes();
-  nbdmigOk(tb, "a", ["migrate", "--live", "--copy-storage-all", tls ? "--tls" : "--no-tls", name, tb.b.uri]);
+  await cliAsync(tb, "a", [
+    "migrate",
+    "--live",
+    "--copy-storage-all",
+    tls ? "--tls" : "--no-tls",
+    name,
+    tb.b.uri,
+  ]);
+  const srcCpuS = srcCpu.stop();
+  const dstCpuS = cpuSeconds(tb.b.qemuPids()[0]!);
   const wire = tb.linkTxBytes() - tx0;
   const t1 = Date.now();
   // Until the client has an answer from the destination (or 30 s without one: no gap is reported then).
@@ -85,14 +134,14 @@ async function migrateOnce(
     elapsedMs: number;
     timeToReadyMs: number;
     downtimeMs: number;
+    phaseTimes: Record<string, number>;
     disk: { total: number };
     memory: { processed: number };
   };
   nbdmigOk(tb, "b", ["destroy", name]);
   nbdmigOk(tb, "a", ["undefine", name]);
-  for (const h of ["a", "b"] as const)
-    for (const f of [`${name}.qcow2`, `${name}-shared.raw`])
-      fs.rmSync(path.join(tb[h].imagesDir, f), { force: true });
+  cleanUp();
+  const at = (p: string) => (job.phaseTimes[p] ?? job.elapsedMs) / 1000;
   return {
     link,
     what: tls ? "nbdmig migrate --tls" : "nbdmig migrate",
@@ -104,6 +153,15 @@ async function migrateOnce(
     ramMiB: job.memory.processed / MiB,
     wireMiB: wire / MiB,
     rateMiBs: job.disk.total / MiB / (job.timeToReadyMs / 1000),
+    phases: {
+      prepare: at("perform:mirror"),
+      mirror: at("perform:memory") - at("perform:mirror"),
+      memory: at("finish") - at("perform:memory"),
+      finish: at("confirm") - at("finish"),
+      confirm: job.elapsedMs / 1000 - at("confirm"),
+    },
+    srcCpuS,
+    dstCpuS,
   };
 }
 
@@ -165,21 +223,27 @@ export async function migrationBench(runs: number): Promise<MigrationRow[]> {
       tb.setRate(rate);
       const tcp = tcpRate(tb);
       const peer = await nbdcopyRate(tb);
-      // Plain and TLS interleaved round by round, so that both see the same machine.
-      const ours: Record<"plain" | "tls", MigrationRow[]> = { plain: [], tls: [] };
+      // nbdmig plain, with TLS and the floor interleaved round by round (the order rotating), so that all
+      // three see the same machine.
+      const variants: Variant[] = ["plain", "tls", "floor"];
+      const ours: Record<Variant, MigrationRow[]> = { plain: [], tls: [], floor: [] };
       for (let i = 0; i < runs; i++) {
-        for (const variant of ["plain", "tls"] as const) {
+        for (let k = 0; k < variants.length; k++) {
+          const variant = variants[(i + k) % variants.length]!;
           process.stderr.write(`migration bench: ${link}, ${variant}, run ${i + 1}/${runs}\n`);
-          const n = rows.length * 10 + i * 2 + (variant === "tls" ? 1 : 0);
-          const r = await migrateOnce(tb, link, n, guestDir, variant === "tls");
+          const n = rows.length * 10 + i * variants.length + k;
+          const r = await migrateOnce(tb, link, n, guestDir, variant);
           process.stderr.write(
-            `  total ${r.totalS.toFixed(2)} s, downtime ${r.downtimeMs} ms, client gap ${r.gapMs ?? "no answer after the move"} ms\n`,
+            `  total ${r.totalS.toFixed(2)} s, READY ${r.readyS?.toFixed(2)} s, downtime ${r.downtimeMs} ms, ` +
+              `client gap ${r.gapMs ?? "-"} ms, QEMU CPU s source ${r.srcCpuS?.toFixed(2)} destination ${r.dstCpuS?.toFixed(2)}` +
+              `${r.identical === false ? ", DISKS DIFFER" : ""}\n`,
           );
           ours[variant].push(r);
         }
       }
       const summary = (rs: MigrationRow[], what: string): MigrationRow => {
         const med = (f: (r: MigrationRow) => number | undefined) => median(rs.map((r) => f(r) ?? 0));
+        const phase = (k: keyof Phases) => med((r) => r.phases?.[k]);
         return {
           link,
           what: `${what} (median of ${runs})`,
@@ -191,12 +255,25 @@ export async function migrationBench(runs: number): Promise<MigrationRow[]> {
           ramMiB: med((r) => r.ramMiB),
           wireMiB: med((r) => r.wireMiB),
           rateMiBs: med((r) => r.rateMiBs),
+          phases: {
+            prepare: phase("prepare"),
+            mirror: phase("mirror"),
+            memory: phase("memory"),
+            finish: phase("finish"),
+            confirm: phase("confirm"),
+          },
+          srcCpuS: med((r) => r.srcCpuS),
+          dstCpuS: med((r) => r.dstCpuS),
+          identical: rs.every((r) => r.identical !== false),
         };
       };
       const plain = summary(ours.plain, "nbdmig migrate");
       const tls = summary(ours.tls, "nbdmig migrate --tls");
+      const floor = summary(ours.floor, "floor: the bare QMP sequence");
       tls.note = `copy rate ${(tls.rateMiBs / plain.rateMiBs).toFixed(2)}x plain, total ${(plain.totalS / tls.totalS).toFixed(2)}x (target 0.8x)`;
-      rows.push(plain, tls);
+      plain.note = `total ${(plain.totalS / floor.totalS).toFixed(2)}x the floor's`;
+      floor.note = floor.identical ? "disks compared identical" : "DISKS DIFFERED in a run";
+      rows.push(plain, tls, floor);
       rows.push({
         link,
         what: "nbdcopy -> qemu-nbd, same image",

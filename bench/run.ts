@@ -58,7 +58,43 @@ if (!only || only === "migration") {
       ]),
     ),
   );
+  console.log(
+    "\nWhere the time goes (medians, seconds; QEMU CPU in CPU-seconds: the source's during the migration, the destination's from its start)\n",
+  );
+  console.log(
+    table(
+      [
+        "link",
+        "what",
+        "Begin+Prepare",
+        "mirror to READY",
+        "RAM",
+        "Finish",
+        "Confirm",
+        "source QEMU CPU",
+        "destination QEMU CPU",
+      ],
+      rows
+        .filter((r) => r.phases)
+        .map((r) => [
+          r.link,
+          r.what,
+          f(r.phases!.prepare, 2),
+          f(r.phases!.mirror, 2),
+          f(r.phases!.memory, 2),
+          f(r.phases!.finish, 2),
+          f(r.phases!.confirm, 2),
+          f(r.srcCpuS, 2),
+          f(r.dstCpuS, 2),
+        ]),
+    ),
+  );
   console.log(`
+  The floor is libvirt's NBD sequence (shared/notes) driven over QMP by the benchmark itself: QEMU started
+  with nbdmig's blockdev command line, image precreated, NBD export, mirror to READY, migrate with
+  pause-before-switchover, cancel the mirror, continue, nbd-server-stop, cont, quit the source; its total
+  leaves out the disk comparison it makes while both sides are paused. nbdmig's phases come from its
+  job's phase times (Begin + Prepare up to the first mirror, Confirm up to the job's end).
   "copy MiB/s" is the disks' virtual size over the time to READY for nbdmig (zero regions travel as NBD
   WRITE_ZEROES, so it can exceed the link), the image size over the copy time for nbdcopy, bytes over time for
   TCP. "client gap ms" is the longest time between two answers a client on the VM network got while the

@@ -1,11 +1,16 @@
 import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
+import { EventEmitter } from "node:events";
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { describe, it } from "node:test";
 import { completedMigrationInfo } from "../src/qemu/qmp-util.js";
 import { QmpError } from "../src/errors.js";
-import { launchQemu } from "../src/qemu/launcher.js";
+import { launchQemu, waitGone } from "../src/qemu/launcher.js";
+import type { QmpClient } from "../src/qemu/qmp.js";
+import { Mirrors } from "../src/migration/mirror.js";
+import { pino } from "pino";
 import { need } from "./helpers/env.js";
 
 async function startQemu() {
@@ -190,5 +195,47 @@ describe("query-migrate after completion (no QEMU needed)", () => {
     );
     assert.equal(never.downtime, undefined, "unknown, not 0");
     assert.equal(never.status, "completed");
+  });
+});
+
+describe("waiting on QEMU and its jobs (no QEMU needed)", () => {
+  it("waitGone answers false while the process runs and true once it has exited", async () => {
+    const child = spawn("sleep", ["30"], { stdio: "ignore" });
+    const exited = new Promise((r) => child.once("exit", r));
+    assert.equal(await waitGone(child.pid!, 50), false);
+    child.kill("SIGTERM");
+    await exited;
+    assert.equal(await waitGone(child.pid!, 5000), true);
+  });
+
+  it("a mirror's READY or failure ends the wait between polls at once; other events do not", async () => {
+    const qmp = new EventEmitter();
+    const log = pino({ level: "silent" });
+    const m = new Mirrors(qmp as unknown as QmpClient, ["vda", "vdb"], log);
+    const t0 = Date.now();
+    const waited = m.settle(60_000);
+    qmp.emit("event", { event: "BLOCK_JOB_READY", data: { device: "someone-else" } });
+    qmp.emit("event", { event: "RESUME", data: {} });
+    let woke = false;
+    void waited.then(() => (woke = true));
+    await new Promise((r) => setImmediate(r));
+    assert.equal(woke, false, "an unrelated event must not wake the wait");
+    qmp.emit("event", { event: "BLOCK_JOB_READY", data: { device: "nbdmig-mirror-vdb" } });
+    await waited;
+    assert.ok(Date.now() - t0 < 30_000, "woken by READY, not by the timer");
+    assert.deepEqual(
+      m.jobs.map((j) => j.ready),
+      [false, true],
+    );
+    const failed = m.settle(60_000);
+    qmp.emit("event", {
+      event: "BLOCK_JOB_ERROR",
+      data: { device: "nbdmig-mirror-vda", operation: "write" },
+    });
+    await failed;
+    assert.match(m.failure ?? "", /vda failed: I\/O error during write/);
+    // Without events, the wait is the poll interval.
+    await m.settle(5);
+    m.detach();
   });
 });

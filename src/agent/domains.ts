@@ -4,7 +4,6 @@
  */
 import { spawnSync } from "node:child_process";
 import fs from "node:fs";
-import { setTimeout as sleep } from "node:timers/promises";
 import type { Logger } from "pino";
 import { DomainStateError, errorMessage, UsageError } from "../errors.js";
 import type { DomainDef } from "../domain/model.js";
@@ -14,7 +13,7 @@ import { domainToXml, parseDomainXml } from "../domain/xml.js";
 import { probeQemuFeatures } from "../qemu/features.js";
 import { loadFirmwareDescriptors } from "../qemu/firmware.js";
 import { imageInfo } from "../qemu/img.js";
-import { chooseAccel, launchQemu, pidAlive, processRuns } from "../qemu/launcher.js";
+import { chooseAccel, launchQemu, pidAlive, processRuns, waitGone } from "../qemu/launcher.js";
 import { QmpClient } from "../qemu/qmp.js";
 import { blockOf } from "../qemu/qmp-util.js";
 import type { RunState } from "../qemu/qmp-schema.js";
@@ -534,8 +533,7 @@ export class DomainRegistry {
   }
 
   private async onQemuGone(e: DomainEntry, run: RunningDomain): Promise<void> {
-    for (let i = 0; i < 50 && pidAlive(run.pid); i++) await sleep(100);
-    if (pidAlive(run.pid)) process.kill(run.pid, "SIGKILL");
+    if (!(await waitGone(run.pid, 5000))) process.kill(run.pid, "SIGKILL");
     await this.ended(e, run);
   }
 
@@ -587,9 +585,10 @@ export class DomainRegistry {
     } catch {
       /* already gone */
     }
-    for (let i = 0; i < 50 && pidAlive(run.pid); i++) await sleep(100);
-    if (pidAlive(run.pid)) process.kill(run.pid, "SIGKILL");
-    for (let i = 0; i < 50 && pidAlive(run.pid); i++) await sleep(100);
+    if (!(await waitGone(run.pid, 5000))) {
+      process.kill(run.pid, "SIGKILL");
+      await waitGone(run.pid, 5000);
+    }
     run.qmp.close();
     await run.qmp.closed;
     await this.ended(e, run);

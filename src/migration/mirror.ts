@@ -27,6 +27,8 @@ export interface MirrorState {
 export class Mirrors {
   readonly jobs: MirrorState[];
   private lastPoll = 0;
+  /** Wakes `settle` when a job becomes READY or fails. */
+  private wake?: () => void;
   private readonly onEvent = (ev: QmpEvent) => this.handleEvent(ev);
 
   constructor(
@@ -57,7 +59,24 @@ export class Mirrors {
       job.error = ev.data.error;
     } else if (ev.event === "BLOCK_JOB_ERROR") {
       job.error ??= `I/O error during ${String(ev.data.operation)}`;
-    }
+    } else return;
+    this.wake?.();
+  }
+
+  /**
+   * Waits `ms`, or less if a job becomes READY or fails meanwhile: the last job's READY is acted on when
+   * it comes, not at the next poll.
+   */
+  settle(ms: number): Promise<void> {
+    return new Promise((resolve) => {
+      const done = () => {
+        clearTimeout(timer);
+        this.wake = undefined;
+        resolve();
+      };
+      const timer = setTimeout(done, ms);
+      this.wake = done;
+    });
   }
 
   /** Connects an NBD node to each export and starts the mirror jobs. */

@@ -594,7 +594,7 @@ export class OutgoingMigration {
       this.check();
       await this.converger.tick(this.mirrors.jobs, "mirror");
       if (this.mirrors.allReady) break;
-      await sleep(250);
+      await this.mirrors.settle(250);
     }
     await this.mirrors.poll();
     await this.converger.onReady(this.mirrors.jobs);

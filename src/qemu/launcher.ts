@@ -85,6 +85,19 @@ export function pidAlive(pid: number): boolean {
   }
 }
 
+/**
+ * Waits until `pid` is gone, for up to `ms`; answers whether it is. Looks every 10 ms: a QEMU told to
+ * quit is usually gone within tens of milliseconds, and Confirm waits for exactly that.
+ */
+export async function waitGone(pid: number, ms: number): Promise<boolean> {
+  const until = Date.now() + ms;
+  while (pidAlive(pid)) {
+    if (Date.now() >= until) return false;
+    await new Promise((r) => setTimeout(r, 10));
+  }
+  return true;
+}
+
 /** Whether process `pid` runs a program whose command line starts with (or contains) `name`. */
 export function processRuns(pid: number, name: string, anywhere = false): boolean {
   try {
