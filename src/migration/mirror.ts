@@ -10,6 +10,15 @@ import { errorMessage, QmpError } from "../errors.js";
 import { formatNode } from "../domain/qemu-args.js";
 import type { QmpClient, QmpEvent } from "../qemu/qmp.js";
 
+/**
+ * The mirror's buffer (`buf-size`): QEMU splits it into up to 16 requests in flight, so 64 MiB makes its NBD
+ * writes 4 MiB each instead of the 1 MiB of the default 16 MiB. Fewer, larger requests cost both QEMUs less
+ * CPU, and on these CPU-bound 2-core hosts the reference mirror reached READY in 2.13-2.34 s (6 runs)
+ * against 2.22-3.19 s (median 2.64, 7 runs) with the default; 32 MiB was between, 128 MiB slower again.
+ * The price is that much memory in the source QEMU per disk while its mirror runs.
+ */
+export const MIRROR_BUF_SIZE = 64 * 1024 * 1024;
+
 export interface MirrorState {
   target: string;
   jobId: string;
@@ -105,6 +114,7 @@ export class Mirrors {
         sync: sync[j.target] ?? "full",
         "auto-dismiss": false,
         "copy-mode": copyMode,
+        "buf-size": MIRROR_BUF_SIZE,
         ...(speed ? { speed } : {}),
       });
     }
