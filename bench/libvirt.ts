@@ -6,6 +6,9 @@
  * (/etc/libvirt, /run/libvirt, /var/lib/libvirt, /var/cache/libvirt, /var/log/libvirt), all under
  * /var/lib/nbdmig/libvirt in the host. Each daemon has its own host_uuid and hostname, so libvirt takes the
  * two for different hosts. QEMU runs as root without security driver, cgroups or namespaces of libvirt's.
+ * Above each libvirtd a small subreaper reaps the QEMU processes it daemonizes as soon as they exit (this
+ * machine's PID 1 takes ~1.5 s, which libvirt would otherwise spend waiting in Confirm; see REAPER).
+ * Nothing is created outside the test bed's directories; tb.down() kills what a crashed run leaves.
  *
  * A migration is what a libvirt user types, client-driven (virsh in the root namespace talks to both
  * daemons through their sockets): the destination images are precreated with qemu-img (libvirt 9.0 only
@@ -34,6 +37,30 @@ const APT =
 const LIBVIRTD = "/usr/sbin/libvirtd";
 const QEMU_DRIVER = "/usr/lib/x86_64-linux-gnu/libvirt/connection-driver/libvirt_driver_qemu.so";
 const EMULATOR = "/usr/bin/qemu-system-x86_64";
+/**
+ * The process above libvirtd: a child subreaper (prctl PR_SET_CHILD_SUBREAPER, syscall 157 on x86_64) that
+ * reaps at once. libvirt daemonizes QEMU, so an exited QEMU is reaped by the nearest subreaper, by default
+ * PID 1; this machine's PID 1 reaps orphans only every ~1.5 s, and libvirt, which polls kill(pid, 0) until a
+ * stopped QEMU is gone, would wait that long in Confirm (a real host's systemd reaps at once). Perl because
+ * perl-base is essential on Debian. Writes libvirtd's PID to $ARGV[0], forwards SIGTERM to it, and exits when
+ * it has no children left.
+ */
+const REAPER = String.raw`
+syscall(157, 36, 1, 0, 0, 0) == 0 or die "prctl(PR_SET_CHILD_SUBREAPER): $!\n";
+my $pidfile = shift @ARGV;
+my $pid = fork() // die "fork: $!\n";
+if ($pid == 0) { exec { $ARGV[0] } @ARGV or die "exec $ARGV[0]: $!\n"; }
+open(my $f, ">", $pidfile) or die "$pidfile: $!\n"; print $f "$pid\n"; close($f);
+$SIG{TERM} = sub { kill "TERM", $pid };
+my $status = 0;
+for (;;) {
+  my $p = waitpid(-1, 0);
+  if ($p > 0) { $status = $? >> 8 if $p == $pid; next; }
+  last if $!{ECHILD};
+}
+exit $status;
+`;
+
 /** libvirt's directories in a host (its system paths are bind mounts of these). */
 const LV_DIR = `${HOST_ROOT}/libvirt`;
 const LV_PATHS = {
@@ -75,7 +102,7 @@ export interface LibvirtRun {
   wireBytes: number;
   /** domjobinfo --completed on the source, verbatim ("Time elapsed" → "4567 ms"). */
   jobInfo: Record<string, string>;
-  /** The QMP commands each daemon sent from the start to the end, in order (polls included). */
+  /** The QMP commands each daemon sent from the start to the end, in order, repeats counted ("qom-get x300"). */
   qmp: { source: string[]; destination: string[] };
 }
 
@@ -112,7 +139,9 @@ function requireLibvirt(): void {
 
 /** One libvirtd inside a test host. */
 class Daemon {
+  /** The reaper above libvirtd (the spawned process), and libvirtd. */
   pid = 0;
+  libvirtdPid = 0;
   constructor(
     readonly tb: Testbed,
     readonly host: "a" | "b",
@@ -160,7 +189,8 @@ class Daemon {
         `auth_unix_rw = "none"`,
         `unix_sock_rw_perms = "0700"`,
         // The QMP traffic with timestamps (the phases), migration's own debug lines, warnings of the rest.
-        `log_filters = "1:qemu.qemu_monitor 1:qemu.qemu_migration"`,
+        // NBDMIG_LIBVIRT_LOG_FILTERS replaces them when debugging (e.g. add "1:qemu.qemu_process 1:util.process").
+        `log_filters = "${process.env.NBDMIG_LIBVIRT_LOG_FILTERS ?? "1:qemu.qemu_monitor 1:qemu.qemu_migration"}"`,
         `log_outputs = "1:file:${LV_DIR}/libvirtd.log"`,
         "",
       ].join("\n"),
@@ -212,14 +242,14 @@ class Daemon {
       binds,
       `mount --bind ${tbHostDir}/libvirt/passwd /etc/passwd && mount --bind ${tbHostDir}/libvirt/group /etc/group`,
       `mount --bind ${tbHostDir}/libvirt/hosts /etc/hosts`,
-      `exec ${LIBVIRTD} -f ${LV_PATHS.etc}/libvirtd.conf`,
+      `exec perl -e "$1" ${LV_DIR}/libvirtd.pid ${LIBVIRTD} -f ${LV_PATHS.etc}/libvirtd.conf`,
     ].join("\n");
     const out = fs.openSync(path.join(this.dir(), "libvirtd.out"), "a");
     const pre = h.execPrefix();
-    // nsenter and unshare (no --fork) exec, and sh execs libvirtd: the child's PID is libvirtd's.
+    // nsenter and unshare (no --fork) exec, and sh execs the reaper: the child's PID is the reaper's.
     const child = spawn(
       pre[0]!,
-      [...pre.slice(1), "unshare", "-m", "-u", "--propagation", "private", "sh", "-c", script],
+      [...pre.slice(1), "unshare", "-m", "-u", "--propagation", "private", "sh", "-c", script, "sh", REAPER],
       { detached: true, stdio: ["ignore", out, out] },
     );
     fs.closeSync(out);
@@ -234,6 +264,7 @@ class Daemon {
       if (fs.existsSync(`${this.dir("run")}/libvirt-sock`) && this.virsh(["uri"], 10_000).status === 0) break;
       await sleep(100);
     }
+    this.libvirtdPid = Number(fs.readFileSync(path.join(this.dir(), "libvirtd.pid"), "utf8").trim());
     // The QEMU capabilities are probed on first use; do it now, not inside a migration.
     this.virshOk(["domcapabilities", "--virttype", "qemu", "--emulatorbin", EMULATOR], 120_000);
   }
@@ -295,20 +326,21 @@ class Daemon {
         ? fs
             .readdirSync(path.join(this.dir("run"), "qemu"))
             .filter((f) => f.endsWith(".pid"))
-            .map((f) => Number(fs.readFileSync(path.join(this.dir("run"), "qemu", f), "utf8").trim()))
+            .map((f) => Number(fs.readFileSync(path.join(this.dir("run"), "qemu", f), "utf8").trim()) || 0)
         : [];
       for (const [pids, signal] of [
         [[this.pid], "SIGTERM"],
-        [[this.pid, ...qemus], "SIGKILL"],
+        [[this.pid, this.libvirtdPid, ...qemus], "SIGKILL"],
       ] as const) {
-        for (const p of pids) {
+        // Never 0 (process.kill(0) signals this process's own group).
+        for (const p of pids.filter((x) => x > 0)) {
           try {
             process.kill(p, signal);
           } catch {
             /* gone */
           }
         }
-        for (let k = 0; k < 100 && pids.some(alive); k++) await sleep(50);
+        for (let k = 0; k < 100 && pids.some((x) => x > 0 && alive(x)); k++) await sleep(50);
       }
     }
     fs.rmSync(this.dir(), { recursive: true, force: true });
@@ -344,6 +376,17 @@ function qmpSent(lines: LogLine[]): { t: number; cmd: string; text: string }[] {
   return lines
     .filter((l) => l.text.includes("QEMU_MONITOR_SEND_MSG"))
     .map((l) => ({ t: l.t, cmd: /"execute":"([^"]+)"/.exec(l.text)?.[1] ?? "?", text: l.text }));
+}
+
+/** Repeats collapsed: ["qom-get", "qom-get", "cont"] → ["qom-get x2", "cont"]. */
+function runs(cmds: string[]): string[] {
+  const out: { cmd: string; n: number }[] = [];
+  for (const cmd of cmds) {
+    const last = out.at(-1);
+    if (last?.cmd === cmd) last.n++;
+    else out.push({ cmd, n: 1 });
+  }
+  return out.map((r) => (r.n > 1 ? `${r.cmd} x${r.n}` : r.cmd));
 }
 
 /** `virsh domjobinfo` output as key → value. */
@@ -465,7 +508,7 @@ export async function libvirtUp(tb: Testbed): Promise<Libvirt> {
       const completed = src.find(
         (l) =>
           l.text.includes("QEMU_MONITOR_RECV_EVENT") &&
-          /"event":"MIGRATION".*"status":"completed"/.test(l.text),
+          /"event": ?"MIGRATION".*"status": ?"completed"/.test(l.text),
       );
       const confirm = src.find((l) => /qemuMigrationSrcConfirm/.test(l.text));
       const s = (x: number, y: number) => (y - x) / 1000;
@@ -494,7 +537,7 @@ export async function libvirtUp(tb: Testbed): Promise<Libvirt> {
         dstCpuS,
         wireBytes,
         jobInfo,
-        qmp: { source: qa.map((q) => q.cmd), destination: qb.map((q) => q.cmd) },
+        qmp: { source: runs(qa.map((q) => q.cmd)), destination: runs(qb.map((q) => q.cmd)) },
       };
     } finally {
       b.virsh(["destroy", name], 60_000);

@@ -24,6 +24,7 @@ import {
   referenceVm,
 } from "./common.js";
 import { floorOnce, type Phases } from "./floor.js";
+import { libvirtUp, type Libvirt } from "./libvirt.js";
 
 const repo = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..");
 const MiB = 1024 * 1024;
@@ -64,7 +65,7 @@ function cliAsync(tb: Testbed, host: "a" | "b", args: string[]): Promise<void> {
   });
 }
 
-type Variant = "plain" | "tls" | "floor";
+type Variant = "plain" | "tls" | "floor" | "libvirt";
 
 async function migrateOnce(
   tb: Testbed,
@@ -72,6 +73,7 @@ async function migrateOnce(
   i: number,
   guestDir: string,
   variant: Variant,
+  lv: Libvirt,
 ): Promise<MigrationRow> {
   const name = `ref${i}`;
   // A fresh address per run: the client's ARP cache still knows the previous guest's MAC.
@@ -82,17 +84,24 @@ async function migrateOnce(
       for (const f of [`${name}.qcow2`, `${name}-shared.raw`])
         fs.rmSync(path.join(tb[h].imagesDir, f), { force: true });
   };
-  if (variant === "floor") {
+  if (variant === "floor" || variant === "libvirt") {
     try {
-      const r = await floorOnce(tb, xml, String(i), (console) => guestServes(tb, addr, console));
+      const r =
+        variant === "floor"
+          ? await floorOnce(tb, xml, String(i), (console) => guestServes(tb, addr, console))
+          : await lv.migrate(xml, name, addr);
+      if (!r.identical) process.stderr.write(`  ${variant}: the disks differ\n`);
       return {
         link,
-        what: "floor: the bare QMP sequence",
+        what:
+          variant === "floor"
+            ? "floor: the bare QMP sequence"
+            : "libvirt 9.0: virsh migrate --live --copy-storage-all --suspend",
         totalS: r.totalS,
         readyS: r.readyS,
         downtimeMs: r.downtimeMs,
         wireMiB: r.wireBytes / MiB,
-        rateMiBs: 2048 / r.readyS,
+        rateMiBs: r.readyS ? 2048 / r.readyS : 0,
         phases: r.phases,
         srcCpuS: r.srcCpuS,
         dstCpuS: r.dstCpuS,
@@ -215,7 +224,10 @@ export async function migrationBench(runs: number): Promise<MigrationRow[]> {
       path.join(tb[h].dir, "pki"),
       tb[h].addr,
     ]);
+  let lv: Libvirt | undefined;
   try {
+    // Two libvirtd, one in each test host, for libvirt's own migration of the same guest.
+    lv = await libvirtUp(tb);
     for (const [link, rate] of [
       ["veth, unshaped", undefined],
       ["tbf 1 Gbit/s", "1gbit"],
@@ -223,16 +235,16 @@ export async function migrationBench(runs: number): Promise<MigrationRow[]> {
       tb.setRate(rate);
       const tcp = tcpRate(tb);
       const peer = await nbdcopyRate(tb);
-      // nbdmig plain, with TLS and the floor interleaved round by round (the order rotating), so that all
-      // three see the same machine.
-      const variants: Variant[] = ["plain", "tls", "floor"];
-      const ours: Record<Variant, MigrationRow[]> = { plain: [], tls: [], floor: [] };
+      // nbdmig plain, with TLS, the floor and libvirt interleaved round by round (the order rotating), so
+      // that all four see the same machine.
+      const variants: Variant[] = ["plain", "tls", "floor", "libvirt"];
+      const ours: Record<Variant, MigrationRow[]> = { plain: [], tls: [], floor: [], libvirt: [] };
       for (let i = 0; i < runs; i++) {
         for (let k = 0; k < variants.length; k++) {
           const variant = variants[(i + k) % variants.length]!;
           process.stderr.write(`migration bench: ${link}, ${variant}, run ${i + 1}/${runs}\n`);
           const n = rows.length * 10 + i * variants.length + k;
-          const r = await migrateOnce(tb, link, n, guestDir, variant);
+          const r = await migrateOnce(tb, link, n, guestDir, variant, lv);
           process.stderr.write(
             `  total ${r.totalS.toFixed(2)} s, READY ${r.readyS?.toFixed(2)} s, downtime ${r.downtimeMs} ms, ` +
               `client gap ${r.gapMs ?? "-"} ms, QEMU CPU s source ${r.srcCpuS?.toFixed(2)} destination ${r.dstCpuS?.toFixed(2)}` +
@@ -270,10 +282,12 @@ export async function migrationBench(runs: number): Promise<MigrationRow[]> {
       const plain = summary(ours.plain, "nbdmig migrate");
       const tls = summary(ours.tls, "nbdmig migrate --tls");
       const floor = summary(ours.floor, "floor: the bare QMP sequence");
+      const libvirt = summary(ours.libvirt, "libvirt 9.0 (--suspend)");
       tls.note = `copy rate ${(tls.rateMiBs / plain.rateMiBs).toFixed(2)}x plain, total ${(plain.totalS / tls.totalS).toFixed(2)}x (target 0.8x)`;
-      plain.note = `total ${(plain.totalS / floor.totalS).toFixed(2)}x the floor's`;
+      plain.note = `total ${(plain.totalS / floor.totalS).toFixed(2)}x the floor's, ${(plain.totalS / libvirt.totalS).toFixed(2)}x libvirt's`;
+      libvirt.note = `${libvirt.identical ? "disks compared identical" : "DISKS DIFFERED in a run"}; total ${(libvirt.totalS / floor.totalS).toFixed(2)}x the floor's`;
       floor.note = floor.identical ? "disks compared identical" : "DISKS DIFFERED in a run";
-      rows.push(plain, tls, floor);
+      rows.push(plain, tls, floor, libvirt);
       rows.push({
         link,
         what: "nbdcopy -> qemu-nbd, same image",
@@ -292,6 +306,7 @@ export async function migrationBench(runs: number): Promise<MigrationRow[]> {
       });
     }
   } finally {
+    await lv?.down();
     await tb.down();
   }
   return rows;

@@ -8,6 +8,10 @@ set -euo pipefail
 pkgs=(qemu-system-x86 qemu-utils nbdkit libnbd-bin python3-libnbd gcc libc6-dev busybox-static iproute2 util-linux cpio kmod xz-utils zstd gzip
   ovmf swtpm swtpm-tools curl iputils-ping mmdebstrap e2fsprogs postgresql-client-15 nftables
   openssl tcpdump)
+# --bench: libvirt 9.0 too, which the migration benchmark measures beside nbdmig (bench/libvirt.ts).
+if [ "${1:-}" = "--bench" ]; then
+  pkgs+=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients)
+fi
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
