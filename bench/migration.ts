@@ -131,15 +131,16 @@ async function migrateOnce(
     name,
     tb.b.uri,
   ]);
+  const t1 = Date.now();
   const srcCpuS = srcCpu.stop();
   const dstCpuS = cpuSeconds(tb.b.qemuPids()[0]!);
   const wire = tb.linkTxBytes() - tx0;
-  const t1 = Date.now();
   // Until the client has an answer from the destination (or 30 s without one: no gap is reported then).
   for (let k = 0; k < 600 && !poll.samples().some((x) => x.ok && x.at > t1); k++) await sleep(50);
   const samples = await poll.stop();
   const gap = samples.some((x) => x.ok && x.at > t1) ? longestGap(samples, t0, Date.now()).ms : undefined;
   const job = JSON.parse(nbdmigOk(tb, "a", ["domjobinfo", name, "--completed", "--json"])) as {
+    startedAt: number;
     elapsedMs: number;
     timeToReadyMs: number;
     downtimeMs: number;
@@ -150,24 +151,28 @@ async function migrateOnce(
   nbdmigOk(tb, "b", ["destroy", name]);
   nbdmigOk(tb, "a", ["undefine", name]);
   cleanUp();
-  const at = (p: string) => (job.phaseTimes[p] ?? job.elapsedMs) / 1000;
+  // Times from the CLI's start, as virsh's wall time is libvirt's: the job starts after the CLI has started
+  // and Begin has asked the destination, and the CLI returns after the job has ended.
+  const begin = (job.startedAt - t0) / 1000;
+  const at = (p: string) => begin + (job.phaseTimes[p] ?? job.elapsedMs) / 1000;
+  const totalS = (t1 - t0) / 1000;
   return {
     link,
     what: tls ? "nbdmig migrate --tls" : "nbdmig migrate",
-    totalS: job.elapsedMs / 1000,
-    readyS: job.timeToReadyMs / 1000,
+    totalS,
+    readyS: begin + job.timeToReadyMs / 1000,
     downtimeMs: job.downtimeMs,
     gapMs: gap,
     diskMiB: job.disk.total / MiB,
     ramMiB: job.memory.processed / MiB,
     wireMiB: wire / MiB,
-    rateMiBs: job.disk.total / MiB / (job.timeToReadyMs / 1000),
+    rateMiBs: job.disk.total / MiB / (begin + job.timeToReadyMs / 1000),
     phases: {
       prepare: at("perform:mirror"),
       mirror: at("perform:memory") - at("perform:mirror"),
       memory: at("finish") - at("perform:memory"),
       finish: at("confirm") - at("finish"),
-      confirm: job.elapsedMs / 1000 - at("confirm"),
+      confirm: totalS - at("confirm"),
     },
     srcCpuS,
     dstCpuS,

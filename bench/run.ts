@@ -93,8 +93,9 @@ if (!only || only === "migration") {
   The floor is libvirt's NBD sequence (shared/notes) driven over QMP by the benchmark itself: QEMU started
   with nbdmig's blockdev command line, image precreated, NBD export, mirror to READY, migrate with
   pause-before-switchover, cancel the mirror, continue, nbd-server-stop, cont, quit the source; its total
-  leaves out the disk comparison it makes while both sides are paused. nbdmig's phases come from its
-  job's phase times (Begin + Prepare up to the first mirror, Confirm up to the job's end).
+  leaves out the disk comparison it makes while both sides are paused. nbdmig's totals are the CLI's wall
+  time (as libvirt's are virsh's); its phases come from its job's phase times, "Begin+Prepare" counted from
+  the CLI's start (its start-up and Begin included) and "Confirm" up to the CLI's exit.
   "copy MiB/s" is the disks' virtual size over the time to READY for nbdmig (zero regions travel as NBD
   WRITE_ZEROES, so it can exceed the link), the image size over the copy time for nbdcopy, bytes over time for
   TCP. "client gap ms" is the longest time between two answers a client on the VM network got while the

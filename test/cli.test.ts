@@ -134,6 +134,8 @@ describe("nbdmig CLI usage errors (no agent needed)", () => {
       "an unknown verb loads all (suggestions)",
     );
     assert.deepEqual(modulesFor("constructor"), Object.keys(VERB_MODULES));
+    assert.deepEqual(modulesFor(undefined, true), [], "--version alone loads no verb");
+    assert.deepEqual(modulesFor("migrate", true), ["migrate"], "with a verb, its module loads");
     // A verb's help still shows its options, and the top-level help every verb.
     assert.match(cli(["migrate", "--help"]).stdout, /--copy-storage-all/);
     const help = cli(["--help"]).stdout;

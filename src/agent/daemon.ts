@@ -5,6 +5,8 @@ import type { AddressInfo } from "node:net";
 import { pino } from "pino";
 import { UsageError } from "../errors.js";
 import type { Accel, DiskLayout } from "../domain/qemu-args.js";
+import { probeQemuFeatures } from "../qemu/features.js";
+import { probeKvm } from "../qemu/launcher.js";
 import { domainRoutes } from "./api.js";
 import { parseAgentUri, readToken } from "./client.js";
 import { DomainRegistry } from "./domains.js";
@@ -71,6 +73,10 @@ export async function runDaemon(opts: DaemonOptions): Promise<void> {
     { listen: `${addr.host}:${bound.port}`, stateDir: opts.stateDir, pid: process.pid },
     "agent listening",
   );
+  // What GET /v1/host reports (a migration's Begin asks it of the destination) comes from throwaway QEMUs,
+  // probed once per agent: now, rather than in the first migration (0.13 s of its Begin when measured).
+  void probeQemuFeatures().catch(() => undefined);
+  void probeKvm().catch(() => undefined);
 
   const stop = (sig: string) => {
     log.info({ signal: sig }, "agent stopping; QEMU processes keep running");

@@ -52,8 +52,12 @@ export const COMMANDS: Record<string, VerbModuleName> = {
   "tls-host": "tls",
 };
 
-/** The modules a run with this verb needs: its own, or all of them. */
-export function modulesFor(verb: string | undefined): VerbModuleName[] {
+/**
+ * The modules a run with this verb needs: its own, or all of them; none for `nbdmig --version` (no verb),
+ * which scripts run to learn what is installed.
+ */
+export function modulesFor(verb: string | undefined, version = false): VerbModuleName[] {
+  if (verb === undefined && version) return [];
   const own = verb !== undefined && Object.hasOwn(COMMANDS, verb) ? COMMANDS[verb] : undefined;
   return own ? [own] : (Object.keys(VERB_MODULES) as VerbModuleName[]);
 }

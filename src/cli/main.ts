@@ -24,7 +24,8 @@ program
 
 // Only the verb's own module: every run pays for what it loads (`nbdmig nbd copy` is often timed, and
 // `nbdmig migrate` counts in the migration's time).
-const modules = modulesFor(firstWord(process.argv.slice(2)));
+const argv = process.argv.slice(2);
+const modules = modulesFor(firstWord(argv), argv.includes("-V") || argv.includes("--version"));
 for (const m of await Promise.all(modules.map((name) => VERB_MODULES[name]()))) m.register(program);
 for (const c of program.commands) c.exitOverride();
 

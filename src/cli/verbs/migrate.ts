@@ -88,6 +88,7 @@ class ProgressView {
     cliProgress.Presets.shades_classic,
   );
   private bars = new Map<string, cliProgress.SingleBar>();
+  private phase?: string;
 
   update(j: JobInfo): void {
     const o = overall(j);
@@ -125,6 +126,12 @@ class ProgressView {
         m.total - m.remaining,
         `${mib(m.processed)} MiB sent, ${formatBytes(m.rateBps)}/s, pass ${m.iterations}`,
       );
+    // Each new phase is drawn at once: without a terminal the bars are written only once a second, and a
+    // migration whose perform phase is shorter than that would show nothing but its end in a log.
+    if (j.phase !== this.phase) {
+      this.phase = j.phase;
+      this.multi.update();
+    }
   }
 
   private bar(key: string, label: string, total: number, value: number, detail: string): void {
