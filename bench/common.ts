@@ -2,7 +2,7 @@
  * What the benchmarks share: the CLI and commands inside a test host, the reference image, nbdcopy between
  * the hosts, a median, the reference VM, CPU time of a process.
  */
-import { execFileSync } from "node:child_process";
+import { execFileSync, spawn } from "node:child_process";
 import fs from "node:fs";
 import path from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
@@ -204,4 +204,24 @@ export function referenceVm(tb: Testbed, name: string, addr: string, guestDir: s
 export async function guestServes(tb: Testbed, addr: string, console: () => string): Promise<void> {
   for (let k = 0; k < 120 && !/nbdmig-guest: t=3 /.test(console()); k++) await sleep(500);
   for (let k = 0; k < 60 && (await tb.clientGet(`http://${addr}/`)).status !== 200; k++) await sleep(500);
+}
+
+/**
+ * Runs argv without blocking this process (CPU samplers and pollers keep running meanwhile); answers its
+ * wall time and its output (stdout and stderr), or an error with the output's end when it fails.
+ */
+export function runAsync(argv: string[]): Promise<{ seconds: number; out: string }> {
+  return new Promise((resolve, reject) => {
+    const t0 = performance.now();
+    const child = spawn(argv[0]!, argv.slice(1), { stdio: ["ignore", "pipe", "pipe"] });
+    let out = "";
+    child.stdout.on("data", (c: Buffer) => (out += c.toString()));
+    child.stderr.on("data", (c: Buffer) => (out += c.toString()));
+    child.on("error", reject);
+    child.on("exit", (code) => {
+      const seconds = (performance.now() - t0) / 1000;
+      if (code === 0) resolve({ seconds, out });
+      else reject(new Error(`${argv.join(" ")} failed (${code}): ${out.slice(-3000)}`));
+    });
+  });
 }

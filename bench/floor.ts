@@ -5,14 +5,14 @@
  * `blockdev` layout builds (libvirt's layout), the same link. What nbdmig takes beyond this is orchestration
  * or a difference in the QEMU work it asks for, and the phase and CPU columns say which.
  */
-import { execFileSync, spawn, spawnSync } from "node:child_process";
+import { execFileSync, spawn } from "node:child_process";
 import fs from "node:fs";
 import path from "node:path";
-import { setTimeout as sleep } from "node:timers/promises";
-import { buildQemuArgs, formatNode, type DiskLayout } from "../src/domain/qemu-args.js";
+import { buildQemuArgs, formatNode } from "../src/domain/qemu-args.js";
 import type { DomainDef } from "../src/domain/model.js";
 import { parseDomainXml } from "../src/domain/xml.js";
-import { createImage } from "../src/qemu/img.js";
+import { compareImages, createImage, imageInfo } from "../src/qemu/img.js";
+import { waitGone } from "../src/qemu/launcher.js";
 import { QmpClient } from "../src/qemu/qmp.js";
 import { completedMigrationInfo } from "../src/qemu/qmp-util.js";
 import { HOST_ROOT, BRIDGE, type Testbed } from "../src/testbed/testbed.js";
@@ -57,7 +57,6 @@ async function startQemu(
   host: "a" | "b",
   def: DomainDef,
   tag: string,
-  layout: DiskLayout,
   incoming: boolean,
 ): Promise<FloorQemu> {
   const h = tb[host];
@@ -67,7 +66,7 @@ async function startQemu(
   const qmpSocket = `${HOST_ROOT}/floor-${def.name}.qmp`;
   const args = buildQemuArgs(def, {
     accel: "tcg",
-    layout,
+    layout: "blockdev",
     qmpSocket,
     serialLog: `${HOST_ROOT}/log/${def.name}.serial.log`,
     incoming,
@@ -94,8 +93,7 @@ async function startQemu(
 
 async function stopQemu(tb: Testbed, host: "a" | "b", q: FloorQemu): Promise<void> {
   await q.qmp.execute("quit").catch(() => undefined);
-  for (let k = 0; k < 200 && fs.existsSync(`/proc/${q.pid}`); k++) await sleep(10);
-  if (fs.existsSync(`/proc/${q.pid}`)) process.kill(q.pid, "SIGKILL");
+  if (!(await waitGone(q.pid, 2000))) process.kill(q.pid, "SIGKILL");
   q.qmp.close();
   execFileSync("ip", ["-n", tb[host].netns, "link", "del", q.tap], { stdio: "ignore" });
 }
@@ -112,7 +110,7 @@ export async function floorOnce(
 ): Promise<FloorRun> {
   const { def } = parseDomainXml(domainXml);
   const disk = def.disks.find((d) => !d.shareable && d.source !== undefined)!;
-  const src = await startQemu(tb, "a", def, tag, "blockdev", false);
+  const src = await startQemu(tb, "a", def, tag, false);
   let dst: FloorQemu | undefined;
   try {
     await src.qmp.execute("cont");
@@ -122,13 +120,9 @@ export async function floorOnce(
     const t0 = performance.now();
     const tx0 = tb.linkTxBytes();
     // Prepare (destination): the image precreated at the source's size, QEMU waiting, NBD export, incoming.
-    const size = JSON.parse(
-      execFileSync("qemu-img", ["info", "-U", "--output=json", tb.a.hostPath(disk.source!)], {
-        encoding: "utf8",
-      }),
-    ) as { "virtual-size": number };
-    await createImage(tb.b.hostPath(disk.source!), disk.format, size["virtual-size"]);
-    dst = await startQemu(tb, "b", def, tag, "blockdev", true);
+    const { virtualSize } = await imageInfo(tb.a.hostPath(disk.source!), disk.format);
+    await createImage(tb.b.hostPath(disk.source!), disk.format, virtualSize);
+    dst = await startQemu(tb, "b", def, tag, true);
     await dst.qmp.execute("migrate-set-capabilities", {
       capabilities: [
         { capability: "events", state: true },
@@ -194,13 +188,13 @@ export async function floorOnce(
     const t3 = performance.now();
     const wireBytes = tb.linkTxBytes() - tx0;
     // Both sides paused, the disks final: compare them (not timed; the destination then resumes).
-    const cmp = spawnSync("qemu-img", [
-      "compare",
-      "-U",
-      tb.a.hostPath(disk.source!),
-      tb.b.hostPath(disk.source!),
-    ]);
-    const identical = cmp.status === 0;
+    const identical =
+      (await compareImages(
+        tb.a.hostPath(disk.source!),
+        tb.b.hostPath(disk.source!),
+        disk.format,
+        disk.format,
+      )) === null;
     const t3b = performance.now();
     // Finish (destination) and Confirm (source).
     await dst.qmp.execute("nbd-server-stop");

@@ -28,8 +28,9 @@ import path from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
 import { parseDomainXml } from "../src/domain/xml.js";
 import { compareImages, createImage, imageInfo } from "../src/qemu/img.js";
+import { pidAlive, waitGone } from "../src/qemu/launcher.js";
 import { HOST_ROOT, type Testbed } from "../src/testbed/testbed.js";
-import { cpuSampler, cpuSeconds, guestServes } from "./common.js";
+import { cpuSampler, cpuSeconds, guestServes, runAsync } from "./common.js";
 import type { Phases } from "./floor.js";
 
 const APT =
@@ -320,7 +321,7 @@ class Daemon {
   }
 
   async stop(): Promise<void> {
-    if (this.pid && alive(this.pid)) {
+    if (this.pid && pidAlive(this.pid)) {
       this.clear();
       const qemus = fs.existsSync(path.join(this.dir("run"), "qemu"))
         ? fs
@@ -340,21 +341,10 @@ class Daemon {
             /* gone */
           }
         }
-        for (let k = 0; k < 100 && pids.some((x) => x > 0 && alive(x)); k++) await sleep(50);
+        await Promise.all(pids.filter((x) => x > 0).map((x) => waitGone(x, 5000)));
       }
     }
     fs.rmSync(this.dir(), { recursive: true, force: true });
-  }
-}
-
-/** Whether `pid` runs (not a zombie). */
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    const stat = fs.readFileSync(`/proc/${pid}/stat`, "utf8");
-    return stat[stat.lastIndexOf(")") + 2] !== "Z";
-  } catch {
-    return false;
   }
 }
 
@@ -401,23 +391,6 @@ function parseJobInfo(out: string): Record<string, string> {
 const num = (v: string | undefined): number | undefined =>
   v === undefined || !Number.isFinite(Number.parseFloat(v)) ? undefined : Number.parseFloat(v);
 
-/** Runs virsh without blocking this process (the CPU sampler keeps running); answers its wall time. */
-function virshAsync(argv: string[]): Promise<{ seconds: number; out: string }> {
-  return new Promise((resolve, reject) => {
-    const t0 = performance.now();
-    const child = spawn("virsh", argv, { stdio: ["ignore", "pipe", "pipe"] });
-    let out = "";
-    child.stdout.on("data", (c: Buffer) => (out += c.toString()));
-    child.stderr.on("data", (c: Buffer) => (out += c.toString()));
-    child.on("error", reject);
-    child.on("exit", (code) => {
-      const seconds = (performance.now() - t0) / 1000;
-      if (code === 0) resolve({ seconds, out });
-      else reject(new Error(`virsh ${argv.join(" ")} failed (${code}): ${out.slice(-3000)}`));
-    });
-  });
-}
-
 /** Starts a libvirtd in each host of `tb` (the test bed must be up; libvirt installed). */
 export async function libvirtUp(tb: Testbed): Promise<Libvirt> {
   requireLibvirt();
@@ -461,7 +434,8 @@ export async function libvirtUp(tb: Testbed): Promise<Libvirt> {
       for (const [i, d] of copied.entries())
         await createImage(tb.b.hostPath(d.source!), d.format, sizes[i]!.virtualSize);
       const precreateS = (performance.now() - p0) / 1000;
-      const run = await virshAsync([
+      const run = await runAsync([
+        "virsh",
         "-c",
         a.uri,
         "migrate",

@@ -22,6 +22,7 @@ import {
   nbdmigOk,
   referenceImage,
   referenceVm,
+  runAsync,
 } from "./common.js";
 import { floorOnce, type Phases } from "./floor.js";
 import { libvirtUp, type Libvirt } from "./libvirt.js";
@@ -49,20 +50,6 @@ export interface MigrationRow {
   dstCpuS?: number;
   /** The floor compares the two disks at the switchover. */
   identical?: boolean;
-}
-
-/** The CLI inside a host without blocking this process (CPU samplers keep running meanwhile). */
-function cliAsync(tb: Testbed, host: "a" | "b", args: string[]): Promise<void> {
-  const argv = tb[host].cliArgv(args);
-  return new Promise((resolve, reject) => {
-    const child = spawn(argv[0]!, argv.slice(1), { stdio: ["ignore", "ignore", "pipe"] });
-    let err = "";
-    child.stderr.on("data", (c: Buffer) => (err += c.toString()));
-    child.on("error", reject);
-    child.on("exit", (code) =>
-      code === 0 ? resolve() : reject(new Error(`nbdmig ${args.join(" ")} failed: ${err}`)),
-    );
-  });
 }
 
 type Variant = "plain" | "tls" | "floor" | "libvirt";
@@ -123,14 +110,9 @@ async function migrateOnce(
   const srcCpu = cpuSampler(srcPid!);
   const t0 = Date.now();
   const tx0 = tb.linkTxBytes();
-  await cliAsync(tb, "a", [
-    "migrate",
-    "--live",
-    "--copy-storage-all",
-    tls ? "--tls" : "--no-tls",
-    name,
-    tb.b.uri,
-  ]);
+  await runAsync(
+    tb.a.cliArgv(["migrate", "--live", "--copy-storage-all", tls ? "--tls" : "--no-tls", name, tb.b.uri]),
+  );
   const t1 = Date.now();
   const srcCpuS = srcCpu.stop();
   const dstCpuS = cpuSeconds(tb.b.qemuPids()[0]!);
