@@ -17,6 +17,7 @@ import {
   MIGRATION_TOOLS,
   nbdmig,
   ok,
+  qemuStatus,
   startGuest,
 } from "./helpers/migration.js";
 import { waitFor } from "./helpers/wait.js";
@@ -377,7 +378,7 @@ describe("live migration with --copy-storage-all", { timeout: 900_000 }, () => {
     ok(tb!, "b", ["destroy", "sel"]);
   });
 
-  it("--verify with --suspend: a block changed on the destination after the switchover fails the migration; the guest runs on in the source", async (t) => {
+  it("--verify with --suspend: a block changed on the destination after the switchover fails the migration; the guest runs on in the source, the copy stays paused for inspection until discarded", async (t) => {
     if (!need(t, MIGRATION_TOOLS, true)) return;
     // The source's agent waits before comparing until the test has changed the destination's disk.
     const hold = "source:before-verify";
@@ -413,10 +414,41 @@ describe("live migration with --copy-storage-all", { timeout: 900_000 }, () => {
       assert.equal(res.status, 1, res.stderr);
       assert.match(
         res.stderr,
-        /verify: disk vda differs on the destination from the source at offset 104857600 \(the 1 MiB block there\); the destination's copy is removed and the guest stays here/,
+        /verify: disk vda differs on the destination from the source at offset 104857600 \(the 1 MiB block there\); the guest stays here; the destination keeps its copy paused for inspection until \S+ \(it never runs there\): 'nbdmig -c \S+ partial discard vfy' removes it sooner/,
       );
       await assertSourceIntact(tb!, "vfy", pid, false);
+      // The destination's copy: paused, its image as the test left it, refused whatever would run it, also
+      // by an agent restarted meanwhile.
+      const refused =
+        /domain 'vfy' is a copy whose --verify failed, kept paused for inspection until \S+; it never runs here \(the guest runs on the source\): remove it with 'nbdmig partial discard vfy'/;
+      for (const restart of [false, true]) {
+        if (restart) {
+          await tb!.b.killAgent("SIGKILL");
+          await tb!.b.startAgent();
+        }
+        assert.match(ok(tb!, "b", ["list", "--all"]), /vfy\s+paused/);
+        assert.equal(await qemuStatus(tb!, "b", "vfy"), "paused");
+        for (const verb of ["resume", "destroy"]) {
+          const r = nbdmig(tb!, "b", [verb, "vfy"]);
+          assert.notEqual(r.status, 0, `${verb} vfy on b: ${r.stdout}`);
+          assert.match(r.stderr, refused);
+        }
+        assert.match(
+          ok(tb!, "b", ["partial", "list"]),
+          /^vfy: vda 256(\.0)? MiB\/256(\.0)? MiB; kept until \S+ \(migration \S+: its --verify failed; the copy is paused here, never resumed\)$/m,
+        );
+        const fd = fs.openSync(`${tb!.b.imagesDir}/vfy.raw`, "r");
+        const word = Buffer.alloc(4);
+        fs.readSync(fd, word, 0, 4, 100 * 1024 * 1024);
+        fs.closeSync(fd);
+        assert.equal(word.readUInt32LE(0), 0x5a5a5a5a, "the image stays as it was");
+      }
+      assert.match(
+        ok(tb!, "b", ["partial", "discard", "vfy"]),
+        /removed the partial copy of 'vfy': .*vfy\.raw/,
+      );
       await assertDestClean(tb!, "vfy", ["vfy.raw"]);
+      assert.match(ok(tb!, "b", ["partial", "list"]), /^no partial copy is kept on this host$/m);
       ok(tb!, "a", ["destroy", "vfy"]);
     } finally {
       await tb!.a.killAgent("SIGTERM");

@@ -55,7 +55,13 @@ export interface DomainEntry {
   persistent: boolean;
   running?: RunningDomain;
   /** Set while a migration job owns the domain; other lifecycle calls are refused. */
-  job?: { kind: string; describe(): Record<string, unknown>; abort(): Promise<void> };
+  job?: {
+    kind: string;
+    /** Why the domain cannot be touched, where "wait for the job" is not the answer (a kept copy). */
+    refusal?: string;
+    describe(): Record<string, unknown>;
+    abort(): Promise<void>;
+  };
   lastJob?: Record<string, unknown>;
   /** Why this guest must stay paused (its migration's outcome is unknown): `resume` is refused with it. */
   hold?: string;
@@ -567,6 +573,7 @@ export class DomainRegistry {
 
   async destroy(name: string): Promise<void> {
     const e = this.running(name);
+    if (e.job?.refusal) this.refuseIfBusy(e);
     if (e.job)
       throw new DomainStateError(
         "E_DOMAIN_BUSY",
@@ -620,6 +627,7 @@ export class DomainRegistry {
   }
 
   refuseIfBusy(e: DomainEntry): void {
+    if (e.job?.refusal) throw new DomainStateError("E_DOMAIN_BUSY", `domain '${e.name}' is ${e.job.refusal}`);
     if (e.job) {
       throw new DomainStateError(
         "E_DOMAIN_BUSY",

@@ -18,7 +18,13 @@ import { sha256File } from "../util/hash.js";
 import { probeKvm } from "../qemu/launcher.js";
 import { writeFileAtomic } from "../agent/state-dir.js";
 import { formatBytes } from "../util/format.js";
-import { PrepareRequestSchema, type CookieDisk, type PrepareRequest } from "./schemas.js";
+import {
+  PrepareRequestSchema,
+  type CancelRequest,
+  type CancelResult,
+  type CookieDisk,
+  type PrepareRequest,
+} from "./schemas.js";
 
 export type { PrepareRequest } from "./schemas.js";
 import { DEST_PHASES, destMachine, requirePhase, type DestPhase, type PhaseMachine } from "./phases.js";
@@ -55,6 +61,8 @@ export const SOURCE_WATCHDOG_MS = Number(process.env.NBDMIG_WATCHDOG_MS ?? 20_00
  * guest is whole here, so a completed migration is not lost to one slow answer.
  */
 export const HELD_WATCHDOG_MS = 3 * SOURCE_WATCHDOG_MS;
+/** How long a live copy whose --verify failed stays paused here for inspection (see keep). */
+export const INSPECT_KEEP_MS = Number(process.env.NBDMIG_INSPECT_KEEP_MS ?? 3_600_000);
 
 export class IncomingMigration {
   readonly id: string;
@@ -75,6 +83,9 @@ export class IncomingMigration {
   /** The partial copy this migration left (see keepPartial). */
   private kept?: PartialRecord;
   private finishOpts?: { suspend: boolean; persistent: boolean };
+  /** `kept` (a failed --verify): when the paused copy is removed, and the timer that does it. */
+  keptUntil?: number;
+  private keepTimer?: NodeJS.Timeout;
   /** Offline: what serves the created images to the source (stopped before Finish defines the domain). */
   private readonly serving: (() => Promise<void>)[] = [];
   /** Offline: per disk, the offset below which the copy is done (the source's checkpoints). */
@@ -86,15 +97,16 @@ export class IncomingMigration {
     readonly req: PrepareRequest,
     private readonly onDone: (m: IncomingMigration) => void,
     private readonly partials: PartialCopies,
-    /** The record of a migration a restarted agent continues (phase `held`). */
-    restored?: IncomingRecord,
+    /** The record of a migration a restarted agent continues, and the phase it continues in. */
+    restored?: { rec: IncomingRecord; phase: "held" | "kept" },
   ) {
-    this.id = restored?.id ?? randomUUID();
-    this.machine = destMachine(restored ? "held" : "prepare");
+    this.id = restored?.rec.id ?? randomUUID();
+    this.machine = destMachine(restored?.phase);
     if (restored) {
-      this.created.push(...restored.created);
-      this.createdDirs.push(...restored.createdDirs);
-      this.finishOpts = restored.finish;
+      this.created.push(...restored.rec.created);
+      this.createdDirs.push(...restored.rec.createdDirs);
+      this.finishOpts = restored.rec.finish;
+      this.keptUntil = restored.rec.keptUntil;
     }
     // Each decision is on disk before it is acted on: see recoverIncoming.
     this.machine.onEnter = (phase) => {
@@ -125,6 +137,8 @@ export class IncomingMigration {
 
   private async doPrepare(): Promise<PrepareResult> {
     const { cookie } = this.req;
+    const refusal = this.reg.has(cookie.name) ? this.reg.get(cookie.name).job?.refusal : undefined;
+    if (refusal) throw new DomainStateError("E_DOMAIN_EXISTS", `domain '${cookie.name}' here is ${refusal}`);
     if (this.reg.has(cookie.name)) {
       throw new DomainStateError(
         "E_DOMAIN_EXISTS",
@@ -647,7 +661,7 @@ export class IncomingMigration {
   /** A QEMU that exits before the guest was handed over takes the migration with it. */
   private cleanUpOnExit(run: RunningDomain): void {
     run.qmp.once("close", () => {
-      if (this.machine.is("prepare", "prepared", "finish", "held")) {
+      if (this.machine.is("prepare", "prepared", "finish", "held", "kept")) {
         this.error = "the destination QEMU exited";
         void this.cleanup(this.error);
       }
@@ -667,7 +681,7 @@ export class IncomingMigration {
     onDone: (m: IncomingMigration) => void,
     partials: PartialCopies,
   ): IncomingMigration {
-    const m = new IncomingMigration(reg, log, rec.req, onDone, partials, rec);
+    const m = new IncomingMigration(reg, log, rec.req, onDone, partials, { rec, phase: "held" });
     m.entry = entry;
     m.saveRecord("held");
     entry.job = {
@@ -680,6 +694,22 @@ export class IncomingMigration {
     m.notes.push(
       "continued by a restarted agent: the guest is held paused here until the source says resume",
     );
+    return m;
+  }
+
+  /** A copy an agent restart found `kept` (a failed --verify), paused, its time not up: kept on. */
+  static kept(
+    reg: DomainRegistry,
+    log: Logger,
+    rec: IncomingRecord & { req: PrepareRequest },
+    entry: DomainEntry,
+    onDone: (m: IncomingMigration) => void,
+    partials: PartialCopies,
+  ): IncomingMigration {
+    const m = new IncomingMigration(reg, log, rec.req, onDone, partials, { rec, phase: "kept" });
+    m.entry = entry;
+    m.holdKept();
+    m.cleanUpOnExit(entry.running!);
     return m;
   }
 
@@ -700,17 +730,68 @@ export class IncomingMigration {
 
   /**
    * The source's cancel: refused while Finish runs, which may be resuming the guest here. `discard`: what
-   * was copied is not to be kept (a failed --verify).
+   * was copied is not to be kept (an offline --verify failed); `inspect`: a live copy whose --verify
+   * failed stays here paused (see keep).
    */
-  async cancel(opts: { discard?: boolean } = {}): Promise<{ kept?: { bytes: number; until: number } }> {
+  async cancel(opts: CancelRequest = {}): Promise<CancelResult> {
     if (this.machine.is("finish", "resume"))
       throw new DomainStateError(
         "E_MIGRATION_PHASE",
         `the incoming migration of '${this.name}' is finishing (the guest may be resuming here); ask again`,
       );
+    if (this.machine.is("kept") || (opts.inspect && (await this.keep())))
+      return { inspect: { until: this.keptUntil! } };
     await this.cleanup("cancelled by the source", opts);
     const k = this.kept;
     return k ? { kept: { bytes: k.disks.reduce((s, d) => s + d.doneTo, 0), until: k.keptUntil } } : {};
+  }
+
+  /**
+   * A live copy whose --verify failed (the source's cancel with `inspect`): the stream has completed, so
+   * the guest is whole here, but its disks differ from the source's. It stays paused with its images as
+   * they are, for INSPECT_KEEP_MS or until the operator discards it (`partial discard`, `domjobabort`), and
+   * is then removed as Prepare's cleanup does. It never resumes: nothing leaves `kept` but cleanup, and
+   * the domain's job refuses resume, start and destroy. False, with nothing kept, where there is no such
+   * copy (offline, or the stream had not completed).
+   */
+  private async keep(): Promise<boolean> {
+    const run = this.entry?.running;
+    if (this.req.offline || !run || !this.machine.is("prepared")) return false;
+    try {
+      if ((await run.qmp.execute("query-migrate")).status !== "completed") return false;
+      // As Finish would: no export left on the images, every disk flushed, so what is inspected is on disk.
+      if (this.nbdServing) await run.qmp.execute("nbd-server-stop");
+      await run.qmp.execute("stop");
+    } catch (err) {
+      this.log.error({ domain: this.name, err: errorMessage(err) }, "cannot keep the copy for inspection");
+      return false;
+    }
+    // The QEMU exiting, or a watchdog, may have cleaned up meanwhile.
+    if (!this.machine.is("prepared")) return false;
+    this.keptUntil = Date.now() + INSPECT_KEEP_MS;
+    this.machine.advance("kept");
+    this.holdKept();
+    this.log.warn(
+      { domain: this.name, id: this.id, until: new Date(this.keptUntil).toISOString() },
+      "keeping the copy that failed --verify paused for inspection",
+    );
+    return true;
+  }
+
+  /** In `kept`: the domain's job says why it cannot run, and the copy goes when its time is up. */
+  private holdKept(): void {
+    clearInterval(this.watchdog);
+    const until = new Date(this.keptUntil!).toISOString();
+    this.entry!.job = {
+      kind: "incoming migration",
+      refusal: `a copy whose --verify failed, kept paused for inspection until ${until}; it never runs here (the guest runs on the source): remove it with 'nbdmig partial discard ${this.name}'`,
+      describe: () => this.describe(),
+      abort: () => this.cleanup("discarded on the destination"),
+    };
+    this.keepTimer = setTimeout(
+      () => void this.cleanup("its time for inspection is up"),
+      Math.min(2 ** 31 - 1, Math.max(0, this.keptUntil! - Date.now())),
+    ).unref();
   }
 
   /**
@@ -722,6 +803,7 @@ export class IncomingMigration {
     this.cleaning ??= (async () => {
       this.machine.advance("cleanup");
       clearInterval(this.watchdog);
+      clearTimeout(this.keepTimer);
       this.log.warn({ domain: this.name, id: this.id, reason }, "cleaning up incoming migration");
       await this.stopServing().catch((err: unknown) =>
         this.log.error({ err: errorMessage(err) }, "cannot stop serving the images"),
@@ -763,6 +845,7 @@ export class IncomingMigration {
       created: this.created,
       createdDirs: this.createdDirs,
       finish: this.finishOpts,
+      keptUntil: this.keptUntil,
       req: this.req,
       done: this.done,
     };
@@ -782,9 +865,10 @@ export class IncomingMigration {
       phase: this.machine.phase,
       status: this.machine.is("resume", "running")
         ? "completed"
-        : this.machine.is("cleaned", "cleanup")
+        : this.machine.is("cleaned", "cleanup", "kept")
           ? "failed"
           : "active",
+      keptUntil: this.keptUntil,
       startedAt: this.startedAt,
       elapsedMs: Date.now() - this.startedAt,
       error: this.error,
@@ -840,6 +924,8 @@ const IncomingRecordSchema = z.object({
   created: z.array(z.string()),
   createdDirs: z.array(z.string()).default([]),
   finish: z.object({ suspend: z.boolean(), persistent: z.boolean() }).optional(),
+  /** `kept`: when the copy that failed --verify is removed. */
+  keptUntil: z.number().optional(),
   /** The Prepare request, for a restarted agent that holds the migration (records of older agents lack it). */
   req: PrepareRequestSchema.optional(),
   /** Offline: per disk, the offset below which the copy is done. */
@@ -908,6 +994,15 @@ export async function recoverIncoming(
       continue;
     }
     const { req, finish } = rec;
+    if (e && run && req && rec.phase === "kept" && (rec.keptUntil ?? 0) > Date.now()) {
+      // Paused since the failed --verify (a restart leaves QEMU as it was): never resumed, kept on.
+      held.push(IncomingMigration.kept(reg, log, { ...rec, req }, e, onDone, partials));
+      log.warn(
+        { domain: rec.name, id: rec.id },
+        "keeping the copy that failed --verify paused for inspection",
+      );
+      continue;
+    }
     if (e && run && req && finish && (rec.phase === "finish" || rec.phase === "held")) {
       try {
         if ((await run.qmp.execute("query-migrate")).status === "completed") {

@@ -21,6 +21,7 @@ import { removeTlsCreds } from "../qemu/pki.js";
 import type { QmpClient } from "../qemu/qmp.js";
 import { recoverMirrors } from "./mirror.js";
 import { PhaseMachine, SOURCE_PHASES, sourceMachine, type SourcePhase } from "./phases.js";
+import type { CancelRequest, CancelResult } from "./schemas.js";
 
 /** What a source writes before acting in each phase. Not strict: a newer agent may add fields. */
 export const OutgoingRecordSchema = z.object({
@@ -91,32 +92,24 @@ export function persistPhases(
 }
 
 /**
- * A rollback tells the destination to remove what it prepared; when it cannot be reached, its watchdog
- * does that on its own (so this only logs).
- */
-/**
- * Tells the destination to remove what Prepare created (`discard`: even a partial copy it would keep).
- * Returns what it keeps of an offline copy with keepPartialMs, if anything; unreachable, its watchdog
- * cleans up.
+ * Tells the destination to remove what Prepare created (`discard`: even a partial copy it would keep;
+ * `inspect`: a live copy that failed --verify stays there paused instead, see IncomingMigration.keep).
+ * Returns what the destination keeps, if anything; unreachable, its watchdog cleans up.
  */
 export async function cancelOnDestination(
   peer: AgentClient,
   id: string,
   log: Logger,
   domain: string,
-  discard = false,
-): Promise<{ bytes: number; until: number } | undefined> {
+  opts: CancelRequest = {},
+): Promise<CancelResult> {
   try {
-    const r = await peer.call<{ kept?: { bytes: number; until: number } }>(
-      "POST",
-      `/v1/migrations/${id}/cancel`,
-      discard ? { discard } : {},
-      5000,
-    );
-    return r.kept;
+    // Only the flags set: an agent from before a flag existed refuses a body that names it.
+    const body = Object.fromEntries(Object.entries(opts).filter(([, v]) => v));
+    return await peer.call<CancelResult>("POST", `/v1/migrations/${id}/cancel`, body, 5000);
   } catch (e) {
     log.warn({ domain, err: errorMessage(e) }, "cannot reach the destination to clean up; its watchdog will");
-    return undefined;
+    return {};
   }
 }
 
@@ -138,7 +131,8 @@ export async function destinationVerdict(
   try {
     const r = await peer.call<{ phase: string }>("GET", `/v1/migrations/${id}`, undefined, 5000);
     if (r.phase === "running" || r.phase === "resume") return "runs";
-    if (r.phase === "cleanup" || r.phase === "cleaned") return "never";
+    // `kept`: a copy that failed --verify, paused there for inspection, which never resumes.
+    if (r.phase === "cleanup" || r.phase === "cleaned" || r.phase === "kept") return "never";
     if (r.phase === "held" && held === "resume") {
       // Unanswered, this throws: the next ask sees whether it resumed.
       await peer.call("POST", `/v1/migrations/${id}/resume`, {}, 10_000);

@@ -202,8 +202,39 @@ export class MigrationManager {
     return m;
   }
 
+  /**
+   * `nbdmig partial list`: the partial copies offline migrations kept here, and the live copies whose
+   * --verify failed, kept paused for inspection (every disk whole, `paused`).
+   */
+  listPartials(): Record<string, unknown> {
+    const kept = [...this.incoming.values()]
+      .filter((m) => m.machine.is("kept"))
+      .map((m) => ({
+        name: m.name,
+        uuid: m.req.cookie.uuid,
+        keptUntil: m.keptUntil,
+        reason: `migration ${m.id}: its --verify failed; the copy is paused here, never resumed`,
+        paused: true,
+        disks: m.req.cookie.disks.map((d) => ({
+          target: d.target,
+          path: d.source,
+          format: d.format,
+          virtualSize: d.virtualSize,
+          doneTo: d.virtualSize,
+        })),
+        files: m.created,
+      }));
+    return { partials: [...this.partials.all(), ...kept] };
+  }
+
   /** `nbdmig partial discard NAME`: valid while no migration of NAME runs here. */
-  discardPartial(name: string): Record<string, unknown> {
+  async discardPartial(name: string): Promise<Record<string, unknown>> {
+    const kept = [...this.incoming.values()].find((m) => m.name === name && m.machine.is("kept"));
+    if (kept) {
+      const files = [...kept.created];
+      await kept.cleanup("discarded by the operator");
+      return { removed: files };
+    }
     const p = this.partials.load(name);
     if (!p)
       throw new NbdmigError(
@@ -303,7 +334,7 @@ export function migrationRoutes(router: Router, mm: MigrationManager): Router {
       mm.incomingById(r.params.id!).checkpoint(r.body.target, r.body.doneTo);
       return {};
     })
-    .add("GET", "/v1/partials", () => ({ partials: mm.partials.all() }))
+    .add("GET", "/v1/partials", () => mm.listPartials())
     .add("DELETE", "/v1/partials/:name", (r) => mm.discardPartial(r.params.name!));
 }
 

@@ -329,7 +329,9 @@ export class OfflineMigration {
     if (this.prepared) {
       // What a failed --verify found on the destination is wrong: never kept.
       const discard = this.failure.code === "E_VERIFY";
-      const kept = await cancelOnDestination(this.peer, this.prepared.id, this.log, this.name, discard);
+      const { kept } = await cancelOnDestination(this.peer, this.prepared.id, this.log, this.name, {
+        discard,
+      });
       if (kept)
         this.failure = new MigrationError(
           this.failure.phase,

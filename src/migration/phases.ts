@@ -50,14 +50,17 @@ const SOURCE_NEXT: Record<SourcePhase, SourcePhase[]> = {
  * the guest here, taken (and persisted) before `cont`: from then on this copy is never removed. `held` is
  * where an agent restarted in `finish` continues, once the stream had completed: the guest is whole here
  * but paused, and it resumes only when the source says so (it has not resumed its own copy and never
- * will), or it is removed when the source cancels or stays silent.
+ * will), or it is removed when the source cancels or stays silent. `kept` is a live copy whose --verify
+ * failed: the stream completed here and the guest is paused, but it never resumes; it stays for the
+ * operator to inspect until its time is up or it is discarded, and is then removed as cleanup does.
  */
 export type DestPhase =
-  "prepare" | "prepared" | "finish" | "held" | "resume" | "running" | "cleanup" | "cleaned";
+  "prepare" | "prepared" | "finish" | "held" | "kept" | "resume" | "running" | "cleanup" | "cleaned";
 
 const DEST_NEXT: Record<DestPhase, DestPhase[]> = {
   prepare: ["prepared", "cleanup"],
-  prepared: ["finish", "cleanup"],
+  prepared: ["finish", "kept", "cleanup"],
+  kept: ["cleanup"],
   finish: ["resume", "cleanup"],
   held: ["resume", "cleanup"],
   resume: ["running"],
@@ -109,8 +112,8 @@ export class PhaseMachine<P extends string> {
 /** A source machine, new (at `begin`) or continuing from a persisted phase after an agent restart. */
 export const sourceMachine = (from: SourcePhase = "begin"): PhaseMachine<SourcePhase> =>
   new PhaseMachine<SourcePhase>(from, SOURCE_NEXT);
-/** A destination machine, new (at `prepare`) or continuing a migration an agent restart left `held`. */
-export const destMachine = (from: "prepare" | "held" = "prepare"): PhaseMachine<DestPhase> =>
+/** A destination machine, new (at `prepare`) or continuing what an agent restart left `held` or `kept`. */
+export const destMachine = (from: "prepare" | "held" | "kept" = "prepare"): PhaseMachine<DestPhase> =>
   new PhaseMachine<DestPhase>(from, DEST_NEXT);
 
 /** The protocol phase (begin/prepare/perform/finish/confirm) a source sub-phase belongs to, for errors. */

@@ -116,8 +116,19 @@ export type PrepareRequestInput = z.input<typeof PrepareRequestSchema>;
 /** POST /v1/migrations/ID/progress (offline, with keepPartialMs): a disk's copy is done below `doneTo`. */
 export const ProgressRequestSchema = z.strictObject({ target: diskTarget, doneTo: bytes });
 
-/** POST /v1/migrations/ID/cancel: `discard` removes what was copied even with keepPartialMs (it is wrong). */
-export const CancelRequestSchema = z.strictObject({ discard: z.boolean().default(false) });
+/**
+ * POST /v1/migrations/ID/cancel: `discard` removes what was copied even with keepPartialMs (it is wrong);
+ * `inspect` keeps a live copy whose --verify failed paused on the destination, for the operator to look at.
+ */
+export const CancelRequestSchema = z
+  .strictObject({ discard: z.boolean().default(false), inspect: z.boolean().default(false) })
+  .refine((b) => !(b.discard && b.inspect), { message: "discard and inspect exclude each other" });
+export type CancelRequest = z.input<typeof CancelRequestSchema>;
+/** Its answer: what the destination keeps (an offline partial copy, or a paused copy for inspection). */
+export interface CancelResult {
+  kept?: { bytes: number; until: number };
+  inspect?: { until: number };
+}
 
 /** POST /v1/migrations/ID/finish. */
 export const FinishRequestSchema = z.strictObject({ suspend: z.boolean(), persistent: z.boolean() });

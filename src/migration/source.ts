@@ -685,8 +685,8 @@ export class OutgoingMigration {
    * --verify (with --suspend): the stream has completed, so both copies are paused and the source's images
    * hold the guest's final state (QEMU has flushed them and let go of their locks). Each is compared with
    * the destination's copy, read through the destination QEMU's NBD export, which stays until Finish. A
-   * difference rolls back: the destination's copy never runs and is removed; the guest stays here, running
-   * again if it ran before.
+   * difference rolls back: the guest stays here, running again if it ran before, and the destination keeps
+   * its copy paused for inspection, never to run (see cancelDestination).
    */
   private async verifyDisks(): Promise<void> {
     const p = this.prepared!;
@@ -698,7 +698,7 @@ export class OutgoingMigration {
       try {
         this.verified[d.target] = await verifyDisk(d.target, src.uri, dst, {
           signal: this.stop.signal,
-          outcome: "the destination's copy is removed and the guest stays here",
+          outcome: "the guest stays here",
           notes: this.notes,
         });
       } catch (err) {
@@ -911,10 +911,26 @@ export class OutgoingMigration {
         this.addToFailure(`; rollback on the source was incomplete: ${errorMessage(e)}`);
       }
     }
-    if (this.prepared) await cancelOnDestination(this.peer, this.prepared.id, this.log, this.name);
+    if (this.prepared) await this.cancelDestination();
     this.entry.job = undefined;
     const reason = this.stop.signal.reason as NbdmigError | undefined;
     this.machine.advance(reason?.code === "E_ABORTED" ? "cancelled" : "failed");
+  }
+
+  /**
+   * Rollback on the destination: it removes what Prepare created, except for a copy whose --verify failed,
+   * which it keeps paused for inspection (it never runs there; the guest is here).
+   */
+  private async cancelDestination(): Promise<void> {
+    const inspect = this.failure?.code === "E_VERIFY";
+    const r = await cancelOnDestination(this.peer, this.prepared!.id, this.log, this.name, { inspect });
+    if (!inspect) return;
+    const { host } = parseAgentUri(this.req.dest);
+    this.addToFailure(
+      r.inspect
+        ? `; the destination keeps its copy paused for inspection until ${new Date(r.inspect.until).toISOString()} (it never runs there): 'nbdmig -c ${this.req.dest} partial discard ${this.name}' removes it sooner`
+        : `; ${host} did not keep its copy (see its log), so nothing of the attempt is left there`,
+    );
   }
 
   private addToFailure(more: string): void {

@@ -384,7 +384,9 @@ export function register(program: Command): void {
 
   const partial = program
     .command("partial")
-    .description("partial copies kept on this host by offline migrations with --keep-partial");
+    .description(
+      "copies kept on this host: partial ones of offline migrations with --keep-partial, and live ones whose --verify failed (paused)",
+    );
   partial
     .command("list")
     .description("the partial copies kept here: domain, disks and how far each got, until when")
