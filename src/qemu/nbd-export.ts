@@ -111,11 +111,17 @@ export function isQemuNbdRunning(pid: number): boolean {
   }
 }
 
-/** SIGTERM (qemu-nbd flushes the image and removes its pid file as it exits), SIGKILL after 5 s. */
+/**
+ * SIGTERM (qemu-nbd flushes the image and removes its pid file as it exits), SIGKILL after 5 s. It is
+ * usually gone within a few ms: looked for every 5 ms during the first second (every 50 ms, Finish and
+ * each qcow2 disk's copy waited 50 ms here), then every 50 ms.
+ */
 export async function stopQemuNbd(pid: number, pidFile: string): Promise<void> {
   if (isQemuNbdRunning(pid)) {
     process.kill(pid, "SIGTERM");
-    for (let i = 0; i < 100 && isQemuNbdRunning(pid); i++) await new Promise((r) => setTimeout(r, 50));
+    const begun = Date.now();
+    while (isQemuNbdRunning(pid) && Date.now() - begun < 5000)
+      await new Promise((r) => setTimeout(r, Date.now() - begun < 1000 ? 5 : 50));
     if (isQemuNbdRunning(pid)) process.kill(pid, "SIGKILL");
   }
   fs.rmSync(pidFile, { force: true });
