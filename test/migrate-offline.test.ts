@@ -22,6 +22,7 @@ import {
   IMG,
   jobOf,
   makeImage,
+  cliInBackground,
   migrateInBackground,
   MIGRATION_TOOLS,
   nbdmig,
@@ -205,6 +206,31 @@ describe("offline migration of a shut-off domain with its disks", { timeout: 900
     // Meanwhile neither side can start it.
     assert.match(nbdmig(tb!, "a", ["start", "slow"]).stderr, /has an offline migration job in progress/);
     assert.match(nbdmig(tb!, "b", ["start", "slow"]).stderr, /has an incoming migration job in progress/);
+    // Scripts follow the job as events: here until the abort ends it.
+    const follow = cliInBackground(tb!, "a", ["domjobinfo", "slow", "--follow", "--json"]);
+    await waitFor(
+      "the follower's first answer",
+      () => follow.stdout().includes('"event":"progress"'),
+      30_000,
+    );
+    // Given the phase the caller last saw, the long poll answers at once when the job is in another one,
+    // and else at its next phase.
+    const since = (phase: string) => {
+      const at = Date.now();
+      return tb!.a
+        .client()
+        .call<{ active: boolean; job: { phase: string } }>(
+          "GET",
+          `/v1/domains/slow/job?waitMs=10000&phase=${encodeURIComponent(phase)}`,
+          undefined,
+          30_000,
+        )
+        .then((r) => ({ phase: r.job.phase, afterMs: Date.now() - at }));
+    };
+    const moved = await since("prepare");
+    assert.equal(moved.phase, "perform:copy");
+    assert.ok(moved.afterMs < 9_500, `answered after ${moved.afterMs} ms, at once`);
+    const next = since("perform:copy");
     // A long poll of the job is answered when the job ends, not when its wait is up.
     const asked = Date.now();
     const ended = tb!.a
@@ -221,6 +247,21 @@ describe("offline migration of a shut-off domain with its disks", { timeout: 900
     assert.equal(answer.active, false);
     assert.equal(answer.job.status, "cancelled");
     assert.ok(answer.afterMs < 9_500, `answered after ${answer.afterMs} ms, at the job's end`);
+    const after = await next;
+    assert.match(after.phase, /^(rollback|cancelled)$/);
+    assert.ok(after.afterMs < 9_500, `answered after ${after.afterMs} ms, at the next phase`);
+    const followed = await follow.done;
+    assert.equal(followed.status, 1, followed.stderr);
+    assert.match(followed.stderr, /cancelled by domjobabort/);
+    const events = followed.stdout
+      .trim()
+      .split("\n")
+      .map((l) => JSON.parse(l) as { event: string; phase?: string; status?: string });
+    assert.deepEqual(
+      events.filter((e) => e.event === "phase").map((e) => e.phase),
+      ["begin", "prepare", "perform:copy", "rollback", "cancelled"],
+    );
+    assert.deepEqual(events.at(-1), { ...events.at(-1), event: "end", status: "cancelled" });
     await assert.rejects(
       tb!.a.client().call("GET", "/v1/domains/slow/job?waitMs=soon"),
       (e: unknown) => e instanceof NbdmigError && e.code === "E_BAD_QUERY" && /0 to 10000/.test(e.message),
@@ -231,8 +272,18 @@ describe("offline migration of a shut-off domain with its disks", { timeout: 900
     await assertDestClean(tb!, "slow", images);
     assert.match(ok(tb!, "a", ["dominfo", "slow"]), /State:\s+shut off/);
     tb!.setRate(undefined);
-    const again = nbdmig(tb!, "a", ["migrate", ...args]);
+    // migrate --json: the same events instead of the closing line.
+    const again = nbdmig(tb!, "a", ["migrate", "--json", ...args]);
     assert.equal(again.status, 0, again.stderr);
+    const run2 = again.stdout
+      .trim()
+      .split("\n")
+      .map((l) => JSON.parse(l) as { event: string; phase?: string; status?: string });
+    assert.deepEqual(
+      run2.filter((e) => e.event === "phase").map((e) => e.phase),
+      ["begin", "prepare", "perform:copy", "finish", "confirm", "completed"],
+    );
+    assert.deepEqual(run2.at(-1), { ...run2.at(-1), event: "end", status: "completed" });
     for (const img of images)
       assert.equal(
         compare(`${tb!.a.imagesDir}/${img}`, `${tb!.b.imagesDir}/${img}`),
@@ -341,8 +392,18 @@ describe("offline migration of a shut-off domain with its disks", { timeout: 900
     assert.match(nbdmig(tb!, "b", ["dominfo", "cut"]).stderr, /not found on this host/);
 
     tb!.setRate(undefined);
-    const again = nbdmig(tb!, "a", ["migrate", ...args]);
+    // migrate --json: the same events instead of the closing line.
+    const again = nbdmig(tb!, "a", ["migrate", "--json", ...args]);
     assert.equal(again.status, 0, again.stderr);
+    const run2 = again.stdout
+      .trim()
+      .split("\n")
+      .map((l) => JSON.parse(l) as { event: string; phase?: string; status?: string });
+    assert.deepEqual(
+      run2.filter((e) => e.event === "phase").map((e) => e.phase),
+      ["begin", "prepare", "perform:copy", "finish", "confirm", "completed"],
+    );
+    assert.deepEqual(run2.at(-1), { ...run2.at(-1), event: "end", status: "completed" });
     const job = JSON.parse(ok(tb!, "a", ["domjobinfo", "cut", "--completed", "--json"])) as PartialJob;
     const vda = job.disks.find((d) => d.target === "vda")!;
     t.diagnostic(`second attempt: vda resumed at ${vda.resumedFrom}, sent ${vda.dataBytes} bytes as data`);

@@ -61,6 +61,8 @@ export interface DomainEntry {
     refusal?: string;
     describe(): Record<string, unknown>;
     abort(): Promise<void>;
+    /** Calls `onPhase` at each new phase of the job, until the function it returns is called. */
+    watch?(onPhase: () => void): () => void;
   };
   lastJob?: Record<string, unknown>;
   /** Why this guest must stay paused (its migration's outcome is unknown): `resume` is refused with it. */

@@ -227,6 +227,7 @@ export class IncomingMigration {
       kind: "incoming migration",
       describe: () => this.describe(),
       abort: () => this.cleanup("aborted on the destination"),
+      watch: (fn) => this.machine.listen(fn),
     };
     if (this.req.offline) return this.serveOffline();
     const run = await this.entry.lock.run(() =>
@@ -688,6 +689,7 @@ export class IncomingMigration {
       kind: "incoming migration",
       describe: () => m.describe(),
       abort: () => m.cleanup("aborted on the destination"),
+      watch: (fn) => m.machine.listen(fn),
     };
     m.cleanUpOnExit(entry.running!);
     m.watch("held", HELD_WATCHDOG_MS);
@@ -787,6 +789,7 @@ export class IncomingMigration {
       refusal: `a copy whose --verify failed, kept paused for inspection until ${until}; it never runs here (the guest runs on the source): remove it with 'nbdmig partial discard ${this.name}'`,
       describe: () => this.describe(),
       abort: () => this.cleanup("discarded on the destination"),
+      watch: (fn) => this.machine.listen(fn),
     };
     this.keepTimer = setTimeout(
       () => void this.cleanup("its time for inspection is up"),

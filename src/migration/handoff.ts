@@ -334,6 +334,7 @@ export class SourceHandoff {
             `the migration of '${this.name}' has switched over and can no longer be aborted; decide with 'nbdmig migrate --recover source|destination ${this.name}'`,
           ),
         ),
+      watch: (fn) => this.machine.listen(fn),
     };
   }
 

@@ -259,24 +259,31 @@ export class MigrationManager {
 
   /**
    * The domain's job; with `waitMs`, answered once the active job ends or after that long, whichever is
-   * first (the CLI's progress loop: it learns of the end at once, without polling faster). A job that has
-   * let go of its domain but not yet ended (a source clears it before stopping its QEMU in Confirm, and
-   * reports after) has no finished record yet: its end is waited for too, or the CLI would ask again and
-   * again without pause until it comes.
+   * first (the CLI's progress loop: it learns of the end at once, without polling faster). With `phase`
+   * (the phase the caller last saw) it is also answered as soon as the job is in another phase: a follower
+   * sees every phase it enters as it enters it (a job's `phaseTimes` names the ones it went through
+   * between two answers). A job that has let go of its domain but not yet ended (a source clears it before
+   * stopping its QEMU in Confirm, and reports after) has no finished record yet: its end is waited for too,
+   * or the CLI would ask again and again without pause until it comes.
    */
-  async waitJobInfo(name: string, waitMs: number): Promise<Record<string, unknown>> {
+  async waitJobInfo(name: string, waitMs: number, phase?: string): Promise<Record<string, unknown>> {
     const e = this.reg.has(name) ? this.reg.get(name) : undefined;
-    if (waitMs > 0 && (e?.job || !this.finished.has(name))) {
+    const job = e?.job;
+    const moved = () => phase !== undefined && job !== undefined && job.describe().phase !== phase;
+    if (waitMs > 0 && (job || !this.finished.has(name)) && !moved()) {
       await new Promise<void>((resolve) => {
         const waiters = this.endWaiters.get(name) ?? new Set<() => void>();
         this.endWaiters.set(name, waiters);
+        let unwatch: (() => void) | undefined;
         const wake = () => {
           clearTimeout(timer);
           waiters.delete(wake);
+          unwatch?.();
           resolve();
         };
         const timer = setTimeout(wake, waitMs);
         waiters.add(wake);
+        if (phase !== undefined) unwatch = job?.watch?.(wake);
       });
     }
     return this.jobInfo(name);
@@ -308,7 +315,9 @@ export function migrationRoutes(router: Router, mm: MigrationManager): Router {
     .add("POST", "/v1/domains/:name/migrate/recover", RecoverRequestSchema, (r) =>
       mm.recoverChoice(r.params.name!, r.body),
     )
-    .add("GET", "/v1/domains/:name/job", (r) => mm.waitJobInfo(r.params.name!, waitMs(r.query)))
+    .add("GET", "/v1/domains/:name/job", (r) =>
+      mm.waitJobInfo(r.params.name!, waitMs(r.query), r.query.get("phase") ?? undefined),
+    )
     .add("POST", "/v1/domains/:name/job/abort", async (r) => {
       await mm.abort(r.params.name!);
       return {};

@@ -182,7 +182,12 @@ export class OfflineMigration {
       ...(tpmState ? { tpmState } : {}),
     };
     const m = new OfflineMigration(reg, entry, req, log, onDone, cookie, peer, tls, notes);
-    entry.job = { kind: "offline migration", describe: () => m.describe(), abort: () => m.abort() };
+    entry.job = {
+      kind: "offline migration",
+      describe: () => m.describe(),
+      abort: () => m.abort(),
+      watch: (fn) => m.machine.listen(fn),
+    };
     return m;
   }
 

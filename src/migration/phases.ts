@@ -81,6 +81,8 @@ export class PhaseMachine<P extends string> {
    * decision to its state dir, so that a restarted agent continues from there.
    */
   onEnter?: (phase: P) => void;
+  /** Told of each new phase once the machine is in it: whoever follows the job (the job long poll). */
+  private readonly listeners = new Set<(phase: P) => void>();
   constructor(
     initial: P,
     private readonly table: Record<P, P[]>,
@@ -102,6 +104,12 @@ export class PhaseMachine<P extends string> {
     this.onEnter?.(next);
     this.current = next;
     this.history.push({ phase: next, at: Date.now() });
+    for (const fn of [...this.listeners]) fn(next);
+  }
+  /** Calls `fn` after each transition; returns what stops that. */
+  listen(fn: (phase: P) => void): () => void {
+    this.listeners.add(fn);
+    return () => this.listeners.delete(fn);
   }
   /** Time spent entering `phase` (ms since start), if it was reached. */
   reachedAt(phase: P): number | undefined {

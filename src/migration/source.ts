@@ -454,7 +454,12 @@ export class OutgoingMigration {
       ...(firmware ? { firmware } : {}),
     };
     const m = new OutgoingMigration(reg, entry, req, log, onDone, cookie, peer, records, tls, notes);
-    entry.job = { kind: "outgoing migration", describe: () => m.describe(), abort: () => m.abort() };
+    entry.job = {
+      kind: "outgoing migration",
+      describe: () => m.describe(),
+      abort: () => m.abort(),
+      watch: (fn) => m.machine.listen(fn),
+    };
     return m;
   }
 

@@ -200,15 +200,29 @@ export function migrateInBackground(
   tb: Testbed,
   args: string[],
   from: "a" | "b" = "a",
-): { done: Promise<{ status: number; stderr: string }> } {
-  const pre = tb[from].execPrefix();
-  const child = spawn(pre[0]!, [...pre.slice(1), process.execPath, cliPath, "migrate", ...args], {
-    stdio: ["ignore", "ignore", "pipe"],
+): { done: Promise<{ status: number; stderr: string; stdout: string }> } {
+  return cliInBackground(tb, from, ["migrate", ...args]);
+}
+
+/** An nbdmig command on a host, in the background: its exit status and what it wrote. */
+export function cliInBackground(
+  tb: Testbed,
+  host: "a" | "b",
+  args: string[],
+): { done: Promise<{ status: number; stderr: string; stdout: string }>; stdout(): string } {
+  const pre = tb[host].execPrefix();
+  const child = spawn(pre[0]!, [...pre.slice(1), process.execPath, cliPath, ...args], {
+    stdio: ["ignore", "pipe", "pipe"],
   });
   let stderr = "";
+  let stdout = "";
   child.stderr.on("data", (b: Buffer) => (stderr += b.toString()));
+  child.stdout.on("data", (b: Buffer) => (stdout += b.toString()));
   return {
-    done: new Promise((resolve) => child.on("close", (code) => resolve({ status: code ?? -1, stderr }))),
+    done: new Promise((resolve) =>
+      child.on("close", (code) => resolve({ status: code ?? -1, stderr, stdout })),
+    ),
+    stdout: () => stdout,
   };
 }
 

@@ -1,8 +1,8 @@
 /** migrate, domjobinfo, domjobabort: the migration verbs, shaped after virsh's. */
 import type cliProgressModule from "cli-progress";
 import type { Command } from "commander";
-import { readToken } from "../../agent/client.js";
-import { MigrationError, UsageError, type MigrationPhase } from "../../errors.js";
+import { readToken, type AgentClient } from "../../agent/client.js";
+import { MigrationError, NbdmigError, UsageError, type MigrationPhase } from "../../errors.js";
 import { CONVERGE_MODES, MAX_KEEP_PARTIAL_MS } from "../../migration/options.js";
 import { formatBytes, formatDuration, keyValues } from "../../util/format.js";
 import { agentFrom, enc, out } from "../context.js";
@@ -40,10 +40,69 @@ export interface JobInfo {
     dirtyPagesRate: number;
     iterations: number;
   };
+  /** When each phase began, in ms since the job started (source jobs). */
+  phaseTimes?: Record<string, number>;
   error?: string;
   errorCode?: string;
   errorPhase?: MigrationPhase;
   errorDetail?: string;
+}
+
+/**
+ * Follows a domain's job until it has ended, through the job long poll: answered at each new phase, at the
+ * end, or after `everyMs`. Each answer goes to `onJob`; returns the ended job.
+ */
+async function followJob(
+  agent: AgentClient,
+  name: string,
+  first: JobInfo,
+  onJob: (j: JobInfo) => void,
+  everyMs = 500,
+): Promise<JobInfo> {
+  let job = first;
+  for (;;) {
+    const r = await agent.call<{ active: boolean; job: JobInfo | null }>(
+      "GET",
+      `/v1/domains/${enc(name)}/job?waitMs=${everyMs}&phase=${encodeURIComponent(job.phase)}`,
+    );
+    if (r.job) job = r.job;
+    onJob(job);
+    if (!r.active && r.job && r.job.status !== "active") return job;
+  }
+}
+
+/**
+ * `--json` on migrate and `domjobinfo --follow`: the job as events, one JSON object per line on stdout.
+ * `phase` for each phase the job entered (with `atMs` since its start, in order, also those it went through
+ * between two answers), `progress` with the job at each answer while it runs, and `end` with its status.
+ */
+class JobEvents {
+  private readonly seen = new Set<string>();
+  constructor(private readonly domain: string) {}
+  emit(j: JobInfo): void {
+    const entered = j.phaseTimes
+      ? Object.entries(j.phaseTimes).sort((a, b) => a[1] - b[1])
+      : [[j.phase, j.elapsedMs] as const];
+    for (const [phase, atMs] of entered) {
+      if (this.seen.has(phase)) continue;
+      this.seen.add(phase);
+      this.line({ event: "phase", domain: this.domain, phase, atMs });
+    }
+    if (j.status === "active") this.line({ event: "progress", domain: this.domain, job: j });
+    else this.line({ event: "end", domain: this.domain, status: j.status, job: j });
+  }
+  private line(o: Record<string, unknown>): void {
+    out(JSON.stringify(o) + "\n");
+  }
+}
+
+/** A failed or cancelled job as the error the command exits with. */
+function jobError(job: JobInfo): MigrationError {
+  return new MigrationError(
+    job.errorPhase ?? "perform",
+    job.errorDetail ?? job.error ?? job.status,
+    job.errorCode,
+  );
 }
 
 const int = (flag: string) => (v: string) => {
@@ -66,6 +125,13 @@ function overall(j: JobInfo): { done: number; total: number; rate: number } {
     total: dTotal + mTotal,
     rate: (j.disk?.rateBps ?? 0) + (j.memory?.rateBps ?? 0),
   };
+}
+
+/** `domjobinfo --follow`: one line per answer (elapsed, phase, status, overall progress and rate). */
+function followLine(j: JobInfo): string {
+  const o = overall(j);
+  const pct = o.total ? `${Math.floor((o.done / o.total) * 100)}%` : "-";
+  return `${(j.elapsedMs / 1000).toFixed(1).padStart(7)} s  ${j.phase.padEnd(18)} ${j.status.padEnd(9)} ${pct.padStart(4)}  ${formatBytes(o.done)}/${formatBytes(o.total)}  ${formatBytes(o.rate)}/s`;
 }
 
 function eta(j: JobInfo): string {
@@ -235,6 +301,10 @@ export function register(program: Command): void {
     .option("--no-tls", "migrate in clear although this host has certificates")
     .option("--verbose", "show live progress")
     .option(
+      "--json",
+      "the job as events on stdout, one JSON object per line: each phase as it is entered, progress every half second, then the end",
+    )
+    .option(
       "--recover <copy>",
       "after a migration whose outcome is unknown (its guest paused here): keep the 'source' copy (resume it here) or the 'destination' one (stop it here); refused if the destination's state says otherwise",
     )
@@ -320,21 +390,17 @@ export function register(program: Command): void {
       });
       if (o.verbose) for (const n of started.notes ?? []) process.stderr.write(`${n}\n`);
       const view = o.verbose ? new ProgressView((await import("cli-progress")).default) : undefined;
-      let job = started;
+      const events = o.json ? new JobEvents(name) : undefined;
+      events?.emit(started);
+      let job: JobInfo;
       const onSigint = () =>
         void agent.call("POST", `/v1/domains/${enc(name)}/job/abort`).catch(() => undefined);
       process.on("SIGINT", onSigint);
       try {
-        for (;;) {
-          // Answered at the job's end, or after half a second for the progress display.
-          const r = await agent.call<{ active: boolean; job: JobInfo | null }>(
-            "GET",
-            `/v1/domains/${enc(name)}/job?waitMs=500`,
-          );
-          if (r.job) job = r.job;
-          view?.update(job);
-          if (!r.active && r.job && r.job.status !== "active") break;
-        }
+        job = await followJob(agent, name, started, (j) => {
+          view?.update(j);
+          events?.emit(j);
+        });
       } finally {
         view?.stop();
         process.off("SIGINT", onSigint);
@@ -343,13 +409,8 @@ export function register(program: Command): void {
       if (o.verbose || o.verify)
         for (const n of (job.notes ?? []).filter((x) => !(started.notes ?? []).includes(x)))
           process.stderr.write(`${n}\n`);
-      if (job.status !== "completed") {
-        throw new MigrationError(
-          job.errorPhase ?? "perform",
-          job.errorDetail ?? job.error ?? job.status,
-          job.errorCode,
-        );
-      }
+      if (job.status !== "completed") throw jobError(job);
+      if (events) return;
       out(
         `Migration of '${name}' to ${dest} completed in ${formatDuration(job.elapsedMs)}` +
           `${job.downtimeMs !== undefined ? `, downtime ${job.downtimeMs} ms` : ""}` +
@@ -363,22 +424,43 @@ export function register(program: Command): void {
     .argument("<domain>")
     .option("--completed", "the last finished job")
     .option("--json", "machine-readable output")
-    .action(async (name: string, o: { completed?: boolean; json?: boolean }, cmd: Command) => {
-      const r = await agentFrom(cmd).call<{ active: boolean; job: JobInfo | null }>(
-        "GET",
-        `/v1/domains/${enc(name)}/job`,
-      );
-      const job = r.job && (r.active || o.completed) ? r.job : null;
-      if (o.json) {
-        out(JSON.stringify(job ? { ...job, active: r.active } : { type: "none" }, null, 2) + "\n");
-        return;
-      }
-      if (!job) {
-        out(keyValues([["Job type", "None"]]) + "\n");
-        return;
-      }
-      out(renderJob(job, r.active) + "\n");
-    });
+    .option(
+      "--follow",
+      "follow the active job until it ends: a line at each new phase and every second (with --json, events as migrate --json writes them); exits 1 if the job fails",
+    )
+    .action(
+      async (name: string, o: { completed?: boolean; json?: boolean; follow?: boolean }, cmd: Command) => {
+        const agent = agentFrom(cmd);
+        const r = await agent.call<{ active: boolean; job: JobInfo | null }>(
+          "GET",
+          `/v1/domains/${enc(name)}/job`,
+        );
+        if (o.follow) {
+          if (o.completed) throw new UsageError("--follow follows the active job: drop --completed");
+          if (!r.active || !r.job)
+            throw new NbdmigError(
+              "E_NO_JOB",
+              `domain '${name}' has no active job to follow (its last one: nbdmig domjobinfo ${name} --completed)`,
+            );
+          const events = o.json ? new JobEvents(name) : undefined;
+          const line = (j: JobInfo) => (events ? events.emit(j) : out(`${followLine(j)}\n`));
+          line(r.job);
+          const job = await followJob(agent, name, r.job, line, 1000);
+          if (job.status !== "completed") throw jobError(job);
+          return;
+        }
+        const job = r.job && (r.active || o.completed) ? r.job : null;
+        if (o.json) {
+          out(JSON.stringify(job ? { ...job, active: r.active } : { type: "none" }, null, 2) + "\n");
+          return;
+        }
+        if (!job) {
+          out(keyValues([["Job type", "None"]]) + "\n");
+          return;
+        }
+        out(renderJob(job, r.active) + "\n");
+      },
+    );
 
   program
     .command("domjobabort")
