@@ -5,7 +5,7 @@
  * `blockdev` layout builds (libvirt's layout), the same link. What nbdmig takes beyond this is orchestration
  * or a difference in the QEMU work it asks for, and the phase and CPU columns say which.
  */
-import { execFileSync, spawn } from "node:child_process";
+import { execFileSync, spawn, spawnSync } from "node:child_process";
 import fs from "node:fs";
 import path from "node:path";
 import { buildQemuArgs, formatNode } from "../src/domain/qemu-args.js";
@@ -93,9 +93,18 @@ async function startQemu(
 
 async function stopQemu(tb: Testbed, host: "a" | "b", q: FloorQemu): Promise<void> {
   await q.qmp.execute("quit").catch(() => undefined);
-  if (!(await waitGone(q.pid, 2000))) process.kill(q.pid, "SIGKILL");
+  if (!(await waitGone(q.pid, 5000))) {
+    process.kill(q.pid, "SIGKILL");
+    await waitGone(q.pid, 5000);
+  }
   q.qmp.close();
-  execFileSync("ip", ["-n", tb[host].netns, "link", "del", q.tap], { stdio: "ignore" });
+  // The tap goes once nothing holds it; a busy machine may take a moment to let go of it.
+  for (let i = 0; ; i++) {
+    const r = spawnSync("ip", ["-n", tb[host].netns, "link", "del", q.tap], { encoding: "utf8" });
+    if (r.status === 0 || /Cannot find device/.test(r.stderr)) return;
+    if (i === 50) throw new Error(`cannot remove the floor's tap ${q.tap} on ${host}: ${r.stderr.trim()}`);
+    await new Promise((res) => setTimeout(res, 100));
+  }
 }
 
 /**

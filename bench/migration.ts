@@ -198,6 +198,8 @@ export async function migrationBench(runs: number): Promise<MigrationRow[]> {
   const guestDir = path.join(repo, ".cache/test-guest");
   const tb = await Testbed.up();
   const rows: MigrationRow[] = [];
+  /** Each migration's number, for the names it gives its domain and images. */
+  let seq = 0;
   // Certificates on both hosts, so that the same run measures the migration with and without TLS.
   const ca = path.join(tb.dir, "ca");
   execFileSync(process.execPath, [path.join(repo, "dist/src/cli/main.js"), "tls-ca", ca]);
@@ -226,18 +228,20 @@ export async function migrationBench(runs: number): Promise<MigrationRow[]> {
       // that all four see the same machine.
       const variants: Variant[] = ["plain", "tls", "floor", "libvirt"];
       const ours: Record<Variant, MigrationRow[]> = { plain: [], tls: [], floor: [], libvirt: [] };
-      for (let i = 0; i < runs; i++) {
+      // Round 0 warms up and is not counted: the first migration after the test bed (or the link) changed
+      // would otherwise always be nbdmig's.
+      for (let i = 0; i <= runs; i++) {
         for (let k = 0; k < variants.length; k++) {
           const variant = variants[(i + k) % variants.length]!;
-          process.stderr.write(`migration bench: ${link}, ${variant}, run ${i + 1}/${runs}\n`);
-          const n = rows.length * 10 + i * variants.length + k;
-          const r = await migrateOnce(tb, link, n, guestDir, variant, lv);
+          const which = i === 0 ? "warm-up, not counted" : `run ${i}/${runs}`;
+          process.stderr.write(`migration bench: ${link}, ${variant}, ${which}\n`);
+          const r = await migrateOnce(tb, link, seq++, guestDir, variant, lv);
           process.stderr.write(
             `  total ${r.totalS.toFixed(2)} s, READY ${r.readyS?.toFixed(2)} s, downtime ${r.downtimeMs} ms, ` +
               `client gap ${r.gapMs ?? "-"} ms, QEMU CPU s source ${r.srcCpuS?.toFixed(2)} destination ${r.dstCpuS?.toFixed(2)}` +
               `${r.identical === false ? ", DISKS DIFFER" : ""}\n`,
           );
-          ours[variant].push(r);
+          if (i > 0) ours[variant].push(r);
         }
       }
       const summary = (rs: MigrationRow[], what: string): MigrationRow => {

@@ -433,6 +433,10 @@ describe("live migration with --copy-storage-all", { timeout: 900_000 }, () => {
           assert.notEqual(r.status, 0, `${verb} vfy on b: ${r.stdout}`);
           assert.match(r.stderr, refused);
         }
+        const followed = nbdmig(tb!, "b", ["domjobinfo", "vfy", "--follow"]);
+        assert.equal(followed.status, 1, followed.stdout);
+        assert.match(followed.stdout, /\bkept\s+failed\b/);
+        assert.match(followed.stderr, /its --verify failed on the source: this copy is kept paused/);
         assert.match(
           ok(tb!, "b", ["partial", "list"]),
           /^vfy: vda 256(\.0)? MiB\/256(\.0)? MiB; kept until \S+ \(migration \S+: its --verify failed; the copy is paused here, never resumed\)$/m,

@@ -784,6 +784,7 @@ export class IncomingMigration {
   private holdKept(): void {
     clearInterval(this.watchdog);
     const until = new Date(this.keptUntil!).toISOString();
+    this.error = `its --verify failed on the source: this copy is kept paused for inspection until ${until}, never to run here`;
     this.entry!.job = {
       kind: "incoming migration",
       refusal: `a copy whose --verify failed, kept paused for inspection until ${until}; it never runs here (the guest runs on the source): remove it with 'nbdmig partial discard ${this.name}'`,

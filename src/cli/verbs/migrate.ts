@@ -50,7 +50,8 @@ export interface JobInfo {
 
 /**
  * Follows a domain's job until it has ended, through the job long poll: answered at each new phase, at the
- * end, or after `everyMs`. Each answer goes to `onJob`; returns the ended job.
+ * end, or after `everyMs`. Each answer goes to `onJob`; returns the ended job. `byStatus`: a job that reports
+ * an outcome has ended even while it holds the domain (a copy kept paused after a failed --verify).
  */
 async function followJob(
   agent: AgentClient,
@@ -58,6 +59,7 @@ async function followJob(
   first: JobInfo,
   onJob: (j: JobInfo) => void,
   everyMs = 500,
+  byStatus = false,
 ): Promise<JobInfo> {
   let job = first;
   for (;;) {
@@ -67,7 +69,7 @@ async function followJob(
     );
     if (r.job) job = r.job;
     onJob(job);
-    if (!r.active && r.job && r.job.status !== "active") return job;
+    if ((!r.active || byStatus) && r.job && r.job.status !== "active") return job;
   }
 }
 
@@ -445,7 +447,8 @@ export function register(program: Command): void {
           const events = o.json ? new JobEvents(name) : undefined;
           const line = (j: JobInfo) => (events ? events.emit(j) : out(`${followLine(j)}\n`));
           line(r.job);
-          const job = await followJob(agent, name, r.job, line, 1000);
+          const job =
+            r.job.status === "active" ? await followJob(agent, name, r.job, line, 1000, true) : r.job;
           if (job.status !== "completed") throw jobError(job);
           return;
         }
