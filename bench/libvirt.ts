@@ -72,7 +72,21 @@ const LV_PATHS = {
   log: "/var/log/libvirt",
 } as const;
 
+/** How `migrate` runs (defaults: the migration benchmark's). */
+export interface LibvirtMigrateOptions {
+  /** Resolves once the guest may be migrated (default: it serves HTTP at the address). */
+  ready?: () => Promise<void>;
+  /** More `virsh migrate` flags (`--copy-storage-synchronous-writes`, say). */
+  flags?: string[];
+  /** Aborts the job (`virsh domjobabort`) after this many seconds; the run then reports completed: false. */
+  boundS?: number;
+  /** Called once virsh has exited, before the domain and its files are removed. */
+  after?: () => void;
+}
+
 export interface LibvirtRun {
+  /** False when the bound aborted the job (the guest still runs on the source). */
+  completed: boolean;
   /** Precreating the destination images plus `virsh migrate`'s wall time, seconds. */
   totalS: number;
   /** `virsh migrate` alone, wall time. */
@@ -115,7 +129,7 @@ export interface Libvirt {
    * from a to b with libvirt, as described above, then destroys and undefines it on both and removes its
    * images on both hosts. `addr` is the guest's address, for guestServes.
    */
-  migrate(xml: string, name: string, addr: string): Promise<LibvirtRun>;
+  migrate(xml: string, name: string, addr: string, opts?: LibvirtMigrateOptions): Promise<LibvirtRun>;
   /** Stops both daemons (and any QEMU they still run) and removes their directories. */
   down(): Promise<void>;
 }
@@ -406,7 +420,12 @@ export async function libvirtUp(tb: Testbed): Promise<Libvirt> {
     throw err;
   }
 
-  const migrate = async (xml: string, name: string, addr: string): Promise<LibvirtRun> => {
+  const migrate = async (
+    xml: string,
+    name: string,
+    addr: string,
+    opts: LibvirtMigrateOptions = {},
+  ): Promise<LibvirtRun> => {
     const { def } = parseDomainXml(xml);
     const copied = def.disks.filter(
       (d) => d.device === "disk" && d.type === "file" && d.source && !d.shareable && !d.readonly,
@@ -419,7 +438,7 @@ export async function libvirtUp(tb: Testbed): Promise<Libvirt> {
     try {
       a.virshOk(["define", xmlFile]);
       a.virshOk(["start", name]);
-      await guestServes(tb, addr, () => tb.a.consoleLog(name));
+      await (opts.ready ? opts.ready() : guestServes(tb, addr, () => tb.a.consoleLog(name)));
       execFileSync("sync");
       const sizes = await Promise.all(copied.map((d) => imageInfo(tb.a.hostPath(d.source!), d.format)));
       const srcPid = a.qemuPid(name);
@@ -434,6 +453,14 @@ export async function libvirtUp(tb: Testbed): Promise<Libvirt> {
       for (const [i, d] of copied.entries())
         await createImage(tb.b.hostPath(d.source!), d.format, sizes[i]!.virtualSize);
       const precreateS = (performance.now() - p0) / 1000;
+      let bounded = false;
+      const bound =
+        opts.boundS === undefined
+          ? undefined
+          : setTimeout(() => {
+              bounded = true;
+              a.virsh(["domjobabort", name]);
+            }, opts.boundS * 1000);
       const run = await runAsync([
         "virsh",
         "-c",
@@ -444,11 +471,31 @@ export async function libvirtUp(tb: Testbed): Promise<Libvirt> {
         "--suspend",
         "--unsafe",
         "--verbose",
+        ...(opts.flags ?? []),
         name,
         b.uri,
         `tcp://${tb.b.addr}`,
-      ]);
+      ]).catch((err: unknown) => {
+        if (bounded) return undefined;
+        throw err;
+      });
+      clearTimeout(bound);
       const t1 = Date.now();
+      opts.after?.();
+      if (!run) {
+        const wireBytes = tb.linkTxBytes() - tx0;
+        srcCpu?.stop();
+        return {
+          completed: false,
+          totalS: (t1 - t0) / 1000,
+          virshS: 0,
+          precreateS,
+          identical: true,
+          wireBytes,
+          jobInfo: {},
+          qmp: { source: [], destination: [] },
+        };
+      }
       const srcCpuS = srcCpu?.stop();
       const wireBytes = tb.linkTxBytes() - tx0;
       const dstPid = b.qemuPid(name);
@@ -498,6 +545,7 @@ export async function libvirtUp(tb: Testbed): Promise<Libvirt> {
           : undefined;
       const elapsed = num(jobInfo["Time elapsed"]);
       return {
+        completed: true,
         totalS: precreateS + run.seconds,
         virshS: run.seconds,
         precreateS,

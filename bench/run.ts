@@ -180,8 +180,8 @@ if (!only || only === "converge") {
     ),
   );
   console.log(`
-Not measured in this run (libvirt 9.0 on this machine kind, guest writing 64 MiB/s, from shared/notes):
-default never completes (aborted at 180 s); --copy-storage-synchronous-writes 49.9 s, guest at 2.6 MiB/s.`);
+  libvirt's rows: the same guest and image, virsh migrate --live --copy-storage-all --suspend (bench/libvirt.ts),
+  its total the destination image's precreation plus virsh's wall time; nbdmig's, the job's elapsed time.`);
 }
 
 if (!only || only === "nbd") {
