@@ -481,10 +481,10 @@ export async function libvirtUp(tb: Testbed): Promise<Libvirt> {
       });
       clearTimeout(bound);
       const t1 = Date.now();
+      const srcCpuS = srcCpu?.stop();
+      const wireBytes = tb.linkTxBytes() - tx0;
       opts.after?.();
       if (!run) {
-        const wireBytes = tb.linkTxBytes() - tx0;
-        srcCpu?.stop();
         return {
           completed: false,
           totalS: (t1 - t0) / 1000,
@@ -496,8 +496,6 @@ export async function libvirtUp(tb: Testbed): Promise<Libvirt> {
           qmp: { source: [], destination: [] },
         };
       }
-      const srcCpuS = srcCpu?.stop();
-      const wireBytes = tb.linkTxBytes() - tx0;
       const dstPid = b.qemuPid(name);
       const dstCpuS = dstPid ? cpuSeconds(dstPid) : undefined;
       // The destination is paused (--suspend) and the source gone: the disks are final.

@@ -447,6 +447,14 @@ describe("live migration with --copy-storage-all", { timeout: 900_000 }, () => {
         fs.closeSync(fd);
         assert.equal(word.readUInt32LE(0), 0x5a5a5a5a, "the image stays as it was");
       }
+      // A new migration of the domain is refused there with the same reason; the guest runs on here.
+      const again = nbdmig(tb!, "a", ["migrate", "--live", "--copy-storage-all", "vfy", tb!.b.uri]);
+      assert.equal(again.status, 1, again.stdout);
+      assert.match(
+        again.stderr,
+        /domain 'vfy' here is a copy whose --verify failed, kept paused for inspection/,
+      );
+      await assertSourceIntact(tb!, "vfy", pid, false);
       assert.match(
         ok(tb!, "b", ["partial", "discard", "vfy"]),
         /removed the partial copy of 'vfy': .*vfy\.raw/,

@@ -18,6 +18,7 @@ import { sha256File } from "../util/hash.js";
 import { probeKvm } from "../qemu/launcher.js";
 import { writeFileAtomic } from "../agent/state-dir.js";
 import { formatBytes } from "../util/format.js";
+import { pollPause } from "../util/poll.js";
 import {
   PrepareRequestSchema,
   type CancelRequest,
@@ -137,12 +138,13 @@ export class IncomingMigration {
 
   private async doPrepare(): Promise<PrepareResult> {
     const { cookie } = this.req;
-    const refusal = this.reg.has(cookie.name) ? this.reg.get(cookie.name).job?.refusal : undefined;
-    if (refusal) throw new DomainStateError("E_DOMAIN_EXISTS", `domain '${cookie.name}' here is ${refusal}`);
     if (this.reg.has(cookie.name)) {
+      const refusal = this.reg.get(cookie.name).job?.refusal;
       throw new DomainStateError(
         "E_DOMAIN_EXISTS",
-        `domain '${cookie.name}' already exists here; undefine it on the destination first`,
+        refusal
+          ? `domain '${cookie.name}' here is ${refusal}`
+          : `domain '${cookie.name}' already exists here; undefine it on the destination first`,
       );
     }
     const { def } = parseDomainXml(cookie.xml);
@@ -577,7 +579,7 @@ export class IncomingMigration {
         if (Date.now() - begun > 30_000) throw new Error(`incoming migration still '${st}' after 30 s`);
         // The stream's last bytes are usually still on the link when the source reports completed (tens of
         // ms at 1 Gbit/s), and the guest is paused until then: look often at first.
-        await new Promise((r) => setTimeout(r, Date.now() - begun < 1000 ? 5 : 50));
+        await pollPause(begun);
       }
       // The order matters: resuming while an export still holds the image fails on permissions.
       if (this.nbdServing) await qmp.execute("nbd-server-stop");

@@ -9,6 +9,7 @@ import fs from "node:fs";
 import path from "node:path";
 import { promisify } from "node:util";
 import { UsageError } from "../errors.js";
+import { pollPause } from "../util/poll.js";
 
 const run = promisify(execFile);
 
@@ -120,8 +121,7 @@ export async function stopQemuNbd(pid: number, pidFile: string): Promise<void> {
   if (isQemuNbdRunning(pid)) {
     process.kill(pid, "SIGTERM");
     const begun = Date.now();
-    while (isQemuNbdRunning(pid) && Date.now() - begun < 5000)
-      await new Promise((r) => setTimeout(r, Date.now() - begun < 1000 ? 5 : 50));
+    while (isQemuNbdRunning(pid) && Date.now() - begun < 5000) await pollPause(begun);
     if (isQemuNbdRunning(pid)) process.kill(pid, "SIGKILL");
   }
   fs.rmSync(pidFile, { force: true });

@@ -3,7 +3,7 @@ import assert from "node:assert/strict";
 import { execFileSync, spawn } from "node:child_process";
 import fs from "node:fs";
 import type { Testbed } from "../../src/testbed/testbed.js";
-import { cli, cliPath, type CliResult } from "./env.js";
+import { cli, type CliResult } from "./env.js";
 import { guestXml, type GuestDisk, type GuestSpec } from "./guest-xml.js";
 import { waitFor } from "./wait.js";
 
@@ -210,10 +210,8 @@ export function cliInBackground(
   host: "a" | "b",
   args: string[],
 ): { done: Promise<{ status: number; stderr: string; stdout: string }>; stdout(): string } {
-  const pre = tb[host].execPrefix();
-  const child = spawn(pre[0]!, [...pre.slice(1), process.execPath, cliPath, ...args], {
-    stdio: ["ignore", "pipe", "pipe"],
-  });
+  const argv = tb[host].cliArgv(args);
+  const child = spawn(argv[0]!, argv.slice(1), { stdio: ["ignore", "pipe", "pipe"] });
   let stderr = "";
   let stdout = "";
   child.stderr.on("data", (b: Buffer) => (stderr += b.toString()));
