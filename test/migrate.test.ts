@@ -384,7 +384,11 @@ describe("live migration with --copy-storage-all", { timeout: 900_000 }, () => {
     const hold = "source:before-verify";
     const layout = ["--disk-layout", "blockdev"];
     await tb!.a.killAgent("SIGTERM");
-    await tb!.a.startAgent(layout, { NBDMIG_FAILPOINTS: `${hold}=wait:/var/lib/nbdmig` });
+    // It also waits at the switchover, the guest paused, where a follower is not answered.
+    const switchover = "source:pre-switchover";
+    await tb!.a.startAgent(layout, {
+      NBDMIG_FAILPOINTS: `${hold}=wait:/var/lib/nbdmig,${switchover}=wait:/var/lib/nbdmig`,
+    });
     try {
       makeImage(tb!, "a", { name: "vfy.raw", format: "raw", size: "256M", fillMiB: 8 });
       const pid = await startGuest(
@@ -400,6 +404,29 @@ describe("live migration with --copy-storage-all", { timeout: 900_000 }, () => {
         "vfy",
         tb!.b.uri,
       ]);
+      // A long poll that would be answered at the switchover (a phase other than the one last seen, and
+      // its wait up) is held there, so that the CLI does not wake while the guest is paused, and is
+      // answered once the stream has ended.
+      await waitFor(
+        "the source to reach the switchover",
+        () => fs.existsSync(`${tb!.a.dir}/${switchover}.reached`),
+        120_000,
+      );
+      let answered = false;
+      const poll = tb!.a
+        .client()
+        .call<{ job: { phase: string; phaseTimes: Record<string, number> } }>(
+          "GET",
+          "/v1/domains/vfy/job?waitMs=200&phase=perform%3Amemory",
+          undefined,
+          60_000,
+        )
+        .finally(() => (answered = true));
+      await new Promise((resolve) => setTimeout(resolve, 1500));
+      assert.equal(answered, false, "a follower was answered during the switchover");
+      fs.writeFileSync(`${tb!.a.dir}/${switchover}.go`, "");
+      const { phaseTimes } = (await poll).job;
+      assert.ok("perform:switchover" in phaseTimes, JSON.stringify(phaseTimes));
       await waitFor(
         "the source to reach --verify",
         () => fs.existsSync(`${tb!.a.dir}/${hold}.reached`),

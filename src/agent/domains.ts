@@ -63,6 +63,11 @@ export interface DomainEntry {
     abort(): Promise<void>;
     /** Calls `onPhase` at each new phase of the job, until the function it returns is called. */
     watch?(onPhase: () => void): () => void;
+    /**
+     * True while the job must not be disturbed: the guest is paused at the switchover, where every CPU
+     * millisecond is downtime. Long polls of the job are held then, and answered when it is over.
+     */
+    quiet?(): boolean;
   };
   lastJob?: Record<string, unknown>;
   /** Why this guest must stay paused (its migration's outcome is unknown): `resume` is refused with it. */
