@@ -1028,7 +1028,9 @@ export async function recoverIncoming(
     }
     log.warn(
       { domain: rec.name, id: rec.id, phase: rec.phase, created: rec.created },
-      "removing an incoming migration interrupted by an agent restart",
+      rec.phase === "kept"
+        ? "removing a copy kept for inspection: its time is up"
+        : "removing an incoming migration interrupted by an agent restart",
     );
     if (e && !e.persistent) {
       await reg.kill(e);
