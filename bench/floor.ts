@@ -109,13 +109,15 @@ async function stopQemu(tb: Testbed, host: "a" | "b", q: FloorQemu): Promise<voi
 
 /**
  * One migration by the bare sequence of a domain whose images are in place on host a (the shared disk on
- * both). `domainXml` is what nbdmig's runs define; `ready` waits until the guest on host a serves.
+ * both). `domainXml` is what nbdmig's runs define; `ready` waits until the guest on host a serves; `sync: false`
+ * leaves the page cache as the guest left it.
  */
 export async function floorOnce(
   tb: Testbed,
   domainXml: string,
   tag: string,
   ready: (serialLog: () => string) => Promise<void>,
+  opts: { sync?: boolean } = {},
 ): Promise<FloorRun> {
   const { def } = parseDomainXml(domainXml);
   const disk = def.disks.find((d) => !d.shareable && d.source !== undefined)!;
@@ -124,7 +126,8 @@ export async function floorOnce(
   try {
     await src.qmp.execute("cont");
     await ready(() => tb.a.consoleLog(def.name));
-    execFileSync("sync");
+    // Unless asked not to (the write-back benchmark): the page cache starts clean, as nbdmig's runs do.
+    if (opts.sync !== false) execFileSync("sync");
     const srcCpu0 = cpuSeconds(src.pid);
     const t0 = performance.now();
     const tx0 = tb.linkTxBytes();

@@ -1,6 +1,6 @@
 /**
  * `npm run bench`: benchmarks that compare nbdmig with real peers measured in the same run. Needs root (the
- * namespace test bed). `--only migration|db|converge|nbd|offline`, `--runs N` (default 3), `--bound S` (default 180),
+ * namespace test bed). `--only migration|db|converge|nbd|offline|writeback`, `--runs N` (default 3), `--bound S` (default 180),
  * `--modes auto,throttle,...` (converge only).
  */
 import { convergeBench } from "./converge.js";
@@ -8,6 +8,7 @@ import { dbBench } from "./db.js";
 import { migrationBench, type MigrationRow } from "./migration.js";
 import { nbdBench } from "./nbd.js";
 import { offlineBench } from "./offline.js";
+import { writebackBench } from "./writeback.js";
 
 const args = process.argv.slice(2);
 const opt = (name: string) => (args.includes(name) ? args[args.indexOf(name) + 1] : undefined);
@@ -266,4 +267,19 @@ if (!only || only === "offline") {
     console.log(`
   "missing" is the source's allocated data at or beyond the offset the second attempt resumed at.`);
   }
+}
+
+if (!only || only === "writeback") {
+  const rows = await writebackBench(runs);
+  console.log(
+    "\nWrite-back: the reference VM after 15 s of writing (20 MiB/s), nothing synced before the migration, so that its writes are still in the source host's page cache when QEMU flushes the disks at the switchover; medians of " +
+      runs +
+      "\n",
+  );
+  console.log(
+    table(
+      ["what", "dirty page cache at start MiB", "downtime ms", "total s", "downtime samples ms"],
+      rows.map((r) => [r.what, f(r.dirtyMiB, 0), f(r.downtimeMs, 0), f(r.totalS, 2), r.samples.join(", ")]),
+    ),
+  );
 }

@@ -89,6 +89,12 @@ describe("live migration with --copy-storage-all", { timeout: 900_000 }, () => {
     // Like virsh, progress goes to stderr, so stdout stays the result.
     assert.match(r.stderr, /Migration\s+\|.*phase perform:/, "--verbose draws progress");
     assert.match(r.stderr, /disk vda\s+\|/);
+    // At READY the source had the kernel write back its copied images, from inside its host.
+    await waitFor(
+      "the source agent to write back the copied disks",
+      () => /"copied disks written back at READY"/.test(fs.readFileSync(`${tb!.dir}/agent-a.log`, "utf8")),
+      30_000,
+    );
 
     // The destination is paused (--suspend): compare while nothing writes.
     assert.match(ok(tb!, "b", ["dominfo", "mig1"]), /State:\s+paused/);
