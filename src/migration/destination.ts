@@ -19,6 +19,7 @@ import { probeKvm } from "../qemu/launcher.js";
 import { writeFileAtomic } from "../agent/state-dir.js";
 import { formatBytes } from "../util/format.js";
 import { pollPause } from "../util/poll.js";
+import { writeBehind } from "../util/write-behind.js";
 import {
   PrepareRequestSchema,
   type CancelRequest,
@@ -64,6 +65,8 @@ export const SOURCE_WATCHDOG_MS = Number(process.env.NBDMIG_WATCHDOG_MS ?? 20_00
 export const HELD_WATCHDOG_MS = 3 * SOURCE_WATCHDOG_MS;
 /** How long a live copy whose --verify failed stays paused here for inspection (see keep). */
 export const INSPECT_KEEP_MS = Number(process.env.NBDMIG_INSPECT_KEEP_MS ?? 3_600_000);
+/** How often an offline copy's images are written back while it lands (writeBehind). */
+const WRITE_BEHIND_MS = 200;
 
 export class IncomingMigration {
   readonly id: string;
@@ -87,7 +90,10 @@ export class IncomingMigration {
   /** `kept` (a failed --verify): when the paused copy is removed, and the timer that does it. */
   keptUntil?: number;
   private keepTimer?: NodeJS.Timeout;
-  /** Offline: what serves the created images to the source (stopped before Finish defines the domain). */
+  /**
+   * Offline: what serves the created images to the source, and their write-behind (stopped before Finish
+   * defines the domain).
+   */
   private readonly serving: (() => Promise<void>)[] = [];
   /** Offline: per disk, the offset below which the copy is done (the source's checkpoints). */
   private readonly done: Record<string, number> = {};
@@ -371,6 +377,14 @@ export class IncomingMigration {
       );
       exports[d.target] = uri;
     }
+    // The copy's data is written back while it lands, not all in its flush at the end.
+    this.serving.push(
+      writeBehind(
+        this.req.cookie.disks.map((d) => d.source),
+        WRITE_BEHIND_MS,
+        this.log,
+      ),
+    );
     this.machine.advance("prepared");
     this.watch("prepared", SOURCE_WATCHDOG_MS);
     this.log.info(

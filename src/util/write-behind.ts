@@ -1,0 +1,45 @@
+/**
+ * Write-behind for files that something else is filling (an offline copy landing in its images): every
+ * `everyMs`, one file after another, `fdatasync` in the thread pool, so that the kernel writes the data
+ * back while the copy goes on. The copy's own flush at its end then finds little left: on these hosts
+ * a 512 MiB copy otherwise spent 0.27 s in that flush after the last write. Only a speed-up: a failure
+ * is logged and the files are left to the copy's flush.
+ */
+import fs from "node:fs";
+import type { Logger } from "pino";
+import { errorMessage } from "../errors.js";
+
+export function writeBehind(files: string[], everyMs: number, log: Logger): () => Promise<void> {
+  let stopped = false;
+  let busy: Promise<void> = Promise.resolve();
+  const tick = async () => {
+    for (const f of files) {
+      if (stopped) return;
+      const h = await fs.promises.open(f, "r");
+      try {
+        await h.datasync();
+      } finally {
+        await h.close();
+      }
+    }
+  };
+  let failed = false;
+  let running = false;
+  // A tick that takes longer than `everyMs` is not queued behind: the next starts at the first interval after.
+  const timer = setInterval(() => {
+    if (running || stopped || failed) return;
+    running = true;
+    busy = tick()
+      .catch((err: unknown) => {
+        failed = true;
+        log.warn({ files, err: errorMessage(err) }, "write-behind stopped");
+      })
+      .finally(() => (running = false));
+  }, everyMs);
+  timer.unref();
+  return async () => {
+    stopped = true;
+    clearInterval(timer);
+    await busy;
+  };
+}
