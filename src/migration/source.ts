@@ -56,6 +56,7 @@ import {
   type OutgoingRecords,
 } from "./handoff.js";
 import { failpoint, holdpoint } from "../util/failpoint.js";
+import { writeBackFile } from "../util/write-behind.js";
 import { addTlsCreds, caFingerprint, checkPki, clientIdentity, hasPki, TLS_CREDS_ID } from "../qemu/pki.js";
 
 export type { MigrateRequest } from "./schemas.js";
@@ -620,16 +621,7 @@ export class OutgoingMigration {
    */
   private writeBack(): void {
     const t0 = Date.now();
-    void Promise.all(
-      this.cookie.disks.map(async (d) => {
-        const h = await fs.promises.open(d.source, "r");
-        try {
-          await h.datasync();
-        } finally {
-          await h.close();
-        }
-      }),
-    ).then(
+    void Promise.all(this.cookie.disks.map((d) => writeBackFile(d.source))).then(
       () => this.log.info({ domain: this.name, ms: Date.now() - t0 }, "copied disks written back at READY"),
       (err: unknown) =>
         this.log.warn({ domain: this.name, err: errorMessage(err) }, "cannot write back the copied disks"),

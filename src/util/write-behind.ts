@@ -9,18 +9,26 @@ import fs from "node:fs";
 import type { Logger } from "pino";
 import { errorMessage } from "../errors.js";
 
+/**
+ * Has the kernel write back what the page cache holds unwritten of `file`, whoever wrote it (fdatasync acts
+ * on the file, not on one descriptor); in the thread pool.
+ */
+export async function writeBackFile(file: string): Promise<void> {
+  const h = await fs.promises.open(file, "r");
+  try {
+    await h.datasync();
+  } finally {
+    await h.close();
+  }
+}
+
 export function writeBehind(files: string[], everyMs: number, log: Logger): () => Promise<void> {
   let stopped = false;
   let busy: Promise<void> = Promise.resolve();
   const tick = async () => {
     for (const f of files) {
       if (stopped) return;
-      const h = await fs.promises.open(f, "r");
-      try {
-        await h.datasync();
-      } finally {
-        await h.close();
-      }
+      await writeBackFile(f);
     }
   };
   let failed = false;
