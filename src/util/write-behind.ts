@@ -31,15 +31,14 @@ export function writeBehind(files: string[], everyMs: number, log: Logger): () =
       await writeBackFile(f);
     }
   };
-  let failed = false;
   let running = false;
   // A tick that takes longer than `everyMs` is not queued behind: the next starts at the first interval after.
   const timer = setInterval(() => {
-    if (running || stopped || failed) return;
+    if (running || stopped) return;
     running = true;
     busy = tick()
       .catch((err: unknown) => {
-        failed = true;
+        clearInterval(timer);
         log.warn({ files, err: errorMessage(err) }, "write-behind stopped");
       })
       .finally(() => (running = false));
