@@ -6,6 +6,7 @@ import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
 import fs from "node:fs";
 import { after, afterEach, before, describe, it } from "node:test";
+import { setTimeout as sleep } from "node:timers/promises";
 import { Testbed } from "../src/testbed/testbed.js";
 import { sha256File } from "../src/util/hash.js";
 import { available, need, testGuest } from "./helpers/env.js";
@@ -36,7 +37,7 @@ interface StreamJob {
 
 /** A second look at two images that differed: the compare again 2 s later, and each side's map there. */
 async function mismatchDetail(a: string, b: string, first: string): Promise<string> {
-  await new Promise((r) => setTimeout(r, 2000));
+  await sleep(2000);
   const off = Number(/offset (\d+)/.exec(first)?.[1] ?? NaN);
   const at = (img: string): string => {
     const map = JSON.parse(
