@@ -70,15 +70,24 @@ describe("TLS on every channel", { timeout: 900_000 }, () => {
     );
   }
 
+  /** Runs `fn` while capturing the link into `pcap`; a capture that lost packets fails the test. */
+  async function captured(pcap: string, fn: () => void): Promise<void> {
+    const stop = await tb!.captureLink(pcap);
+    let counts: { dropped: number; log: string } | undefined;
+    try {
+      fn();
+    } finally {
+      counts = await stop();
+    }
+    assert.equal(counts.dropped, 0, `the capture lost packets, so it proves nothing: ${counts.log}`);
+  }
+
   /** Migrates `name` a -> b with `flags` while capturing the link; what of it crossed in clear. */
   async function migrateCaptured(name: string, flags: string[]) {
     const pcap = `${tb!.dir}/${name}.pcap`;
-    const stop = await tb!.captureLink(pcap);
-    try {
-      ok(tb!, "a", ["migrate", "--live", "--copy-storage-all", ...flags, name, tb!.b.uri]);
-    } finally {
-      await stop();
-    }
+    await captured(pcap, () =>
+      ok(tb!, "a", ["migrate", "--live", "--copy-storage-all", ...flags, name, tb!.b.uri]),
+    );
     const capture = fs.readFileSync(pcap);
     return {
       disk: capture.includes(markers[name]!.disk),
@@ -242,12 +251,9 @@ describe("TLS on every channel", { timeout: 900_000 }, () => {
       guest,
     );
     const pcap = `${tb!.dir}/cold.pcap`;
-    const stop = await tb!.captureLink(pcap);
-    try {
-      ok(tb!, "a", ["migrate", "--offline", "--copy-storage-all", "cold", tb!.b.uri]);
-    } finally {
-      await stop();
-    }
+    await captured(pcap, () =>
+      ok(tb!, "a", ["migrate", "--offline", "--copy-storage-all", "cold", tb!.b.uri]),
+    );
     assert.ok(!fs.readFileSync(pcap).includes(marker), "nothing of the disks in clear");
     const job = JSON.parse(ok(tb!, "a", ["domjobinfo", "cold", "--completed", "--json"])) as { tls: boolean };
     assert.equal(job.tls, true);

@@ -613,29 +613,60 @@ export class Testbed {
     );
   }
 
-  /** Takes the migration link down or up (failure tests). */
-  /** Captures the migration link (host a's end) into a pcap `file` with tcpdump; the returned stop ends it. */
-  async captureLink(file: string): Promise<() => Promise<void>> {
+  /**
+   * Captures the migration link (host a's end) into a pcap `file` with tcpdump; the returned stop ends it
+   * and says how many packets the kernel dropped before tcpdump read them (a capture with drops proves
+   * nothing either way). An unshaped link is shaped to `rate` while the capture runs, so that tcpdump
+   * keeps up on a loaded machine (a capture of an unshaped veth once lost every packet of a disk's 1 MiB).
+   */
+  async captureLink(file: string, rate = "1gbit"): Promise<() => Promise<{ dropped: number; log: string }>> {
+    const shaped = !this.opts.rate;
+    if (shaped) this.setRate(rate);
     const child = spawn(
       "ip",
-      ["netns", "exec", this.a.netns, "tcpdump", "-i", `${this.id}l`, "-U", "-s", "0", "-w", file],
+      // -B: a 64 MiB kernel buffer (KiB); -U: each packet written as it comes.
+      [
+        "netns",
+        "exec",
+        this.a.netns,
+        "tcpdump",
+        "-i",
+        `${this.id}l`,
+        "-B",
+        "65536",
+        "-U",
+        "-s",
+        "0",
+        "-w",
+        file,
+      ],
       { stdio: ["ignore", "ignore", "pipe"] },
     );
     let err = "";
-    await new Promise<void>((resolve, reject) => {
-      child.stderr.on("data", (d: Buffer) => {
-        err += d.toString();
-        if (err.includes("listening on")) resolve();
+    const exited = new Promise<number | null>((r) => child.once("exit", r));
+    try {
+      await new Promise<void>((resolve, reject) => {
+        child.stderr.on("data", (d: Buffer) => {
+          err += d.toString();
+          if (err.includes("listening on")) resolve();
+        });
+        void exited.then((code) => reject(new Error(`tcpdump exited (${code}): ${err}`)));
       });
-      child.once("exit", (code) => reject(new Error(`tcpdump exited (${code}): ${err}`)));
-    });
+    } catch (e) {
+      if (shaped) this.setRate(undefined);
+      throw e;
+    }
     return async () => {
-      const exited = new Promise((r) => child.once("exit", r));
       child.kill("SIGINT");
-      await exited;
+      const code = await exited;
+      if (shaped) this.setRate(undefined);
+      const dropped = /(\d+) packets? dropped by kernel/.exec(err);
+      if (code !== 0 || !dropped) throw new Error(`tcpdump ended (${code}) without its counts: ${err}`);
+      return { dropped: Number(dropped[1]), log: err.trim() };
     };
   }
 
+  /** Takes the migration link down or up (failure tests). */
   setLink(up: boolean): void {
     execFileSync("ip", ["-n", this.a.netns, "link", "set", `${this.id}l`, up ? "up" : "down"]);
   }
