@@ -80,7 +80,8 @@ export class QmpClient extends EventEmitter<{ event: [QmpEvent]; close: [] }> {
   }
 
   static async connect(path: string, opts: QmpConnectOptions = {}): Promise<QmpClient> {
-    const deadline = Date.now() + (opts.waitMs ?? 0);
+    const started = Date.now();
+    const deadline = started + (opts.waitMs ?? 0);
     for (;;) {
       try {
         const socket = await new Promise<net.Socket>((resolve, reject) => {
@@ -104,7 +105,9 @@ export class QmpClient extends EventEmitter<{ event: [QmpEvent]; close: [] }> {
             `cannot connect to QMP socket ${path}: ${(err as Error).message}`,
           );
         }
-        await sleep(50);
+        // A QEMU being started creates its socket some 20 ms after exec here: retrying every 50 ms cost
+        // each start (the destination's Prepare among them) up to 50 ms; an attempt costs microseconds.
+        await sleep(Date.now() - started < 2000 ? 5 : 50);
       }
     }
   }
