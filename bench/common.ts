@@ -33,8 +33,13 @@ export function referenceImage(tb: Testbed, host: "a" | "b", name: string): stri
   return file;
 }
 
-export const median = (xs: number[]): number =>
-  xs.length ? [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]! : 0;
+/** The median; of an even count the mean of the middle two (it took the upper one until 2026-12-04). */
+export function median(xs: number[]): number {
+  if (!xs.length) return 0;
+  const s = [...xs].sort((a, b) => a - b);
+  const m = Math.floor(s.length / 2);
+  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
+}
 
 /** Runs argv inside a test host (its network and mount namespaces); answers its stdout. */
 export function inHost(tb: Testbed, host: "a" | "b", argv: string[]): string {
