@@ -3,6 +3,7 @@ import { spawn } from "node:child_process";
 import fs from "node:fs";
 import { QmpError } from "../errors.js";
 import { QmpClient } from "./qmp.js";
+import { pollPause } from "../util/poll.js";
 import type { Accel } from "../domain/qemu-args.js";
 
 export const qemuBinary = (): string => process.env.NBDMIG_QEMU ?? "qemu-system-x86_64";
@@ -94,7 +95,7 @@ export async function waitGone(pid: number, ms: number): Promise<boolean> {
   const begun = Date.now();
   while (pidAlive(pid)) {
     if (Date.now() - begun >= ms) return false;
-    await new Promise((r) => setTimeout(r, Date.now() - begun < 200 ? 2 : 10));
+    await pollPause(begun, { fastFor: 200, fast: 2, slow: 10 });
   }
   return true;
 }

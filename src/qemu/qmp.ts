@@ -4,8 +4,8 @@
  */
 import { EventEmitter } from "node:events";
 import net from "node:net";
-import { setTimeout as sleep } from "node:timers/promises";
 import { QmpError } from "../errors.js";
+import { pollPause } from "../util/poll.js";
 import type { QmpCommands } from "./qmp-schema.js";
 
 export interface QmpEvent {
@@ -107,7 +107,7 @@ export class QmpClient extends EventEmitter<{ event: [QmpEvent]; close: [] }> {
         }
         // A QEMU being started creates its socket some 20 ms after exec here: retrying every 50 ms cost
         // each start (the destination's Prepare among them) up to 50 ms; an attempt costs microseconds.
-        await sleep(Date.now() - started < 2000 ? 5 : 50);
+        await pollPause(started, { fastFor: 2000 });
       }
     }
   }
